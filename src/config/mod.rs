@@ -1,0 +1,245 @@
+//! Typed configuration: what a config file (or the command line) asks sluice to do.
+//!
+//! The lexer turns text into tokens that carry `line:col`; the parser turns tokens into the
+//! types below and validates them. A `Config` that exists is valid: every listener names an
+//! upstream that exists, every upstream has at least one server, every value is in range.
+//! Nothing here touches a socket; host names are resolved once, when the file is loaded.
+
+mod error;
+mod lexer;
+mod parse;
+
+pub use error::ConfigError;
+pub use lexer::{Lexer, Token, TokenKind};
+pub use parse::{parse_duration, parse_size};
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Default path of the config file when `-c` is not given.
+pub const DEFAULT_PATH: &str = "/etc/sluice/sluice.conf";
+
+/// The whole configuration of one sluice process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// All listeners together (main context `max_connections`).
+    pub max_connections: usize,
+    /// Size of one pooled buffer (`buffer_size`), per direction, per pair, only while bytes are in flight.
+    pub buffer_size: usize,
+    /// Hard cap on the memory of all pooled buffers of a worker (`buffer_memory`).
+    pub buffer_memory: usize,
+    pub log_level: log::LevelFilter,
+    pub access_log: bool,
+    pub upstreams: Vec<Upstream>,
+    pub listeners: Vec<Listen>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// One `listen` block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    pub proto: Proto,
+    pub addr: SocketAddr,
+    /// Index into `Config::upstreams`. `proxy ADDR;` creates an upstream named after the address text.
+    pub upstream: usize,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Applies once one direction of a TCP pair has finished.
+    pub half_close_timeout: Duration,
+    /// Connect attempts in all (already resolved: the config's 0/absent means the number of servers).
+    pub next_upstream_tries: u32,
+    /// `None`: no limit beyond the tries.
+    pub next_upstream_timeout: Option<Duration>,
+    /// UDP: replies per session before it closes; 0 = unlimited.
+    pub udp_responses: u32,
+    /// UDP: sessions at once on this listener; 0 = unlimited.
+    pub max_sessions: usize,
+}
+
+/// One `upstream` block (or the implicit group of `proxy ADDR;` and of `-U`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub balance: Balance,
+    pub servers: Vec<Server>,
+    pub health_check: Option<HealthCheck>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConn,
+    Random,
+    IpHash,
+    Hash,
+}
+
+impl Balance {
+    pub const ALL: [(&'static str, Balance); 6] = [
+        ("round_robin", Balance::RoundRobin),
+        ("weighted_round_robin", Balance::WeightedRoundRobin),
+        ("least_conn", Balance::LeastConn),
+        ("random", Balance::Random),
+        ("ip_hash", Balance::IpHash),
+        ("hash", Balance::Hash),
+    ];
+
+    pub fn from_name(name: &str) -> Option<Balance> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, b)| *b == self)
+            .map_or("round_robin", |(n, _)| n)
+    }
+}
+
+/// One `server` line. A host name that resolves to several addresses gives one `Server` each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    pub addr: SocketAddr,
+    /// 1..=1000
+    pub weight: u32,
+    /// 0 = unlimited
+    pub max_conns: u32,
+    /// 0 disables passive health.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub backup: bool,
+    pub down: bool,
+}
+
+impl Server {
+    pub fn new(addr: SocketAddr) -> Server {
+        Server {
+            addr,
+            weight: 1,
+            max_conns: 0,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            backup: false,
+            down: false,
+        }
+    }
+}
+
+/// `health_check interval=5s timeout=2s rise=2 fall=3 [send="..."] [expect="..."]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Bytes written once connected (escapes already decoded); empty = connect only.
+    pub send: Vec<u8>,
+    /// The reply must start with these bytes; empty = any reply (or none) will do.
+    pub expect: Vec<u8>,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 2,
+            fall: 3,
+            send: Vec::new(),
+            expect: Vec::new(),
+        }
+    }
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_connections: 10_000,
+            buffer_size: 16 * 1024,
+            buffer_memory: 64 * 1024 * 1024,
+            log_level: log::LevelFilter::Info,
+            access_log: true,
+            upstreams: Vec::new(),
+            listeners: Vec::new(),
+        }
+    }
+}
+
+impl Listen {
+    /// A listener with every setting at its default, proxying to upstream `upstream`.
+    pub fn new(proto: Proto, addr: SocketAddr, upstream: usize, servers: usize) -> Listen {
+        Listen {
+            proto,
+            addr,
+            upstream,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: match proto {
+                Proto::Tcp => DEFAULT_TCP_IDLE_TIMEOUT,
+                Proto::Udp => DEFAULT_UDP_IDLE_TIMEOUT,
+            },
+            half_close_timeout: match proto {
+                Proto::Tcp => DEFAULT_TCP_IDLE_TIMEOUT,
+                Proto::Udp => DEFAULT_UDP_IDLE_TIMEOUT,
+            },
+            next_upstream_tries: servers.max(1) as u32,
+            next_upstream_timeout: None,
+            udp_responses: 0,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+        }
+    }
+}
+
+impl Config {
+    /// Parse config text. `file` is the name used in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        parse::parse(text, file)
+    }
+
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::io(&file, &e))?;
+        Config::parse(&text, &file)
+    }
+
+    /// The config of a command-line forward: one listener, one implicit upstream.
+    pub fn forward(
+        proto: Proto,
+        listen: SocketAddr,
+        servers: &[SocketAddr],
+        balance: Balance,
+    ) -> Config {
+        let upstream = Upstream {
+            name: "cli".to_string(),
+            balance,
+            servers: servers.iter().map(|a| Server::new(*a)).collect(),
+            health_check: None,
+        };
+        Config {
+            upstreams: vec![upstream],
+            listeners: vec![Listen::new(proto, listen, 0, servers.len())],
+            ..Config::default()
+        }
+    }
+}

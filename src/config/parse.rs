@@ -1,0 +1,2389 @@
+//! Tokens → a validated [`Config`].
+//!
+//! One pass of recursive descent over the lexer's tokens, never deeper than the grammar allows
+//! (main context → `upstream`/`listen` block), so nesting in the input cannot grow the stack. A
+//! statement is read whole (name, arguments, terminator), then its context checks it. What needs
+//! the whole file (forward `proxy` references, implicit upstreams, `next_upstream_tries` that
+//! defaults to the upstream's server count, `buffer_memory >= buffer_size`) is settled in
+//! [`Parser::finish`]. The first error stops the parse; every error names `file:line:col` of the
+//! offending token, or of the place where a missing `;`, `{` or `}` belongs.
+//!
+//! Host names (`server host:PORT`, `proxy host:PORT`) are resolved here, once, through a resolver
+//! function so that tests never touch DNS. Nothing here panics on any input: numbers use checked
+//! arithmetic, slices use `get`.
+
+use super::{
+    Balance, Config, ConfigError, HealthCheck, Lexer, Listen, Proto, Server, TokenKind, Upstream,
+};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::time::Duration;
+
+/// Resolves `host` (not an IP literal) and `port` to addresses. Blocking: config load only.
+type Resolve<'r> = &'r dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>>;
+
+/// Parse config text; `file` is the name used in error messages. Host names are resolved now.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    parse_with(text, file, &resolve_host)
+}
+
+/// `250ms 10s 5m 2h 1d`; a bare number is seconds. `None` for anything else, negative numbers,
+/// or a value that does not fit in `u64` milliseconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let (number, unit) = split_number(text);
+    let millis_per_unit: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    let n = parse_number(number).ok()?;
+    Some(Duration::from_millis(n.checked_mul(millis_per_unit)?))
+}
+
+/// `512 16k 4m 1g` bytes (k, m, g are powers of 1024; upper case too). `None` for anything else
+/// or a value that does not fit in `usize`.
+pub fn parse_size(text: &str) -> Option<usize> {
+    let (number, unit) = split_number(text);
+    let multiplier: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1 << 10,
+        "m" | "M" => 1 << 20,
+        "g" | "G" => 1 << 30,
+        _ => return None,
+    };
+    let n = parse_number(number).ok()?;
+    usize::try_from(n.checked_mul(multiplier)?).ok()
+}
+
+fn resolve_host(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    (host, port).to_socket_addrs().map(Iterator::collect)
+}
+
+fn parse_with(text: &str, file: &str, resolve: Resolve<'_>) -> Result<Config, ConfigError> {
+    let mut parser = Parser {
+        text,
+        file,
+        lexer: Lexer::new(text, file),
+        resolve,
+        config: Config::default(),
+        explicit_upstreams: Vec::new(),
+        listeners: Vec::new(),
+        buffer_memory: None,
+    };
+    parser.main()?;
+    parser.finish()
+}
+
+const DURATION_HINT: &str = "expected e.g. 250ms, 10s, 5m, 2h, 1d";
+const SIZE_HINT: &str = "expected e.g. 512, 16k, 4m, 1g";
+const MIN_BUFFER_SIZE: usize = 1 << 10;
+const MAX_BUFFER_SIZE: usize = 16 << 20;
+
+const MAIN_DIRECTIVES: &[&str] = &[
+    "max_connections",
+    "buffer_size",
+    "buffer_memory",
+    "log_level",
+    "access_log",
+    "upstream",
+    "listen",
+];
+const UPSTREAM_DIRECTIVES: &[&str] = &["balance", "server", "health_check"];
+const LISTEN_DIRECTIVES: &[&str] = &[
+    "proxy",
+    "connect_timeout",
+    "idle_timeout",
+    "half_close_timeout",
+    "next_upstream_tries",
+    "next_upstream_timeout",
+    "udp_responses",
+    "max_sessions",
+];
+const SERVER_OPTIONS: &[&str] = &[
+    "weight",
+    "max_conns",
+    "max_fails",
+    "fail_timeout",
+    "backup",
+    "down",
+];
+const HEALTH_CHECK_OPTIONS: &[&str] = &["interval", "timeout", "rise", "fall", "send", "expect"];
+const LOG_LEVELS: [(&str, log::LevelFilter); 5] = [
+    ("error", log::LevelFilter::Error),
+    ("warn", log::LevelFilter::Warn),
+    ("info", log::LevelFilter::Info),
+    ("debug", log::LevelFilter::Debug),
+    ("trace", log::LevelFilter::Trace),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Context {
+    Main,
+    Upstream,
+    Listen,
+}
+
+impl Context {
+    const ALL: [Context; 3] = [Context::Main, Context::Upstream, Context::Listen];
+
+    fn directives(self) -> &'static [&'static str] {
+        match self {
+            Context::Main => MAIN_DIRECTIVES,
+            Context::Upstream => UPSTREAM_DIRECTIVES,
+            Context::Listen => LISTEN_DIRECTIVES,
+        }
+    }
+
+    fn place(self) -> &'static str {
+        match self {
+            Context::Main => "the main context",
+            Context::Upstream => "an upstream block",
+            Context::Listen => "a listen block",
+        }
+    }
+}
+
+/// `line:col`
+type Pos = (u32, u32);
+
+/// A directive name or argument as written.
+#[derive(Debug, Clone)]
+struct Arg {
+    /// The lexer's value: quotes removed, `\"` and `\\` decoded.
+    text: String,
+    line: u32,
+    col: u32,
+    /// Just past the argument.
+    end: Pos,
+    /// Source bytes, for values that decode their own escapes.
+    span: Range<usize>,
+}
+
+impl Arg {
+    fn pos(&self) -> Pos {
+        (self.line, self.col)
+    }
+}
+
+/// What ended a statement. `Close` and `Eof` mean the `;` or `{` is missing.
+#[derive(Debug, Clone, Copy)]
+enum Term {
+    Semi(Pos),
+    Open(Pos),
+    Close(Pos),
+    Eof(Pos),
+}
+
+impl Term {
+    fn pos(self) -> Pos {
+        match self {
+            Term::Semi(p) | Term::Open(p) | Term::Close(p) | Term::Eof(p) => p,
+        }
+    }
+}
+
+/// `name arg... ;` or `name arg... {` (the block's body is read by the directive's handler).
+#[derive(Debug)]
+struct Stmt {
+    name: Arg,
+    args: Vec<Arg>,
+    term: Term,
+}
+
+impl Stmt {
+    fn name(&self) -> &str {
+        &self.name.text
+    }
+
+    /// Where a missing `;` or `{` belongs: just past the last token of the statement.
+    fn last_end(&self) -> Pos {
+        self.args.last().map_or(self.name.end, |a| a.end)
+    }
+}
+
+enum Item {
+    Stmt(Stmt),
+    Close(Pos),
+    Eof(Pos),
+}
+
+/// Directives (or options) already set in one block, with the line that set them.
+#[derive(Default)]
+struct Seen(Vec<(String, u32)>);
+
+/// A `listen` block whose `proxy` is resolved once the whole file is read.
+struct PendingListen {
+    listen: Listen,
+    line: u32,
+    proxy: Arg,
+    /// `next_upstream_tries` as written; 0 or `None` = the upstream's server count.
+    tries: Option<u32>,
+}
+
+/// A server or proxy address before resolution.
+enum HostPort<'s> {
+    Addr(SocketAddr),
+    Name(&'s str, u16),
+}
+
+enum NumberError {
+    NotANumber,
+    TooLarge,
+}
+
+struct Parser<'a> {
+    text: &'a str,
+    file: &'a str,
+    lexer: Lexer<'a>,
+    resolve: Resolve<'a>,
+    config: Config,
+    /// Line of each `upstream` block so far, by index into `config.upstreams`.
+    explicit_upstreams: Vec<u32>,
+    listeners: Vec<PendingListen>,
+    /// The `buffer_memory` argument, checked against `buffer_size` at the end.
+    buffer_memory: Option<Arg>,
+}
+
+impl Parser<'_> {
+    fn err(&self, pos: Pos, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.file, pos.0, pos.1, message)
+    }
+
+    fn err_at(&self, arg: &Arg, message: impl Into<String>) -> ConfigError {
+        self.err(arg.pos(), message)
+    }
+
+    fn arg(&self, text: String, line: u32, col: u32) -> Arg {
+        Arg {
+            text,
+            line,
+            col,
+            end: self.lexer.end(),
+            span: self.lexer.span(),
+        }
+    }
+
+    /// The next statement, a `}`, or the end of input.
+    fn item(&mut self) -> Result<Item, ConfigError> {
+        let Some(token) = self.lexer.next_token()? else {
+            return Ok(Item::Eof(self.lexer.position()));
+        };
+        let pos = (token.line, token.col);
+        let name = match token.kind {
+            TokenKind::Word(s) | TokenKind::Quoted(s) => self.arg(s, token.line, token.col),
+            TokenKind::Close => return Ok(Item::Close(pos)),
+            TokenKind::Semi => {
+                return Err(self.err(pos, "unexpected ';' (expected a directive name)"));
+            }
+            TokenKind::Open => {
+                return Err(self.err(pos, "unexpected '{' (expected a directive name)"));
+            }
+        };
+        let mut args = Vec::new();
+        let term = loop {
+            let Some(token) = self.lexer.next_token()? else {
+                break Term::Eof(self.lexer.position());
+            };
+            let pos = (token.line, token.col);
+            match token.kind {
+                TokenKind::Word(s) | TokenKind::Quoted(s) => {
+                    args.push(self.arg(s, token.line, token.col));
+                }
+                TokenKind::Semi => break Term::Semi(pos),
+                TokenKind::Open => break Term::Open(pos),
+                TokenKind::Close => break Term::Close(pos),
+            }
+        };
+        Ok(Item::Stmt(Stmt { name, args, term }))
+    }
+
+    fn main(&mut self) -> Result<(), ConfigError> {
+        let mut seen = Seen::default();
+        loop {
+            let stmt = match self.item()? {
+                Item::Stmt(stmt) => stmt,
+                Item::Eof(_) => return Ok(()),
+                Item::Close(pos) => {
+                    return Err(self.err(pos, "unexpected '}' (no block is open here)"));
+                }
+            };
+            match stmt.name() {
+                "upstream" => self.upstream(&stmt)?,
+                "listen" => self.listen(&stmt)?,
+                "max_connections" => {
+                    self.once(&mut seen, &stmt)?;
+                    let arg = self.single(&stmt, "a number")?;
+                    self.config.max_connections =
+                        self.usize_value(&arg.text, arg, "max_connections", 1)?;
+                }
+                "buffer_size" => {
+                    self.once(&mut seen, &stmt)?;
+                    let arg = self.single(&stmt, "a size")?;
+                    let size = self.size(arg)?;
+                    if !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&size) {
+                        return Err(self.err_at(
+                            arg,
+                            format!("buffer_size must be between 1k and 16m, got '{}'", arg.text),
+                        ));
+                    }
+                    self.config.buffer_size = size;
+                }
+                "buffer_memory" => {
+                    self.once(&mut seen, &stmt)?;
+                    let arg = self.single(&stmt, "a size")?;
+                    self.config.buffer_memory = self.size(arg)?;
+                    self.buffer_memory = Some(arg.clone());
+                }
+                "log_level" => {
+                    self.once(&mut seen, &stmt)?;
+                    let arg = self.single(&stmt, "a log level")?;
+                    let names = LOG_LEVELS.map(|(n, _)| n);
+                    self.config.log_level = LOG_LEVELS
+                        .iter()
+                        .find(|(n, _)| *n == arg.text)
+                        .map(|(_, level)| *level)
+                        .ok_or_else(|| self.not_one_of(arg, "log level", &names))?;
+                }
+                "access_log" => {
+                    self.once(&mut seen, &stmt)?;
+                    let arg = self.single(&stmt, "'on' or 'off'")?;
+                    self.config.access_log = match arg.text.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(self.not_one_of(arg, "access_log value", &["on", "off"])),
+                    };
+                }
+                _ => return Err(self.unknown(Context::Main, &stmt.name)),
+            }
+        }
+    }
+
+    fn upstream(&mut self, stmt: &Stmt) -> Result<(), ConfigError> {
+        let Some(name) = stmt.args.first() else {
+            return Err(self.err(
+                stmt.term.pos(),
+                "expected an upstream name after 'upstream'",
+            ));
+        };
+        self.no_more(stmt, 1)?;
+        self.open(stmt)?;
+        let first = self
+            .config
+            .upstreams
+            .iter()
+            .zip(&self.explicit_upstreams)
+            .find(|(u, _)| u.name == name.text);
+        if let Some((_, line)) = first {
+            return Err(self.err_at(
+                name,
+                format!(
+                    "duplicate upstream '{}' (first defined at line {line})",
+                    name.text
+                ),
+            ));
+        }
+        let mut upstream = Upstream {
+            name: name.text.clone(),
+            balance: Balance::RoundRobin,
+            servers: Vec::new(),
+            health_check: None,
+        };
+        let mut seen = Seen::default();
+        loop {
+            let inner = match self.item()? {
+                Item::Stmt(inner) => inner,
+                Item::Close(_) => break,
+                Item::Eof(pos) => return Err(self.unclosed(pos, stmt)),
+            };
+            match inner.name() {
+                "balance" => {
+                    self.once(&mut seen, &inner)?;
+                    let arg = self.single(&inner, "a balance method")?;
+                    let names = Balance::ALL.map(|(n, _)| n);
+                    upstream.balance = Balance::from_name(&arg.text)
+                        .ok_or_else(|| self.not_one_of(arg, "balance method", &names))?;
+                }
+                "server" => self.server(&inner, &mut upstream.servers)?,
+                "health_check" => {
+                    self.once(&mut seen, &inner)?;
+                    upstream.health_check = Some(self.health_check(&inner)?);
+                }
+                _ => return Err(self.unknown(Context::Upstream, &inner.name)),
+            }
+        }
+        if upstream.servers.is_empty() {
+            return Err(self.err_at(
+                &stmt.name,
+                format!(
+                    "upstream '{}' has no servers (add e.g. 'server 127.0.0.1:8080;')",
+                    name.text
+                ),
+            ));
+        }
+        self.config.upstreams.push(upstream);
+        self.explicit_upstreams.push(stmt.name.line);
+        Ok(())
+    }
+
+    fn server(&self, stmt: &Stmt, servers: &mut Vec<Server>) -> Result<(), ConfigError> {
+        let Some(addr_arg) = stmt.args.first() else {
+            return Err(self.err(
+                stmt.term.pos(),
+                "expected an address after 'server' (IP:PORT, [IPv6]:PORT or host:PORT)",
+            ));
+        };
+        let addr = self.host_port(addr_arg, "server address")?;
+        let mut options = Server::new(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        let mut seen = Seen::default();
+        for (index, arg) in stmt.args.iter().enumerate().skip(1) {
+            let (key, value) = split_option(&arg.text);
+            if !SERVER_OPTIONS.contains(&key) {
+                let message = unknown_option("server", key, SERVER_OPTIONS);
+                return Err(self.stray(stmt, index, message));
+            }
+            if let Some(line) = seen.first(key, arg.line) {
+                return Err(self.err_at(
+                    arg,
+                    format!("duplicate server option '{key}' (first set at line {line})"),
+                ));
+            }
+            match (key, value) {
+                ("backup" | "down", Some(_)) => {
+                    return Err(self.err_at(arg, format!("'{key}' takes no value")));
+                }
+                ("backup", None) => options.backup = true,
+                ("down", None) => options.down = true,
+                (_, None) => {
+                    let example = if key == "fail_timeout" { "10s" } else { "N" };
+                    return Err(
+                        self.err_at(arg, format!("'{key}' needs a value, e.g. {key}={example}"))
+                    );
+                }
+                ("weight", Some(v)) => options.weight = self.u32_value(v, arg, key, 1, 1000)?,
+                ("max_conns", Some(v)) => {
+                    options.max_conns = self.u32_value(v, arg, key, 0, u32::MAX)?;
+                }
+                ("max_fails", Some(v)) => {
+                    options.max_fails = self.u32_value(v, arg, key, 0, u32::MAX)?;
+                }
+                (_, Some(v)) => options.fail_timeout = self.duration(v, arg)?,
+            }
+        }
+        self.semi(stmt)?;
+        for addr in self.resolve_addr(addr, addr_arg, "server address")? {
+            servers.push(Server {
+                addr,
+                ..options.clone()
+            });
+        }
+        Ok(())
+    }
+
+    fn health_check(&self, stmt: &Stmt) -> Result<HealthCheck, ConfigError> {
+        let mut check = HealthCheck::default();
+        let mut seen = Seen::default();
+        for (index, arg) in stmt.args.iter().enumerate() {
+            let (key, value) = split_option(&arg.text);
+            if !HEALTH_CHECK_OPTIONS.contains(&key) {
+                let message = unknown_option("health_check", key, HEALTH_CHECK_OPTIONS);
+                return Err(self.stray(stmt, index, message));
+            }
+            if let Some(line) = seen.first(key, arg.line) {
+                return Err(self.err_at(
+                    arg,
+                    format!("duplicate health_check option '{key}' (first set at line {line})"),
+                ));
+            }
+            let Some(value) = value else {
+                let example = match key {
+                    "interval" | "timeout" => "5s",
+                    "rise" | "fall" => "2",
+                    _ => "\"...\"",
+                };
+                return Err(
+                    self.err_at(arg, format!("'{key}' needs a value, e.g. {key}={example}"))
+                );
+            };
+            match key {
+                "interval" => check.interval = self.positive_duration(value, arg, key)?,
+                "timeout" => check.timeout = self.positive_duration(value, arg, key)?,
+                "rise" => check.rise = self.u32_value(value, arg, key, 1, u32::MAX)?,
+                "fall" => check.fall = self.u32_value(value, arg, key, 1, u32::MAX)?,
+                "send" => check.send = self.escaped_value(arg, key)?,
+                _ => check.expect = self.escaped_value(arg, key)?,
+            }
+        }
+        self.semi(stmt)?;
+        Ok(check)
+    }
+
+    fn listen(&mut self, stmt: &Stmt) -> Result<(), ConfigError> {
+        let (proto, addr_arg) = match stmt.args.as_slice() {
+            [] => {
+                return Err(self.err(
+                    stmt.term.pos(),
+                    "expected an address after 'listen' (e.g. listen 127.0.0.1:8080 { ... })",
+                ));
+            }
+            [proto] if matches!(proto.text.as_str(), "tcp" | "udp") => {
+                return Err(self.err(
+                    stmt.term.pos(),
+                    format!("expected an address after 'listen {}'", proto.text),
+                ));
+            }
+            [addr] => (Proto::Tcp, addr),
+            [first, addr, ..] => {
+                let proto = match first.text.as_str() {
+                    "tcp" => Proto::Tcp,
+                    "udp" => Proto::Udp,
+                    _ if self.listen_addr(first).is_ok() => {
+                        return Err(self.stray(
+                            stmt,
+                            1,
+                            format!("unexpected argument '{}' after the address", addr.text),
+                        ));
+                    }
+                    _ => {
+                        let mut message = format!(
+                            "expected 'tcp' or 'udp' before the listen address, found '{}'",
+                            first.text
+                        );
+                        if let Some(s) = suggest(&first.text, ["tcp", "udp"]) {
+                            message.push_str(&format!(" (did you mean '{s}'?)"));
+                        }
+                        return Err(self.err_at(first, message));
+                    }
+                };
+                self.no_more(stmt, 2)?;
+                (proto, addr)
+            }
+        };
+        self.open(stmt)?;
+        let addr = self.listen_addr(addr_arg)?;
+        // Port 0 asks the kernel for a fresh port each time, so two of them never collide.
+        let first = self
+            .listeners
+            .iter()
+            .find(|p| p.listen.proto == proto && p.listen.addr == addr && addr.port() != 0);
+        if let Some(first) = first {
+            return Err(self.err_at(
+                addr_arg,
+                format!(
+                    "duplicate listen {} {addr} (first defined at line {})",
+                    proto.as_str(),
+                    first.line
+                ),
+            ));
+        }
+        let mut listen = Listen::new(proto, addr, 0, 0);
+        let mut proxy = None;
+        let mut tries = None;
+        let mut half_close = None;
+        let mut seen = Seen::default();
+        loop {
+            let inner = match self.item()? {
+                Item::Stmt(inner) => inner,
+                Item::Close(_) => break,
+                Item::Eof(pos) => return Err(self.unclosed(pos, stmt)),
+            };
+            let name = inner.name();
+            if proto == Proto::Tcp && matches!(name, "udp_responses" | "max_sessions") {
+                return Err(self.err_at(
+                    &inner.name,
+                    format!(
+                        "'{name}' applies to udp listeners only (this one is tcp; \
+                         write 'listen udp ADDR' for udp)"
+                    ),
+                ));
+            }
+            if LISTEN_DIRECTIVES.contains(&name) {
+                self.once(&mut seen, &inner)?;
+            }
+            match name {
+                "proxy" => {
+                    let arg = self.single(&inner, "an upstream name or an address")?;
+                    proxy = Some(arg.clone());
+                }
+                "connect_timeout" => {
+                    let arg = self.single(&inner, "a duration")?;
+                    listen.connect_timeout = self.positive_duration(&arg.text, arg, name)?;
+                }
+                "idle_timeout" => {
+                    let arg = self.single(&inner, "a duration")?;
+                    listen.idle_timeout = self.positive_duration(&arg.text, arg, name)?;
+                }
+                "half_close_timeout" => {
+                    let arg = self.single(&inner, "a duration")?;
+                    half_close = Some(self.positive_duration(&arg.text, arg, name)?);
+                }
+                "next_upstream_tries" => {
+                    let arg = self.single(&inner, "a number")?;
+                    tries = Some(self.u32_value(&arg.text, arg, name, 0, u32::MAX)?);
+                }
+                "next_upstream_timeout" => {
+                    let arg = self.single(&inner, "a duration")?;
+                    let timeout = self.duration(&arg.text, arg)?;
+                    listen.next_upstream_timeout = Some(timeout).filter(|t| !t.is_zero());
+                }
+                "udp_responses" => {
+                    let arg = self.single(&inner, "a number")?;
+                    listen.udp_responses = self.u32_value(&arg.text, arg, name, 0, u32::MAX)?;
+                }
+                "max_sessions" => {
+                    let arg = self.single(&inner, "a number")?;
+                    listen.max_sessions = self.usize_value(&arg.text, arg, name, 0)?;
+                }
+                _ => return Err(self.unknown(Context::Listen, &inner.name)),
+            }
+        }
+        let Some(proxy) = proxy else {
+            return Err(self.err_at(
+                &stmt.name,
+                "listen block has no 'proxy' (add e.g. 'proxy backend;')",
+            ));
+        };
+        listen.half_close_timeout = half_close.unwrap_or(listen.idle_timeout);
+        self.listeners.push(PendingListen {
+            listen,
+            line: stmt.name.line,
+            proxy,
+            tries,
+        });
+        Ok(())
+    }
+
+    /// Settles what needs the whole file: `proxy` targets, tries, `buffer_memory`.
+    fn finish(mut self) -> Result<Config, ConfigError> {
+        if let Some(arg) = &self.buffer_memory {
+            if self.config.buffer_memory < self.config.buffer_size {
+                return Err(self.err_at(
+                    arg,
+                    format!(
+                        "buffer_memory '{}' must be at least buffer_size ({} bytes)",
+                        arg.text, self.config.buffer_size
+                    ),
+                ));
+            }
+        }
+        let explicit = self.config.upstreams.len();
+        for pending in std::mem::take(&mut self.listeners) {
+            let upstream = self.proxy_target(&pending.proxy, explicit)?;
+            let servers = self
+                .config
+                .upstreams
+                .get(upstream)
+                .map_or(1, |u| u.servers.len());
+            let mut listen = pending.listen;
+            listen.upstream = upstream;
+            listen.next_upstream_tries = match pending.tries {
+                Some(n) if n > 0 => n,
+                _ => u32::try_from(servers.max(1)).unwrap_or(u32::MAX),
+            };
+            self.config.listeners.push(listen);
+        }
+        Ok(self.config)
+    }
+
+    /// The index of the upstream `proxy ARG;` names. An argument with a ':' that names no
+    /// upstream is an address: it gets an implicit upstream named after its text, shared by every
+    /// listener that writes the same text.
+    fn proxy_target(&mut self, arg: &Arg, explicit: usize) -> Result<usize, ConfigError> {
+        if let Some(index) = self
+            .config
+            .upstreams
+            .iter()
+            .position(|u| u.name == arg.text)
+        {
+            return Ok(index);
+        }
+        if arg.text.contains(':') {
+            let addr = self.host_port(arg, "proxy address")?;
+            let addrs = self.resolve_addr(addr, arg, "proxy address")?;
+            self.config.upstreams.push(Upstream {
+                name: arg.text.clone(),
+                balance: Balance::RoundRobin,
+                servers: addrs.into_iter().map(Server::new).collect(),
+                health_check: None,
+            });
+            return Ok(self.config.upstreams.len() - 1);
+        }
+        let names = self
+            .config
+            .upstreams
+            .iter()
+            .take(explicit)
+            .map(|u| u.name.as_str());
+        let mut message = format!("unknown upstream '{}'", arg.text);
+        if let Some(s) = suggest(&arg.text, names) {
+            message.push_str(&format!(" (did you mean '{s}'?)"));
+        } else if arg.text.parse::<IpAddr>().is_ok() || arg.text == "localhost" {
+            message.push_str(&format!(" (an address needs a port: {}:PORT)", arg.text));
+        }
+        Err(self.err_at(arg, message))
+    }
+
+    /// `IP:PORT`, `[IPv6]:PORT`, or `host:PORT` (resolved later); port 0 is an error.
+    fn host_port<'s>(&self, arg: &'s Arg, what: &str) -> Result<HostPort<'s>, ConfigError> {
+        let text = arg.text.as_str();
+        let no_port = || self.err_at(arg, format!("{what} '{text}' has no port"));
+        let bad = || {
+            self.err_at(
+                arg,
+                format!("bad {what} '{text}' (expected IP:PORT, [IPv6]:PORT or host:PORT)"),
+            )
+        };
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            if host.parse::<Ipv6Addr>().is_err() {
+                return Err(bad());
+            }
+            match after.strip_prefix(':') {
+                Some(port) => (host, port),
+                None if after.is_empty() => return Err(no_port()),
+                None => return Err(bad()),
+            }
+        } else {
+            let Some((host, port)) = text.rsplit_once(':') else {
+                return Err(no_port());
+            };
+            if host.contains(':') {
+                if text.parse::<Ipv6Addr>().is_ok() {
+                    return Err(self.err_at(
+                        arg,
+                        format!("{what} '{text}' has no port (write IPv6 as [ADDR]:PORT)"),
+                    ));
+                }
+                return Err(bad());
+            }
+            (host, port)
+        };
+        if port.is_empty() {
+            return Err(no_port());
+        }
+        if host.is_empty() {
+            return Err(self.err_at(arg, format!("{what} '{text}' has no host")));
+        }
+        let port = match parse_number(port).ok().and_then(|p| u16::try_from(p).ok()) {
+            Some(0) => return Err(self.err_at(arg, format!("{what} '{text}' has port 0"))),
+            Some(port) => port,
+            None => {
+                return Err(self.err_at(
+                    arg,
+                    format!("bad port '{port}' in {what} '{text}' (expected 1..65535)"),
+                ));
+            }
+        };
+        Ok(match host.parse::<IpAddr>() {
+            Ok(ip) => HostPort::Addr(SocketAddr::new(ip, port)),
+            Err(_) => HostPort::Name(host, port),
+        })
+    }
+
+    fn resolve_addr(
+        &self,
+        addr: HostPort<'_>,
+        arg: &Arg,
+        what: &str,
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        let (host, port) = match addr {
+            HostPort::Addr(addr) => return Ok(vec![addr]),
+            HostPort::Name(host, port) => (host, port),
+        };
+        let cannot = |why: String| {
+            self.err_at(
+                arg,
+                format!("cannot resolve '{host}' in {what} '{}': {why}", arg.text),
+            )
+        };
+        let found = (self.resolve)(host, port).map_err(|e| cannot(crate::sys::io_reason(&e)))?;
+        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(found.len());
+        for addr in found {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(cannot("no addresses".to_string()));
+        }
+        Ok(addrs)
+    }
+
+    /// `IP:PORT`, `[IPv6]:PORT`, `*:PORT` or `PORT` (the last two mean 0.0.0.0:PORT).
+    fn listen_addr(&self, arg: &Arg) -> Result<SocketAddr, ConfigError> {
+        let text = arg.text.as_str();
+        let port = text.strip_prefix("*:").unwrap_or(text);
+        if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+            return match parse_number(port).ok().and_then(|p| u16::try_from(p).ok()) {
+                Some(port) => Ok(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
+                None => Err(self.err_at(
+                    arg,
+                    format!("bad port '{port}' in listen address '{text}' (expected 0..65535)"),
+                )),
+            };
+        }
+        text.parse::<SocketAddr>().map_err(|_| {
+            self.err_at(
+                arg,
+                format!(
+                    "bad listen address '{text}' (expected IP:PORT, [IPv6]:PORT, *:PORT or PORT)"
+                ),
+            )
+        })
+    }
+
+    /// Decodes the value of `send=`/`expect=` from the source text, so each escape is decoded
+    /// exactly once: inside quotes `\r \n \t \\ \" \xHH`; outside quotes a backslash is an error.
+    fn escaped_value(&self, arg: &Arg, key: &str) -> Result<Vec<u8>, ConfigError> {
+        let raw = self.text.get(arg.span.clone()).unwrap_or(&arg.text);
+        let mut out = Vec::with_capacity(raw.len());
+        let (mut line, mut col) = (arg.line, arg.col);
+        let mut step = |c: char| {
+            let here = (line, col);
+            if c == '\n' {
+                line = line.saturating_add(1);
+                col = 1;
+            } else {
+                col = col.saturating_add(1);
+            }
+            here
+        };
+        let hint = "expected \\r, \\n, \\t, \\\\, \\\" or \\xHH";
+        let mut quoted = false;
+        let mut chars = raw.chars();
+        let mut utf8 = [0u8; 4];
+        while let Some(c) = chars.next() {
+            let here = step(c);
+            match c {
+                '"' => quoted = !quoted,
+                '\\' if !quoted => {
+                    return Err(self.err(
+                        here,
+                        format!("escapes in '{key}' work only inside quotes: {key}=\"...\""),
+                    ));
+                }
+                '\\' => {
+                    let escape = chars.next();
+                    if let Some(e) = escape {
+                        step(e);
+                    }
+                    let byte = match escape {
+                        Some('r') => b'\r',
+                        Some('n') => b'\n',
+                        Some('t') => b'\t',
+                        Some('\\') => b'\\',
+                        Some('"') => b'"',
+                        Some('x') => {
+                            let hi = chars.next();
+                            let lo = chars.next();
+                            let digit = |c: Option<char>| c.and_then(|c| c.to_digit(16));
+                            match (digit(hi), digit(lo)) {
+                                (Some(hi), Some(lo)) => {
+                                    step('x');
+                                    step('x');
+                                    u8::try_from(hi * 16 + lo).unwrap_or(0)
+                                }
+                                _ => {
+                                    return Err(self.err(
+                                        here,
+                                        format!("bad escape in '{key}': \\x needs two hex digits"),
+                                    ));
+                                }
+                            }
+                        }
+                        Some(other) => {
+                            let other = other.escape_debug();
+                            return Err(self
+                                .err(here, format!("bad escape '\\{other}' in '{key}' ({hint})")));
+                        }
+                        None => {
+                            return Err(self.err(here, format!("bad escape in '{key}' ({hint})")));
+                        }
+                    };
+                    out.push(byte);
+                }
+                c => out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes()),
+            }
+        }
+        // The key has no quotes or escapes (it matched a known name), so it decodes to itself.
+        let prefix_len = key.len().saturating_add(1);
+        match out.get(prefix_len..) {
+            Some(value) if out.starts_with(key.as_bytes()) => Ok(value.to_vec()),
+            _ => Err(self.err_at(arg, format!("bad value for '{key}'"))),
+        }
+    }
+
+    /// The one value of a directive that takes exactly one and ends with `;`.
+    fn single<'s>(&self, stmt: &'s Stmt, what: &str) -> Result<&'s Arg, ConfigError> {
+        let Some(first) = stmt.args.first() else {
+            return Err(self.err(
+                stmt.term.pos(),
+                format!("expected {what} after '{}'", stmt.name()),
+            ));
+        };
+        self.no_more(stmt, 1)?;
+        self.semi(stmt)?;
+        Ok(first)
+    }
+
+    fn no_more(&self, stmt: &Stmt, allowed: usize) -> Result<(), ConfigError> {
+        match stmt.args.get(allowed) {
+            None => Ok(()),
+            Some(extra) => {
+                let message = format!(
+                    "unexpected argument '{}' ('{}' takes {allowed} value{})",
+                    extra.text,
+                    stmt.name(),
+                    if allowed == 1 { "" } else { "s" }
+                );
+                Err(self.stray(stmt, allowed, message))
+            }
+        }
+    }
+
+    /// An argument the directive cannot use. When it starts a new line, the likely mistake is a
+    /// missing `;` that made the next directive part of this one, so say that instead.
+    fn stray(&self, stmt: &Stmt, index: usize, message: String) -> ConfigError {
+        let previous_end = match index.checked_sub(1) {
+            None => stmt.name.end,
+            Some(i) => stmt.args.get(i).map_or(stmt.name.end, |a| a.end),
+        };
+        match stmt.args.get(index) {
+            Some(arg) if arg.line > previous_end.0 => self.err(
+                previous_end,
+                format!("expected ';' after '{}'", stmt.name()),
+            ),
+            Some(arg) => self.err_at(arg, message),
+            None => self.err(stmt.last_end(), message),
+        }
+    }
+
+    fn semi(&self, stmt: &Stmt) -> Result<(), ConfigError> {
+        let message = || format!("expected ';' after '{}'", stmt.name());
+        match stmt.term {
+            Term::Semi(_) => Ok(()),
+            Term::Open(pos) => Err(self.err(pos, format!("{} (it takes no block)", message()))),
+            Term::Close(_) | Term::Eof(_) => Err(self.err(stmt.last_end(), message())),
+        }
+    }
+
+    fn open(&self, stmt: &Stmt) -> Result<(), ConfigError> {
+        let message = format!("expected '{{' after '{}'", stmt.name());
+        match stmt.term {
+            Term::Open(_) => Ok(()),
+            Term::Semi(pos) => Err(self.err(pos, message)),
+            Term::Close(_) | Term::Eof(_) => Err(self.err(stmt.last_end(), message)),
+        }
+    }
+
+    fn unclosed(&self, eof: Pos, block: &Stmt) -> ConfigError {
+        self.err(
+            eof,
+            format!(
+                "expected '}}' before end of file, to close the '{}' block opened at line {}",
+                block.name(),
+                block.term.pos().0
+            ),
+        )
+    }
+
+    fn once(&self, seen: &mut Seen, stmt: &Stmt) -> Result<(), ConfigError> {
+        match seen.first(stmt.name(), stmt.name.line) {
+            None => Ok(()),
+            Some(line) => Err(self.err_at(
+                &stmt.name,
+                format!("duplicate '{}' (first set at line {line})", stmt.name()),
+            )),
+        }
+    }
+
+    fn unknown(&self, context: Context, name: &Arg) -> ConfigError {
+        let text = name.text.as_str();
+        for other in Context::ALL {
+            if other != context && other.directives().contains(&text) {
+                return self.err_at(
+                    name,
+                    format!(
+                        "'{text}' is not allowed here (it belongs in {})",
+                        other.place()
+                    ),
+                );
+            }
+        }
+        let mut message = format!("unknown directive '{text}'");
+        if let Some(s) = suggest(text, context.directives().iter().copied()) {
+            message.push_str(&format!(" (did you mean '{s}'?)"));
+        }
+        self.err_at(name, message)
+    }
+
+    fn not_one_of(&self, arg: &Arg, what: &str, names: &[&str]) -> ConfigError {
+        let mut message = format!("unknown {what} '{}'", arg.text);
+        match suggest(&arg.text, names.iter().copied()) {
+            Some(s) => message.push_str(&format!(" (did you mean '{s}'?)")),
+            None => message.push_str(&format!(" (expected one of: {})", names.join(", "))),
+        }
+        self.err_at(arg, message)
+    }
+
+    fn duration(&self, text: &str, at: &Arg) -> Result<Duration, ConfigError> {
+        parse_duration(text)
+            .ok_or_else(|| self.err_at(at, format!("bad duration '{text}' ({DURATION_HINT})")))
+    }
+
+    fn positive_duration(&self, text: &str, at: &Arg, name: &str) -> Result<Duration, ConfigError> {
+        let duration = self.duration(text, at)?;
+        if duration.is_zero() {
+            return Err(self.err_at(at, format!("'{name}' must be greater than 0")));
+        }
+        Ok(duration)
+    }
+
+    fn size(&self, at: &Arg) -> Result<usize, ConfigError> {
+        parse_size(&at.text)
+            .ok_or_else(|| self.err_at(at, format!("bad size '{}' ({SIZE_HINT})", at.text)))
+    }
+
+    fn integer(
+        &self,
+        text: &str,
+        at: &Arg,
+        name: &str,
+        range: (u64, u64),
+    ) -> Result<u64, ConfigError> {
+        let (min, max) = range;
+        match parse_number(text) {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            Err(NumberError::NotANumber) => Err(self.err_at(
+                at,
+                format!("bad number '{text}' for '{name}' (expected a whole number)"),
+            )),
+            _ => Err(self.err_at(
+                at,
+                format!("'{name}' must be between {min} and {max}, got '{text}'"),
+            )),
+        }
+    }
+
+    fn u32_value(
+        &self,
+        text: &str,
+        at: &Arg,
+        name: &str,
+        min: u32,
+        max: u32,
+    ) -> Result<u32, ConfigError> {
+        let n = self.integer(text, at, name, (min.into(), max.into()))?;
+        u32::try_from(n).map_err(|_| self.err_at(at, format!("'{name}' is too large")))
+    }
+
+    fn usize_value(
+        &self,
+        text: &str,
+        at: &Arg,
+        name: &str,
+        min: usize,
+    ) -> Result<usize, ConfigError> {
+        let too_large = || self.err_at(at, format!("'{name}' is too large"));
+        let min = u64::try_from(min).map_err(|_| too_large())?;
+        let max = u64::try_from(usize::MAX).unwrap_or(u64::MAX);
+        let n = self.integer(text, at, name, (min, max))?;
+        usize::try_from(n).map_err(|_| too_large())
+    }
+}
+
+impl Seen {
+    /// Records `name` at `line`; returns the earlier line if it was already recorded.
+    fn first(&mut self, name: &str, line: u32) -> Option<u32> {
+        if let Some((_, first)) = self.0.iter().find(|(n, _)| n == name) {
+            return Some(*first);
+        }
+        self.0.push((name.to_string(), line));
+        None
+    }
+}
+
+/// `key=value` → (`key`, `Some(value)`); `flag` → (`flag`, `None`).
+fn split_option(text: &str) -> (&str, Option<&str>) {
+    match text.split_once('=') {
+        Some((key, value)) => (key, Some(value)),
+        None => (text, None),
+    }
+}
+
+fn unknown_option(directive: &str, key: &str, known: &[&str]) -> String {
+    let mut message = format!("unknown {directive} option '{key}'");
+    match suggest(key, known.iter().copied()) {
+        Some(s) => message.push_str(&format!(" (did you mean '{s}'?)")),
+        None => message.push_str(&format!(" (expected one of: {})", known.join(", "))),
+    }
+    message
+}
+
+/// Leading ASCII digits and the rest.
+fn split_number(text: &str) -> (&str, &str) {
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    match (text.get(..digits), text.get(digits..)) {
+        (Some(number), Some(unit)) => (number, unit),
+        _ => ("", text),
+    }
+}
+
+/// Plain decimal digits only: no sign, no spaces, no `_`.
+fn parse_number(text: &str) -> Result<u64, NumberError> {
+    if text.is_empty() {
+        return Err(NumberError::NotANumber);
+    }
+    let mut n: u64 = 0;
+    for b in text.bytes() {
+        if !b.is_ascii_digit() {
+            return Err(NumberError::NotANumber);
+        }
+        n = n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(b - b'0')))
+            .ok_or(NumberError::TooLarge)?;
+    }
+    Ok(n)
+}
+
+/// The known name closest to `word` (ignoring ASCII case), if it is at most two edits away and
+/// closer than the word is long (so `x` does not "mean" every two-letter name).
+fn suggest<'n>(word: &str, names: impl IntoIterator<Item = &'n str>) -> Option<&'n str> {
+    const MAX_EDITS: usize = 2;
+    let word: Vec<char> = word.to_ascii_lowercase().chars().collect();
+    let mut best: Option<(usize, &str)> = None;
+    for name in names {
+        let candidate: Vec<char> = name.to_ascii_lowercase().chars().collect();
+        if word.len().abs_diff(candidate.len()) > MAX_EDITS {
+            continue;
+        }
+        let distance = levenshtein(&word, &candidate);
+        if distance <= MAX_EDITS
+            && distance < word.len()
+            && best.map_or(true, |(d, _)| distance < d)
+        {
+            best = Some((distance, name));
+        }
+    }
+    best.map(|(_, name)| name)
+}
+
+fn levenshtein(a: &[char], b: &[char]) -> usize {
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    let mut current = vec![0; b.len() + 1];
+    for (i, ca) in a.iter().enumerate() {
+        current[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = previous[j] + usize::from(ca != cb);
+            current[j + 1] = substitute.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        std::mem::swap(&mut previous, &mut current);
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Knows only `localhost` (twice 127.0.0.1, to show duplicates fold, and ::1) and
+    /// `nowhere.localhost` (no addresses); everything else fails. Never touches DNS.
+    fn fake_resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        match host {
+            "localhost" => Ok(vec![
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+                SocketAddr::from(([127, 0, 0, 1], port)),
+            ]),
+            "nowhere.localhost" => Ok(Vec::new()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "Name or service not known",
+            )),
+        }
+    }
+
+    fn ok(text: &str) -> Config {
+        parse_with(text, "t.conf", &fake_resolve).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn fail(text: &str) -> ConfigError {
+        match parse_with(text, "t.conf", &fake_resolve) {
+            Ok(config) => panic!("expected an error for {text:?}, got {config:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[track_caller]
+    fn assert_err(text: &str, line: u32, col: u32, phrase: &str) {
+        let e = fail(text);
+        assert_eq!((e.line, e.col), (line, col), "position of: {e}");
+        assert!(
+            e.message.contains(phrase),
+            "{e:?} should contain {phrase:?}"
+        );
+        assert_eq!(e.to_string(), format!("t.conf:{line}:{col}: {}", e.message));
+    }
+
+    fn v4(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn v6(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port))
+    }
+
+    fn any(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+    }
+
+    const ONE: &str = "upstream b {\n  server 127.0.0.1:1;\n}\n";
+
+    /// DESIGN.md §3, restricted to the directives this parser knows, with loopback addresses.
+    const EXAMPLE: &str = r#"# main context                              default
+max_connections 10000;                      # all listeners together
+buffer_size 16k;                            # per direction, per pair, only while bytes are in flight
+buffer_memory 64m;                          # hard cap for all buffers of a worker
+log_level info;                             # error|warn|info|debug|trace; RUST_LOG wins
+access_log on;                              # one line per finished connection/session
+
+upstream backend {
+    balance round_robin;                    # round_robin | weighted_round_robin | least_conn | random | ip_hash | hash
+    server 127.0.0.1:6379 weight=3 max_conns=100 max_fails=3 fail_timeout=10s;
+    server 127.0.0.1:6380;
+    server 127.0.0.1:6381 backup;           # used only when no primary is up
+    server [::1]:6379 down;                 # configured but never picked
+    health_check interval=5s timeout=2s rise=2 fall=3;               # TCP connect probe
+    # health_check interval=5s send="PING\r\n" expect="+PONG";      # optional payload check
+}
+
+listen 127.0.0.1:6380 {                     # "listen tcp ADDR" is the same; "listen udp ADDR" for UDP
+    proxy backend;                          # an upstream name, or an address: proxy 127.0.0.1:6379;
+    connect_timeout 5s;                     # default 5s
+    idle_timeout 10m;                       # default 10m for tcp, 30s for udp
+    half_close_timeout 1m;                  # once one side has finished; default: idle_timeout
+    next_upstream_tries 3;                  # connect attempts in all; default: number of servers
+    next_upstream_timeout 10s;              # default 0 = no limit beyond tries
+}
+
+listen udp 127.0.0.1:5353 {
+    proxy dns;
+    idle_timeout 30s;
+    udp_responses 1;                        # replies per session before it closes; 0 = unlimited
+    max_sessions 10000;
+}
+
+upstream dns {
+    server 127.0.0.1:53;
+}
+"#;
+
+    // ---- durations and sizes ----
+
+    #[test]
+    fn durations_in_every_unit() {
+        let cases = [
+            ("250ms", Duration::from_millis(250)),
+            ("0ms", Duration::ZERO),
+            ("10s", Duration::from_secs(10)),
+            ("10", Duration::from_secs(10)),
+            ("0", Duration::ZERO),
+            ("5m", Duration::from_secs(300)),
+            ("2h", Duration::from_secs(7_200)),
+            ("1d", Duration::from_secs(86_400)),
+            ("007s", Duration::from_secs(7)),
+            ("18446744073709551615ms", Duration::from_millis(u64::MAX)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_duration(text), Some(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_durations_are_none() {
+        for text in [
+            "",
+            "s",
+            "ms",
+            "10x",
+            "-5s",
+            "+5s",
+            "1.5s",
+            " 1s",
+            "1s ",
+            "1 s",
+            "10S",
+            "1sm",
+            "5min",
+            "1_000",
+            "0x10",
+            "1e3",
+            "١s",
+            // overflow: digits beyond u64, and units that overflow u64 milliseconds
+            "99999999999999999999",
+            "18446744073709551616ms",
+            "18446744073709551615s",
+            "213503982334602d",
+        ] {
+            assert_eq!(parse_duration(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_in_every_unit() {
+        let cases = [
+            ("0", 0),
+            ("512", 512),
+            ("16k", 16 << 10),
+            ("16K", 16 << 10),
+            ("4m", 4 << 20),
+            ("4M", 4 << 20),
+            ("1g", 1 << 30),
+            ("1G", 1 << 30),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_size(text), Some(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_none() {
+        for text in [
+            "",
+            "k",
+            "16x",
+            "-1k",
+            "+1k",
+            "1.5m",
+            "16kb",
+            "16 k",
+            "1t",
+            "99999999999999999999",
+            "18446744073709551615g",
+        ] {
+            assert_eq!(parse_size(text), None, "{text:?}");
+        }
+    }
+
+    // ---- whole files ----
+
+    #[test]
+    fn design_example() {
+        let config = ok(EXAMPLE);
+        assert_eq!(config.max_connections, 10_000);
+        assert_eq!(config.buffer_size, 16 << 10);
+        assert_eq!(config.buffer_memory, 64 << 20);
+        assert_eq!(config.log_level, log::LevelFilter::Info);
+        assert!(config.access_log);
+
+        let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["backend", "dns"]);
+        let backend = &config.upstreams[0];
+        assert_eq!(backend.balance, Balance::RoundRobin);
+        let first = Server {
+            weight: 3,
+            max_conns: 100,
+            max_fails: 3,
+            fail_timeout: Duration::from_secs(10),
+            ..Server::new(v4(6379))
+        };
+        let backup = Server {
+            backup: true,
+            ..Server::new(v4(6381))
+        };
+        let down = Server {
+            down: true,
+            ..Server::new(v6(6379))
+        };
+        assert_eq!(
+            backend.servers,
+            [first, Server::new(v4(6380)), backup, down]
+        );
+        assert_eq!(
+            backend.health_check,
+            Some(HealthCheck {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                rise: 2,
+                fall: 3,
+                send: Vec::new(),
+                expect: Vec::new(),
+            })
+        );
+        assert_eq!(config.upstreams[1].servers, [Server::new(v4(53))]);
+
+        let tcp = &config.listeners[0];
+        assert_eq!(
+            (tcp.proto, tcp.addr, tcp.upstream),
+            (Proto::Tcp, v4(6380), 0)
+        );
+        assert_eq!(tcp.connect_timeout, Duration::from_secs(5));
+        assert_eq!(tcp.idle_timeout, Duration::from_secs(600));
+        assert_eq!(tcp.half_close_timeout, Duration::from_secs(60));
+        assert_eq!(tcp.next_upstream_tries, 3);
+        assert_eq!(tcp.next_upstream_timeout, Some(Duration::from_secs(10)));
+
+        let udp = &config.listeners[1];
+        assert_eq!(
+            (udp.proto, udp.addr, udp.upstream),
+            (Proto::Udp, v4(5353), 1)
+        );
+        assert_eq!(udp.idle_timeout, Duration::from_secs(30));
+        assert_eq!(udp.half_close_timeout, Duration::from_secs(30));
+        assert_eq!(udp.udp_responses, 1);
+        assert_eq!(udp.max_sessions, 10_000);
+        assert_eq!(udp.next_upstream_tries, 1);
+        assert_eq!(config.listeners.len(), 2);
+    }
+
+    #[test]
+    fn main_context_values() {
+        let config = ok("max_connections 5;\nbuffer_size 4M;\nbuffer_memory 1g;\n\
+                         log_level trace;\naccess_log off;\n");
+        assert_eq!(config.max_connections, 5);
+        assert_eq!(config.buffer_size, 4 << 20);
+        assert_eq!(config.buffer_memory, 1 << 30);
+        assert_eq!(config.log_level, log::LevelFilter::Trace);
+        assert!(!config.access_log);
+        for (name, level) in LOG_LEVELS {
+            assert_eq!(ok(&format!("log_level {name};")).log_level, level);
+        }
+        assert_eq!(ok("buffer_size 1k;").buffer_size, 1024);
+        assert_eq!(ok("buffer_size 16m;").buffer_size, 16 << 20);
+        assert_eq!(
+            ok("buffer_size 16m; buffer_memory 16m;").buffer_memory,
+            16 << 20
+        );
+    }
+
+    #[test]
+    fn empty_and_comment_only_files_are_default() {
+        assert_eq!(ok(""), Config::default());
+        assert_eq!(ok("\n  # nothing here { ; }\n\t\n"), Config::default());
+    }
+
+    #[test]
+    fn defaults() {
+        let config = ok(
+            "upstream b { server 127.0.0.1:80; }\nlisten 8080 { proxy b; }\n\
+                         listen udp *:53 { proxy b; }\n",
+        );
+        assert_eq!(
+            Config {
+                upstreams: Vec::new(),
+                listeners: Vec::new(),
+                ..config.clone()
+            },
+            Config::default()
+        );
+        let b = &config.upstreams[0];
+        assert_eq!(b.balance, Balance::RoundRobin);
+        assert_eq!(b.health_check, None);
+        assert_eq!(b.servers, [Server::new(v4(80))]);
+        assert_eq!(
+            config.listeners[0],
+            Listen::new(Proto::Tcp, any(8080), 0, 1)
+        );
+        assert_eq!(config.listeners[1], Listen::new(Proto::Udp, any(53), 0, 1));
+    }
+
+    #[test]
+    fn half_close_timeout_follows_idle_timeout() {
+        let config = ok(&format!(
+            "{ONE}listen 80 {{ idle_timeout 2m; proxy b; }}\n\
+             listen 81 {{ proxy b; half_close_timeout 5s; idle_timeout 1h; }}\n"
+        ));
+        assert_eq!(
+            config.listeners[0].half_close_timeout,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            config.listeners[1].half_close_timeout,
+            Duration::from_secs(5)
+        );
+        assert_eq!(config.listeners[1].idle_timeout, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn listen_address_forms() {
+        let config = ok(&format!(
+            "{ONE}listen 80 {{ proxy b; }}\nlisten *:81 {{ proxy b; }}\n\
+             listen tcp 127.0.0.1:0 {{ proxy b; }}\nlisten 127.0.0.1:0 {{ proxy b; }}\n\
+             listen udp [::1]:0 {{ proxy b; }}\nlisten udp 80 {{ proxy b; }}\n\
+             listen 0 {{ proxy b; }}\n"
+        ));
+        let got: Vec<(Proto, SocketAddr)> =
+            config.listeners.iter().map(|l| (l.proto, l.addr)).collect();
+        assert_eq!(
+            got,
+            [
+                (Proto::Tcp, any(80)),
+                (Proto::Tcp, any(81)),
+                (Proto::Tcp, v4(0)),
+                (Proto::Tcp, v4(0)),
+                (Proto::Udp, v6(0)),
+                (Proto::Udp, any(80)),
+                (Proto::Tcp, any(0)),
+            ]
+        );
+    }
+
+    #[test]
+    fn implicit_upstreams_from_addresses() {
+        let config = ok("listen 80 { proxy 127.0.0.1:6379; }\n\
+             listen udp [::1]:53 { proxy [::1]:5353; }\n\
+             listen 81 { proxy 127.0.0.1:6379; next_upstream_tries 0; }\n\
+             listen 82 { proxy localhost:8080; }\n");
+        let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["127.0.0.1:6379", "[::1]:5353", "localhost:8080"]);
+        for upstream in &config.upstreams {
+            assert_eq!(upstream.balance, Balance::RoundRobin);
+            assert_eq!(upstream.health_check, None);
+        }
+        assert_eq!(config.upstreams[0].servers, [Server::new(v4(6379))]);
+        assert_eq!(config.upstreams[1].servers, [Server::new(v6(5353))]);
+        // A name gives one server per distinct address.
+        assert_eq!(
+            config.upstreams[2].servers,
+            [Server::new(v4(8080)), Server::new(v6(8080))]
+        );
+        let targets: Vec<(usize, u32)> = config
+            .listeners
+            .iter()
+            .map(|l| (l.upstream, l.next_upstream_tries))
+            .collect();
+        assert_eq!(targets, [(0, 1), (1, 1), (0, 1), (2, 2)]);
+    }
+
+    #[test]
+    fn forward_references_and_named_upstreams_win() {
+        let config = ok("listen 80 { proxy later; }\n\
+             listen 81 { proxy 127.0.0.1:9; }\n\
+             upstream later { server 127.0.0.1:1; server 127.0.0.1:2; }\n\
+             upstream 127.0.0.1:9 { server [::1]:7; }\n");
+        assert_eq!(config.upstreams.len(), 2);
+        assert_eq!(config.listeners[0].upstream, 0);
+        assert_eq!(config.listeners[0].next_upstream_tries, 2);
+        assert_eq!(config.listeners[1].upstream, 1);
+        assert_eq!(config.upstreams[1].servers, [Server::new(v6(7))]);
+    }
+
+    #[test]
+    fn next_upstream_tries_and_timeout() {
+        let ups = "upstream b { server 127.0.0.1:1; server 127.0.0.1:2; server [::1]:3 backup; }\n";
+        let config = ok(&format!(
+            "{ups}listen 80 {{ proxy b; }}\nlisten 81 {{ proxy b; next_upstream_tries 0; }}\n\
+             listen 82 {{ proxy b; next_upstream_tries 7; next_upstream_timeout 0; }}\n\
+             listen 83 {{ proxy b; next_upstream_timeout 1500ms; }}\n"
+        ));
+        let tries: Vec<u32> = config
+            .listeners
+            .iter()
+            .map(|l| l.next_upstream_tries)
+            .collect();
+        assert_eq!(tries, [3, 3, 7, 3]);
+        assert_eq!(config.listeners[2].next_upstream_timeout, None);
+        assert_eq!(
+            config.listeners[3].next_upstream_timeout,
+            Some(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn udp_settings() {
+        let config = ok(&format!(
+            "{ONE}listen udp 127.0.0.1:53 {{ proxy b; udp_responses 0; max_sessions 0; \
+             connect_timeout 250ms; }}\n"
+        ));
+        let udp = &config.listeners[0];
+        assert_eq!((udp.udp_responses, udp.max_sessions), (0, 0));
+        assert_eq!(udp.connect_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn server_options_and_name_fan_out() {
+        let config = ok("upstream b {\n  balance least_conn;\n\
+             server localhost:80 weight=1000 max_conns=0 max_fails=0 fail_timeout=250ms backup down;\n\
+             server \"127.0.0.1:81\" weight=\"2\";\n}\n");
+        let b = &config.upstreams[0];
+        assert_eq!(b.balance, Balance::LeastConn);
+        let options = |addr| Server {
+            weight: 1000,
+            max_conns: 0,
+            max_fails: 0,
+            fail_timeout: Duration::from_millis(250),
+            backup: true,
+            down: true,
+            ..Server::new(addr)
+        };
+        let second = Server {
+            weight: 2,
+            ..Server::new(v4(81))
+        };
+        assert_eq!(b.servers, [options(v4(80)), options(v6(80)), second]);
+    }
+
+    #[test]
+    fn every_balance_name() {
+        for (name, balance) in Balance::ALL {
+            let config = ok(&format!(
+                "upstream b {{ balance {name}; server 127.0.0.1:1; }}"
+            ));
+            assert_eq!(config.upstreams[0].balance, balance);
+        }
+    }
+
+    #[test]
+    fn system_resolver_handles_localhost() {
+        let config = parse(
+            "upstream b { server localhost:80; }\nlisten 127.0.0.1:0 { proxy b; }\n",
+            "t.conf",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let servers = &config.upstreams[0].servers;
+        assert!(!servers.is_empty());
+        for server in servers {
+            assert!(server.addr.ip().is_loopback(), "{server:?}");
+            assert_eq!(server.addr.port(), 80);
+        }
+    }
+
+    #[test]
+    fn health_check_payloads_decode_escapes_once() {
+        let check = |line: &str| {
+            let config = ok(&format!("upstream b {{ server 127.0.0.1:1; {line} }}"));
+            config.upstreams[0].health_check.clone().unwrap_or_default()
+        };
+        let hc = check(r#"health_check interval=1s send="PING\r\n" expect="+PONG";"#);
+        assert_eq!(hc.send, b"PING\r\n");
+        assert_eq!(hc.expect, b"+PONG");
+        assert_eq!(hc.interval, Duration::from_secs(1));
+        assert_eq!(
+            (hc.timeout, hc.rise, hc.fall),
+            (Duration::from_secs(2), 2, 3)
+        );
+
+        // `\\r` is a backslash and an r, never a carriage return.
+        let hc = check(r#"health_check send="\x00\xfF\\r\"\t" expect=ok;"#);
+        assert_eq!(hc.send, b"\x00\xff\\r\"\t");
+        assert_eq!(hc.expect, b"ok");
+        // Quoted whole, or split into parts, or holding specials and non-ASCII.
+        let hc = check(r#"health_check "send=a\nb" expect=x"; {}#"'é';"#);
+        assert_eq!(hc.send, b"a\nb");
+        assert_eq!(hc.expect, "x; {}#'é'".as_bytes());
+        assert_eq!(check("health_check;"), HealthCheck::default());
+        let hc = check("health_check timeout=1m rise=1 fall=10 send=\"\";");
+        assert_eq!(
+            (hc.timeout, hc.rise, hc.fall),
+            (Duration::from_secs(60), 1, 10)
+        );
+        assert!(hc.send.is_empty());
+    }
+
+    // ---- errors: names and contexts ----
+
+    #[test]
+    fn unknown_directives_suggest_from_their_context() {
+        assert_err(
+            "max_conections 5;",
+            1,
+            1,
+            "unknown directive 'max_conections' (did you mean 'max_connections'?)",
+        );
+        assert_err(
+            "upstream b {\n    sever 127.0.0.1:80;\n}\n",
+            2,
+            5,
+            "unknown directive 'sever' (did you mean 'server'?)",
+        );
+        assert_err(
+            "listen 80 {\n  proxy 127.0.0.1:80;\n  conect_timeout 5s;\n}\n",
+            3,
+            3,
+            "unknown directive 'conect_timeout' (did you mean 'connect_timeout'?)",
+        );
+        assert_err("\n\n  Listen 80 {", 3, 3, "(did you mean 'listen'?)");
+        let e = fail("frobnicate on;");
+        assert_eq!((e.line, e.col), (1, 1));
+        assert_eq!(e.message, "unknown directive 'frobnicate'");
+        // Close to a name of another context only: no suggestion from there.
+        let e = fail("listen 80 {\n  servr 127.0.0.1:1;\n}");
+        assert_eq!(e.message, "unknown directive 'servr'");
+        // Directives of DESIGN.md this build does not know yet.
+        assert_err("workers 4;", 1, 1, "unknown directive 'workers'");
+    }
+
+    #[test]
+    fn directives_in_the_wrong_context() {
+        assert_err(
+            "listen 80 {\n  server 127.0.0.1:80;\n}",
+            2,
+            3,
+            "'server' is not allowed here (it belongs in an upstream block)",
+        );
+        assert_err(
+            "upstream b {\n  proxy x;\n}",
+            2,
+            3,
+            "'proxy' is not allowed here (it belongs in a listen block)",
+        );
+        assert_err(
+            "server 127.0.0.1:80;",
+            1,
+            1,
+            "(it belongs in an upstream block)",
+        );
+        assert_err(
+            "listen 80 {\n  upstream b {\n    server 127.0.0.1:1;\n  }\n}",
+            2,
+            3,
+            "'upstream' is not allowed here (it belongs in the main context)",
+        );
+        assert_err(
+            "listen 80 {\n proxy 127.0.0.1:1;\n max_connections 5;\n}",
+            3,
+            2,
+            "'max_connections' is not allowed here (it belongs in the main context)",
+        );
+    }
+
+    #[test]
+    fn udp_only_directives_in_a_tcp_listener() {
+        assert_err(
+            "listen 80 {\n  proxy 127.0.0.1:1;\n  udp_responses 1;\n}",
+            3,
+            3,
+            "'udp_responses' applies to udp listeners only",
+        );
+        assert_err(
+            "listen tcp 80 {\n  max_sessions 10;\n  proxy 127.0.0.1:1;\n}",
+            2,
+            3,
+            "'max_sessions' applies to udp listeners only",
+        );
+    }
+
+    #[test]
+    fn bad_enumerated_values() {
+        assert_err(
+            "upstream b {\n  balance roundrobin;\n  server 127.0.0.1:1;\n}",
+            2,
+            11,
+            "unknown balance method 'roundrobin' (did you mean 'round_robin'?)",
+        );
+        assert_err(
+            "upstream b {\n  balance fastest;\n}",
+            2,
+            11,
+            "(expected one of: round_robin, weighted_round_robin, least_conn, random, ip_hash, hash)",
+        );
+        assert_err(
+            "log_level debg;",
+            1,
+            11,
+            "unknown log level 'debg' (did you mean 'debug'?)",
+        );
+        assert_err(
+            "log_level verbose;",
+            1,
+            11,
+            "expected one of: error, warn, info, debug, trace",
+        );
+        assert_err("access_log yes;", 1, 12, "unknown access_log value 'yes'");
+    }
+
+    // ---- errors: servers and health checks ----
+
+    #[test]
+    fn bad_server_options() {
+        let server = |options: &str| format!("upstream b {{\n  server 127.0.0.1:1 {options};\n}}");
+        // "  server 127.0.0.1:1 " is 21 chars: options start at column 22.
+        assert_err(
+            &server("wieght=3"),
+            2,
+            22,
+            "unknown server option 'wieght' (did you mean 'weight'?)",
+        );
+        assert_err(
+            &server("primary"),
+            2,
+            22,
+            "unknown server option 'primary' (expected one of",
+        );
+        assert_err(
+            &server("weight=0"),
+            2,
+            22,
+            "'weight' must be between 1 and 1000, got '0'",
+        );
+        assert_err(
+            &server("weight=1001"),
+            2,
+            22,
+            "'weight' must be between 1 and 1000",
+        );
+        assert_err(&server("weight=-1"), 2, 22, "bad number '-1' for 'weight'");
+        assert_err(
+            &server("max_conns=4294967296"),
+            2,
+            22,
+            "'max_conns' must be between 0",
+        );
+        assert_err(
+            &server("max_fails=99999999999999999999999"),
+            2,
+            22,
+            "'max_fails' must be",
+        );
+        assert_err(&server("fail_timeout=10x"), 2, 22, "bad duration '10x'");
+        assert_err(&server("backup=yes"), 2, 22, "'backup' takes no value");
+        assert_err(
+            &server("weight"),
+            2,
+            22,
+            "'weight' needs a value, e.g. weight=N",
+        );
+        assert_err(
+            &server("down weight=2 down"),
+            2,
+            36,
+            "duplicate server option 'down'",
+        );
+    }
+
+    #[test]
+    fn bad_server_addresses() {
+        let server = |addr: &str| format!("upstream b {{\n  server {addr};\n}}");
+        assert_err(
+            &server("127.0.0.1"),
+            2,
+            10,
+            "server address '127.0.0.1' has no port",
+        );
+        assert_err(
+            &server("localhost"),
+            2,
+            10,
+            "server address 'localhost' has no port",
+        );
+        assert_err(
+            &server("localhost:"),
+            2,
+            10,
+            "server address 'localhost:' has no port",
+        );
+        assert_err(
+            &server("[::1]"),
+            2,
+            10,
+            "server address '[::1]' has no port",
+        );
+        assert_err(
+            &server("::1"),
+            2,
+            10,
+            "has no port (write IPv6 as [ADDR]:PORT)",
+        );
+        assert_err(
+            &server("127.0.0.1:0"),
+            2,
+            10,
+            "server address '127.0.0.1:0' has port 0",
+        );
+        assert_err(&server("[::1]:0"), 2, 10, "has port 0");
+        assert_err(&server("127.0.0.1:65536"), 2, 10, "bad port '65536'");
+        assert_err(&server("127.0.0.1:http"), 2, 10, "bad port 'http'");
+        assert_err(&server(":80"), 2, 10, "server address ':80' has no host");
+        assert_err(&server("[::1"), 2, 10, "bad server address '[::1'");
+        assert_err(&server("[localhost]:80"), 2, 10, "bad server address");
+        assert_err(
+            &server("nosuchhost:80"),
+            2,
+            10,
+            "cannot resolve 'nosuchhost' in server address 'nosuchhost:80': name or service not known",
+        );
+        assert_err(&server("nowhere.localhost:80"), 2, 10, "no addresses");
+        assert_err(
+            "upstream b {\n  server;\n}",
+            2,
+            9,
+            "expected an address after 'server'",
+        );
+    }
+
+    #[test]
+    fn bad_health_checks() {
+        let hc = |options: &str| {
+            format!("upstream b {{\n  server 127.0.0.1:1;\n  health_check {options};\n}}")
+        };
+        // "  health_check " is 15 chars: options start at column 16.
+        assert_err(&hc("rise=0"), 3, 16, "'rise' must be between 1 and");
+        assert_err(&hc("fall=0"), 3, 16, "'fall' must be between 1 and");
+        assert_err(
+            &hc("interval=0"),
+            3,
+            16,
+            "'interval' must be greater than 0",
+        );
+        assert_err(
+            &hc("timeout=0ms"),
+            3,
+            16,
+            "'timeout' must be greater than 0",
+        );
+        assert_err(&hc("intervall=5s"), 3, 16, "(did you mean 'interval'?)");
+        assert_err(&hc("rise"), 3, 16, "'rise' needs a value, e.g. rise=2");
+        assert_err(
+            &hc("rise=2 rise=3"),
+            3,
+            23,
+            "duplicate health_check option 'rise'",
+        );
+        // Escapes: the position is the backslash. `send="A` puts it at column 23.
+        assert_err(&hc(r#"send="A\q""#), 3, 23, r"bad escape '\q' in 'send'");
+        assert_err(&hc(r#"send="A\x4""#), 3, 23, r"\x needs two hex digits");
+        assert_err(&hc(r#"send="A\xg0""#), 3, 23, r"\x needs two hex digits");
+        assert_err(
+            &hc(r"send=A\r"),
+            3,
+            22,
+            "escapes in 'send' work only inside quotes",
+        );
+        assert_err(
+            &hc("expect=\"a\nb\\z\""),
+            4,
+            2,
+            r"bad escape '\z' in 'expect'",
+        );
+        assert_err(
+            "upstream b {\n  server 127.0.0.1:1;\n  health_check;\n  health_check rise=1;\n}",
+            4,
+            3,
+            "duplicate 'health_check' (first set at line 3)",
+        );
+        assert_err(
+            "upstream b {\n  balance random;\n  server 127.0.0.1:1;\n  balance hash;\n}",
+            4,
+            3,
+            "duplicate 'balance' (first set at line 2)",
+        );
+        assert_err(
+            "upstream b {\n  health_check send=\"PING;\n}\n",
+            2,
+            21,
+            "unterminated string",
+        );
+    }
+
+    // ---- errors: structure ----
+
+    #[test]
+    fn duplicates_of_blocks() {
+        assert_err(
+            "upstream b {\n server 127.0.0.1:1;\n}\nupstream b {\n server 127.0.0.1:2;\n}",
+            4,
+            10,
+            "duplicate upstream 'b' (first defined at line 1)",
+        );
+        let two = |a: &str, b: &str| {
+            format!(
+                "listen {a} {{\n proxy 127.0.0.1:1;\n}}\nlisten {b} {{\n proxy 127.0.0.1:1;\n}}"
+            )
+        };
+        assert_err(
+            &two("127.0.0.1:80", "tcp 127.0.0.1:80"),
+            4,
+            12,
+            "duplicate listen tcp 127.0.0.1:80 (first defined at line 1)",
+        );
+        assert_err(&two("80", "*:80"), 4, 8, "duplicate listen tcp 0.0.0.0:80");
+        assert_err(
+            &two("udp [::1]:53", "udp [::1]:53"),
+            4,
+            12,
+            "duplicate listen udp [::1]:53",
+        );
+        assert_eq!(ok(&two("udp 80", "tcp 80")).listeners.len(), 2);
+        assert_eq!(ok(&two("127.0.0.1:80", "[::1]:80")).listeners.len(), 2);
+        assert_eq!(ok(&two("127.0.0.1:0", "127.0.0.1:0")).listeners.len(), 2);
+        assert_err(
+            "listen 80 {\n  proxy 127.0.0.1:1;\n  proxy 127.0.0.1:2;\n}",
+            3,
+            3,
+            "duplicate 'proxy' (first set at line 2)",
+        );
+        assert_err(
+            "max_connections 5;\nmax_connections 6;",
+            2,
+            1,
+            "duplicate 'max_connections' (first set at line 1)",
+        );
+    }
+
+    #[test]
+    fn upstream_without_servers() {
+        assert_err(
+            "\nupstream empty {\n}\n",
+            2,
+            1,
+            "upstream 'empty' has no servers",
+        );
+        assert_err(
+            "upstream b {\n  balance hash;\n  health_check;\n}",
+            1,
+            1,
+            "upstream 'b' has no servers",
+        );
+    }
+
+    #[test]
+    fn missing_semicolon() {
+        let b = "upstream backend { server 127.0.0.1:1; }\n";
+        // Before `}`: just past "    proxy backend".
+        assert_err(
+            &format!("listen 80 {{\n    proxy backend\n}}\n{b}"),
+            2,
+            18,
+            "expected ';' after 'proxy'",
+        );
+        // Before the end of the file.
+        assert_err("log_level info", 1, 15, "expected ';' after 'log_level'");
+        assert_err(
+            "log_level info  # done\n",
+            1,
+            15,
+            "expected ';' after 'log_level'",
+        );
+        // A `{` where the directive ends with `;`.
+        assert_err(
+            "log_level info {",
+            1,
+            16,
+            "expected ';' after 'log_level' (it takes no block)",
+        );
+        // The next directive on the next line was read as more arguments.
+        assert_err(
+            &format!("{b}listen 80 {{\n  proxy backend\n  connect_timeout 5s;\n}}"),
+            3,
+            16,
+            "expected ';' after 'proxy'",
+        );
+        assert_err(
+            "upstream b {\n  server 127.0.0.1:1\n  server 127.0.0.1:2;\n}",
+            2,
+            21,
+            "expected ';' after 'server'",
+        );
+        assert_err(
+            "upstream b {\n server 127.0.0.1:1;\n health_check rise=2\n balance random;\n}",
+            3,
+            21,
+            "expected ';' after 'health_check'",
+        );
+        // ...but a stray argument on the same line is just that.
+        assert_err(
+            "log_level info debug;",
+            1,
+            16,
+            "unexpected argument 'debug'",
+        );
+        // Options may continue on the next line.
+        let config = ok("upstream b {\n  server 127.0.0.1:1\n      weight=4;\n}");
+        assert_eq!(config.upstreams[0].servers[0].weight, 4);
+    }
+
+    #[test]
+    fn missing_or_misplaced_braces() {
+        assert_err("upstream b;", 1, 11, "expected '{' after 'upstream'");
+        assert_err("listen 80", 1, 10, "expected '{' after 'listen'");
+        assert_err(
+            "log_level info;\n}\n",
+            2,
+            1,
+            "unexpected '}' (no block is open here)",
+        );
+        assert_err(&format!("{ONE}}}"), 4, 1, "unexpected '}'");
+        assert_err("  ;", 1, 3, "unexpected ';'");
+        assert_err("{ }", 1, 1, "unexpected '{'");
+        assert_err(
+            "upstream b {\n  server 127.0.0.1:1;\n",
+            3,
+            1,
+            "expected '}' before end of file, to close the 'upstream' block opened at line 1",
+        );
+        assert_err(
+            "listen 80\n{\n  proxy 127.0.0.1:1;",
+            3,
+            21,
+            "the 'listen' block opened at line 2",
+        );
+    }
+
+    #[test]
+    fn missing_values() {
+        assert_err(
+            "listen 80 {\n  proxy 127.0.0.1:1;\n  connect_timeout;\n}",
+            3,
+            18,
+            "expected a duration after 'connect_timeout'",
+        );
+        assert_err(
+            "max_connections;",
+            1,
+            16,
+            "expected a number after 'max_connections'",
+        );
+        assert_err(
+            "buffer_size }",
+            1,
+            13,
+            "expected a size after 'buffer_size'",
+        );
+        assert_err(
+            "upstream {",
+            1,
+            10,
+            "expected an upstream name after 'upstream'",
+        );
+        assert_err("listen {", 1, 8, "expected an address after 'listen'");
+        assert_err(
+            "listen 80 {\n  proxy;\n}",
+            2,
+            8,
+            "expected an upstream name or an address",
+        );
+    }
+
+    #[test]
+    fn bad_values() {
+        let listen = |line: &str| format!("listen 80 {{\n  proxy 127.0.0.1:1;\n  {line}\n}}");
+        let e = fail(&listen("idle_timeout 10x;"));
+        assert_eq!((e.line, e.col), (3, 16));
+        assert_eq!(
+            e.message,
+            "bad duration '10x' (expected e.g. 250ms, 10s, 5m, 2h, 1d)"
+        );
+        assert_err(&listen("connect_timeout -5s;"), 3, 19, "bad duration '-5s'");
+        assert_err(
+            &listen("connect_timeout 0;"),
+            3,
+            19,
+            "'connect_timeout' must be greater",
+        );
+        assert_err(
+            &listen("half_close_timeout 0s;"),
+            3,
+            22,
+            "must be greater than 0",
+        );
+        assert_err(&listen("next_upstream_tries -1;"), 3, 23, "bad number '-1'");
+        assert_err(
+            &listen("next_upstream_timeout 1y;"),
+            3,
+            25,
+            "bad duration '1y'",
+        );
+        assert_err(
+            &listen("idle_timeout 5s 6s;"),
+            3,
+            19,
+            "unexpected argument '6s'",
+        );
+        assert_err(
+            "buffer_size 16q;",
+            1,
+            13,
+            "bad size '16q' (expected e.g. 512, 16k, 4m, 1g)",
+        );
+        assert_err(
+            "buffer_size 512;",
+            1,
+            13,
+            "buffer_size must be between 1k and 16m, got '512'",
+        );
+        assert_err(
+            "buffer_size 17m;",
+            1,
+            13,
+            "buffer_size must be between 1k and 16m",
+        );
+        assert_err(
+            "buffer_memory 1m;\nbuffer_size 4m;",
+            1,
+            15,
+            "buffer_memory '1m' must be at least buffer_size (4194304 bytes)",
+        );
+        assert_err(
+            "max_connections 0;",
+            1,
+            17,
+            "'max_connections' must be between 1 and",
+        );
+        assert_err("max_connections 1e3;", 1, 17, "bad number '1e3'");
+        assert_err(
+            "max_connections 99999999999999999999999;",
+            1,
+            17,
+            "'max_connections' must be between 1 and",
+        );
+    }
+
+    #[test]
+    fn bad_listen_lines() {
+        assert_err(
+            "listen localhost:80 {",
+            1,
+            8,
+            "bad listen address 'localhost:80'",
+        );
+        assert_err("listen 70000 {", 1, 8, "bad port '70000'");
+        assert_err("listen *:x {", 1, 8, "bad listen address '*:x'");
+        assert_err(
+            "listen tpc 80 {",
+            1,
+            8,
+            "expected 'tcp' or 'udp' before the listen address",
+        );
+        assert_err("listen tpc 80 {", 1, 8, "(did you mean 'tcp'?)");
+        assert_err(
+            "listen 80 extra {",
+            1,
+            11,
+            "unexpected argument 'extra' after the address",
+        );
+        assert_err("listen udp 80 x {", 1, 15, "unexpected argument 'x'");
+        assert_err(
+            "listen 80 {\n  idle_timeout 5s;\n}",
+            1,
+            1,
+            "listen block has no 'proxy'",
+        );
+    }
+
+    #[test]
+    fn bad_proxy_targets() {
+        assert_err(
+            "listen 80 {\n  proxy backnd;\n}\nupstream backend {\n  server 127.0.0.1:1;\n}",
+            2,
+            9,
+            "unknown upstream 'backnd' (did you mean 'backend'?)",
+        );
+        let e = fail("listen 80 {\n  proxy elsewhere;\n}");
+        assert_eq!(e.message, "unknown upstream 'elsewhere'");
+        assert_err(
+            "listen 80 {\n  proxy 127.0.0.1;\n}",
+            2,
+            9,
+            "(an address needs a port: 127.0.0.1:PORT)",
+        );
+        assert_err(
+            "listen 80 {\n  proxy 127.0.0.1:0;\n}",
+            2,
+            9,
+            "proxy address '127.0.0.1:0' has port 0",
+        );
+        assert_err(
+            "listen 80 {\n  proxy ::1;\n}",
+            2,
+            9,
+            "proxy address '::1' has no port",
+        );
+        assert_err(
+            "listen 80 {\n  proxy nosuch:80;\n}",
+            2,
+            9,
+            "cannot resolve 'nosuch' in proxy address 'nosuch:80'",
+        );
+    }
+
+    #[test]
+    fn proxy_targets_are_checked_after_the_block_is_read() {
+        // `proxy` may name an upstream defined later, so a bad name is only known at the end.
+        assert_err(
+            "listen 80 {\n  proxy nowhere;\n  idle_timeout x;\n}",
+            3,
+            16,
+            "bad duration 'x'",
+        );
+    }
+
+    // ---- helpers ----
+
+    #[test]
+    fn suggestions() {
+        let names = ["round_robin", "random", "hash", "ip_hash"];
+        assert_eq!(suggest("randon", names), Some("random"));
+        assert_eq!(suggest("hsah", names), Some("hash"));
+        assert_eq!(suggest("RANDOM", names), Some("random"));
+        assert_eq!(suggest("r", names), None);
+        assert_eq!(suggest("", names), None);
+        assert_eq!(suggest("consistent", names), None);
+        assert_eq!(levenshtein(&['a', 'b'], &[]), 2);
+        assert_eq!(levenshtein(&[], &['a']), 1);
+        let kitten: Vec<char> = "kitten".chars().collect();
+        let sitting: Vec<char> = "sitting".chars().collect();
+        assert_eq!(levenshtein(&kitten, &sitting), 3);
+    }
+
+    // ---- robustness ----
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % n.max(1) as u64).unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn mangled_input_never_panics() {
+        let run = |text: &str| {
+            let _ = parse_with(text, "fuzz.conf", &fake_resolve);
+        };
+        let source = format!(
+            "{EXAMPLE}\nupstream hc {{ server localhost:7; health_check send=\"a\\x41\\r\" \
+             expect=\"\\\"b\"; }}\nlisten 9 {{ proxy hc; }}\n"
+        );
+        assert!(parse_with(&source, "fuzz.conf", &fake_resolve).is_ok());
+        let bytes = source.as_bytes();
+        for cut in 0..=bytes.len() {
+            run(&String::from_utf8_lossy(&bytes[..cut]));
+            run(&String::from_utf8_lossy(&bytes[cut..]));
+        }
+        let specials = b";{}\"\\#=:[]*\n x09kms";
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..5_000 {
+            let mut mangled = bytes.to_vec();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(mangled.len());
+                match rng.below(4) {
+                    0 => mangled[at] = specials[rng.below(specials.len())],
+                    1 => mangled[at] = (rng.next() & 0xff) as u8,
+                    2 => {
+                        mangled.remove(at);
+                    }
+                    _ => mangled.insert(at, specials[rng.below(specials.len())]),
+                }
+            }
+            run(&String::from_utf8_lossy(&mangled));
+        }
+        for piece in ["{", "}", "listen 1 {", "\"", "#", ";", "a", "\\"] {
+            run(&piece.repeat(100_000));
+        }
+        run(&format!("listen 1 {{ proxy {}; }}", "9".repeat(100_000)));
+        run(&format!("max_connections {};", "x".repeat(100_000)));
+    }
+}
