@@ -1,0 +1,220 @@
+//! Fixed-size buffers lent to a pipe direction only while bytes are in flight.
+//!
+//! Invariants: every buffer is `size` bytes; the bytes of all buffers the pool has allocated
+//! (lent plus cached) never exceed the cap given to [`BufferPool::new`]; when the cap is reached
+//! `get` returns `None` and the caller waits (back-pressure) instead of allocating. A buffer goes
+//! back with [`BufferPool::put`] the moment it is empty, so an idle pair holds none.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// How many returned buffers are kept for reuse; the rest are freed so an idle proxy gives
+/// its memory back to the system.
+const CACHE_LIMIT: usize = 64;
+
+/// A lent buffer: `data[start..end]` are bytes read but not yet written on.
+pub struct Buffer {
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Buffer {
+    pub fn pending(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.start == 0 && self.end == self.data.len()
+    }
+
+    /// `n` pending bytes were written on.
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Free space at the tail, moving pending bytes to the front first when that makes room.
+    pub fn spare(&mut self) -> &mut [u8] {
+        if self.end == self.data.len() && self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.data[self.end..]
+    }
+
+    /// `n` bytes were written into `spare()`.
+    pub fn commit(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.data.len());
+    }
+
+    /// Appends as much of `bytes` as fits; returns how much did.
+    pub fn push(&mut self, bytes: &[u8]) -> usize {
+        let spare = self.spare();
+        let n = spare.len().min(bytes.len());
+        spare[..n].copy_from_slice(&bytes[..n]);
+        self.commit(n);
+        n
+    }
+}
+
+/// Counters another thread (tests, the admin endpoint) may read.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Buffers currently lent out.
+    pub in_use: AtomicUsize,
+    /// Most buffers lent out at once since start.
+    pub peak: AtomicUsize,
+    /// Bytes allocated by the pool (lent and cached).
+    pub allocated_bytes: AtomicUsize,
+}
+
+pub struct BufferPool {
+    size: usize,
+    max_buffers: usize,
+    allocated: usize,
+    lent: usize,
+    free: Vec<Box<[u8]>>,
+    stats: Arc<PoolStats>,
+}
+
+impl BufferPool {
+    /// A pool of `size`-byte buffers holding at most `cap_bytes` in all (at least one buffer).
+    pub fn new(size: usize, cap_bytes: usize, stats: Arc<PoolStats>) -> BufferPool {
+        let size = size.max(1);
+        BufferPool {
+            size,
+            max_buffers: (cap_bytes / size).max(1),
+            allocated: 0,
+            lent: 0,
+            free: Vec::new(),
+            stats,
+        }
+    }
+
+    pub fn buffer_size(&self) -> usize {
+        self.size
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.lent
+    }
+
+    /// Whether `get` would succeed now.
+    pub fn can_lend(&self) -> bool {
+        !self.free.is_empty() || self.allocated < self.max_buffers
+    }
+
+    pub fn get(&mut self) -> Option<Buffer> {
+        let data = match self.free.pop() {
+            Some(data) => data,
+            None if self.allocated < self.max_buffers => {
+                self.allocated += 1;
+                self.stats
+                    .allocated_bytes
+                    .store(self.allocated * self.size, Ordering::Relaxed);
+                vec![0u8; self.size].into_boxed_slice()
+            }
+            None => return None,
+        };
+        self.lent += 1;
+        self.stats.in_use.store(self.lent, Ordering::Relaxed);
+        self.stats.peak.fetch_max(self.lent, Ordering::Relaxed);
+        Some(Buffer {
+            data,
+            start: 0,
+            end: 0,
+        })
+    }
+
+    pub fn put(&mut self, buffer: Buffer) {
+        self.lent = self.lent.saturating_sub(1);
+        self.stats.in_use.store(self.lent, Ordering::Relaxed);
+        if self.free.len() < CACHE_LIMIT {
+            self.free.push(buffer.data);
+        } else {
+            self.allocated = self.allocated.saturating_sub(1);
+            self.stats
+                .allocated_bytes
+                .store(self.allocated * self.size, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(size: usize, cap: usize) -> BufferPool {
+        BufferPool::new(size, cap, Arc::new(PoolStats::default()))
+    }
+
+    #[test]
+    fn cap_is_hard() {
+        let mut p = pool(1024, 3 * 1024);
+        let a = p.get().expect("first");
+        let b = p.get().expect("second");
+        let c = p.get().expect("third");
+        assert!(!p.can_lend());
+        assert!(p.get().is_none());
+        p.put(b);
+        assert!(p.can_lend());
+        let d = p.get().expect("reused");
+        assert_eq!(p.in_use(), 3);
+        for x in [a, c, d] {
+            p.put(x);
+        }
+        assert_eq!(p.in_use(), 0);
+        assert_eq!(p.stats.peak.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn tiny_cap_still_lends_one() {
+        let mut p = pool(4096, 10);
+        assert!(p.get().is_some());
+        assert!(p.get().is_none());
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let mut p = pool(16, 16 * 1000);
+        let held: Vec<Buffer> = (0..200).filter_map(|_| p.get()).collect();
+        assert_eq!(held.len(), 200);
+        for b in held {
+            p.put(b);
+        }
+        assert_eq!(p.free.len(), CACHE_LIMIT);
+        assert_eq!(
+            p.stats.allocated_bytes.load(Ordering::Relaxed),
+            CACHE_LIMIT * 16
+        );
+    }
+
+    #[test]
+    fn buffer_push_consume_compact() {
+        let mut p = pool(8, 64);
+        let mut b = p.get().expect("buffer");
+        assert!(b.is_empty());
+        assert_eq!(b.push(b"abcdefghij"), 8);
+        assert!(b.is_full());
+        b.consume(3);
+        assert_eq!(b.pending(), b"defgh");
+        assert!(!b.is_full());
+        // Compaction moves the 5 pending bytes to the front, leaving 3 free.
+        assert_eq!(b.spare().len(), 3);
+        assert_eq!(b.push(b"xyz!"), 3);
+        assert_eq!(b.pending(), b"defghxyz");
+        b.consume(8);
+        assert!(b.is_empty());
+        assert_eq!(b.spare().len(), 8);
+        p.put(b);
+    }
+}
