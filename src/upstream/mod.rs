@@ -1,0 +1,552 @@
+//! Upstream groups at run time: the servers of one `upstream` block, their health, and the
+//! balancer that picks one for each new connection or UDP session.
+//!
+//! A `Group` is per worker and never touches a socket: the reactor reports what happened
+//! (`connected`, `connect_failed`, `acquire`/`release`, `set_health` from the active probes) and
+//! asks `pick`. Invariants:
+//! - A server is *available* when it is not `down`, the active checks say up, it is below
+//!   `max_conns` and no passive-health mark is running. `pick` only returns available servers
+//!   that the client has not tried; backups only when no primary qualifies.
+//! - Passive health follows nginx: `max_fails` failed connects within `fail_timeout` mark a server
+//!   unavailable for `fail_timeout` (0 disables). The window opens at the first failure and a
+//!   failure after it has run out opens a new one, so failures that straddle two windows may not
+//!   add up (a fixed window, cheaper than nginx-exact bookkeeping and never stricter). When the mark
+//!   runs out the server is back on trial: one more failure marks it again at once, a successful
+//!   connect clears the count.
+//! - `pick` never allocates; everything a balancer needs is built in `Group::new`.
+//!   Costs per method are in `balance.rs`.
+
+mod balance;
+pub mod health;
+
+pub use balance::client_hash;
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use crate::config::{self, Balance};
+use balance::Pool;
+
+/// Run-time state of one server of a group.
+#[derive(Debug)]
+pub struct ServerState {
+    pub conf: config::Server,
+    /// Connections (or UDP sessions) open to this server now. Change it through
+    /// `Group::acquire`/`Group::release`, which keep `least_conn` in step.
+    pub active: u32,
+    /// Failed connects since start, for `sluice_connect_failures_total`.
+    pub connect_failures: u64,
+    /// Failures counted in the current window (passive health).
+    fails: u32,
+    /// When the current failure window opened; None while `fails` is 0.
+    window_start: Option<Instant>,
+    /// Set when passive health marked the server; unavailable until then, on trial after it.
+    unavailable_until: Option<Instant>,
+    /// The active health checks' verdict; servers start up.
+    healthy: bool,
+    /// Passive mark as `least_conn` ranks it; cleared by `Group::expire_marks` once the mark ran
+    /// out, so the ranking never needs the clock.
+    marked: bool,
+    /// Position in the primary or backup pool.
+    pool_pos: usize,
+}
+
+impl ServerState {
+    fn new(conf: &config::Server) -> ServerState {
+        ServerState {
+            conf: conf.clone(),
+            active: 0,
+            connect_failures: 0,
+            fails: 0,
+            window_start: None,
+            unavailable_until: None,
+            healthy: true,
+            marked: false,
+            pool_pos: 0,
+        }
+    }
+
+    /// The active health checks' verdict.
+    pub fn healthy(&self) -> bool {
+        self.healthy
+    }
+
+    /// When the last passive-health mark ends (or ended, while the server is on trial).
+    pub fn unavailable_until(&self) -> Option<Instant> {
+        self.unavailable_until
+    }
+
+    fn full(&self) -> bool {
+        self.conf.max_conns != 0 && self.active >= self.conf.max_conns
+    }
+
+    /// Available apart from the clock: what `least_conn` can rank without knowing the time.
+    fn listed(&self) -> bool {
+        !self.conf.down && self.healthy && !self.full() && !self.marked
+    }
+
+    fn available(&self, now: Instant) -> bool {
+        !self.conf.down
+            && self.healthy
+            && !self.full()
+            && self.unavailable_until.map_or(true, |t| now >= t)
+    }
+}
+
+/// Servers already tried by one client connection: a 256-bit set, no allocation. Server `i` uses
+/// bit `i % 256`, so in a group of more than 256 servers trying server `i` also rules out `i ± 256`
+/// for that connection: a retry may skip an untried server, but never repeats a tried one.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Tried {
+    bits: [u64; 4],
+}
+
+impl Tried {
+    pub fn insert(&mut self, i: usize) {
+        let b = i % 256;
+        self.bits[b / 64] |= 1 << (b % 64);
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        let b = i % 256;
+        self.bits[b / 64] & (1 << (b % 64)) != 0
+    }
+}
+
+/// Per-worker run-time state of one upstream group.
+pub struct Group {
+    pub name: String,
+    balance: Balance,
+    servers: Vec<ServerState>,
+    primary: Pool,
+    backup: Pool,
+    /// The earliest end of a passive mark that `least_conn` still ranks as marked.
+    next_expiry: Option<Instant>,
+}
+
+impl Group {
+    pub fn new(conf: &config::Upstream) -> Group {
+        let mut servers: Vec<ServerState> = conf.servers.iter().map(ServerState::new).collect();
+        let (mut primary, mut backup) = (Vec::new(), Vec::new());
+        for (i, s) in servers.iter_mut().enumerate() {
+            let pool = if s.conf.backup {
+                &mut backup
+            } else {
+                &mut primary
+            };
+            s.pool_pos = pool.len();
+            pool.push(i);
+        }
+        let seed = balance::process_seed(&conf.name);
+        Group {
+            name: conf.name.clone(),
+            balance: conf.balance,
+            primary: Pool::new(conf.balance, primary, &servers, seed),
+            backup: Pool::new(conf.balance, backup, &servers, !seed),
+            servers,
+            next_expiry: None,
+        }
+    }
+
+    pub fn balance(&self) -> Balance {
+        self.balance
+    }
+
+    pub fn servers(&self) -> &[ServerState] {
+        &self.servers
+    }
+
+    /// Seeds `random`: for deterministic tests and simulations (groups seed themselves otherwise).
+    pub fn reseed(&mut self, seed: u64) {
+        self.primary.reseed(seed);
+        self.backup.reseed(!seed);
+    }
+
+    /// An available server not in `tried` for a client from `client`, primaries first, backups
+    /// only when no primary qualifies. The hash methods hash `client`; a retry (the failed server
+    /// in `tried`) moves on deterministically: `hash` to the next server on the ring, `ip_hash` to
+    /// a rehash (as nginx). None: nothing available (all down, full, failed or tried).
+    pub fn pick(&mut self, client: IpAddr, now: Instant, tried: &Tried) -> Option<usize> {
+        self.expire_marks(now);
+        let servers = &self.servers;
+        let eligible = |i: usize| !tried.contains(i) && servers[i].available(now);
+        self.primary
+            .pick(servers, client, &eligible)
+            .or_else(|| self.backup.pick(servers, client, &eligible))
+    }
+
+    /// A connect to server `i` succeeded: its failure count starts again (nginx). A connect that
+    /// began before the server was marked leaves the mark running.
+    pub fn connected(&mut self, i: usize, now: Instant) {
+        let Some(s) = self.servers.get_mut(i) else {
+            return;
+        };
+        if s.unavailable_until.is_some_and(|t| now < t) {
+            return;
+        }
+        s.fails = 0;
+        s.window_start = None;
+        s.unavailable_until = None;
+        if s.marked {
+            s.marked = false;
+            self.touch(i);
+        }
+    }
+
+    /// A connect to server `i` failed. True if this made the server unavailable (worth a log line).
+    pub fn connect_failed(&mut self, i: usize, now: Instant) -> bool {
+        let Some(s) = self.servers.get_mut(i) else {
+            return false;
+        };
+        s.connect_failures += 1;
+        let (max_fails, fail_timeout) = (s.conf.max_fails, s.conf.fail_timeout);
+        if max_fails == 0 {
+            return false;
+        }
+        match s.unavailable_until {
+            Some(t) if now < t => return false,
+            // On trial after a mark: one failure marks it again (nginx keeps `fails` at the limit).
+            Some(_) => {}
+            None => {
+                if s.window_start
+                    .map_or(true, |w| now.saturating_duration_since(w) >= fail_timeout)
+                {
+                    s.fails = 0;
+                    s.window_start = Some(now);
+                }
+                s.fails = s.fails.saturating_add(1);
+                if s.fails < max_fails {
+                    return false;
+                }
+            }
+        }
+        let until = crate::runtime::after(now, fail_timeout);
+        s.unavailable_until = Some(until);
+        s.marked = true;
+        self.next_expiry = Some(self.next_expiry.map_or(until, |e| e.min(until)));
+        self.touch(i);
+        true
+    }
+
+    /// A connection to server `i` opened.
+    pub fn acquire(&mut self, i: usize) {
+        if let Some(s) = self.servers.get_mut(i) {
+            s.active = s.active.saturating_add(1);
+            self.touch(i);
+        }
+    }
+
+    /// A connection to server `i` closed (saturates at 0).
+    pub fn release(&mut self, i: usize) {
+        if let Some(s) = self.servers.get_mut(i) {
+            s.active = s.active.saturating_sub(1);
+            self.touch(i);
+        }
+    }
+
+    /// The active health checks' verdict on server `i`.
+    pub fn set_health(&mut self, i: usize, up: bool) {
+        if let Some(s) = self.servers.get_mut(i) {
+            if s.healthy != up {
+                s.healthy = up;
+                self.touch(i);
+            }
+        }
+    }
+
+    pub fn is_available(&self, i: usize, now: Instant) -> bool {
+        self.servers.get(i).is_some_and(|s| s.available(now))
+    }
+
+    /// Clears the `marked` flag of servers whose mark ran out. One O(n) pass per expiry time,
+    /// and there is at most one expiry per failure mark, so this is amortised over the marks.
+    fn expire_marks(&mut self, now: Instant) {
+        if !self.next_expiry.is_some_and(|t| now >= t) {
+            return;
+        }
+        let mut next = None;
+        for i in 0..self.servers.len() {
+            let s = &mut self.servers[i];
+            if !s.marked {
+                continue;
+            }
+            match s.unavailable_until {
+                Some(t) if now < t => next = Some(next.map_or(t, |n: Instant| n.min(t))),
+                _ => {
+                    s.marked = false;
+                    self.touch(i);
+                }
+            }
+        }
+        self.next_expiry = next;
+    }
+
+    /// Server `i` changed something `least_conn` ranks on.
+    fn touch(&mut self, i: usize) {
+        let s = &self.servers[i];
+        let pool = if s.conf.backup {
+            &mut self.backup
+        } else {
+            &mut self.primary
+        };
+        pool.update(&self.servers, s.pool_pos);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Server, Upstream};
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    /// A fixed "now" for synthetic clocks: tests add durations to it and never sleep.
+    pub(super) fn t0() -> Instant {
+        static T0: OnceLock<Instant> = OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// Client address number `k` inside 127.0.0.0/8 (k = 1 is 127.0.0.1).
+    pub(super) fn loopback(k: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x7f00_0000 | (k & 0x00ff_ffff)))
+    }
+
+    pub(super) fn server(port: u16) -> Server {
+        Server::new(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    pub(super) fn group(balance: Balance, servers: Vec<Server>) -> Group {
+        Group::new(&Upstream {
+            name: "test".to_string(),
+            balance,
+            servers,
+            health_check: None,
+        })
+    }
+
+    fn secs(s: u64) -> Instant {
+        t0() + Duration::from_secs(s)
+    }
+
+    fn fails(max_fails: u32, fail_timeout: u64) -> Server {
+        Server {
+            max_fails,
+            fail_timeout: Duration::from_secs(fail_timeout),
+            ..server(1)
+        }
+    }
+
+    #[test]
+    fn tried_is_a_bitset_modulo_256() {
+        let mut t = Tried::default();
+        assert!(!t.contains(0));
+        for i in [0, 63, 64, 200, 255] {
+            t.insert(i);
+            assert!(t.contains(i));
+        }
+        assert!(!t.contains(1) && !t.contains(65) && !t.contains(254));
+        // Aliasing: 256 + 1 shares bit 1 only once 1 or 257 is inserted.
+        assert!(t.contains(256) && !t.contains(257));
+    }
+
+    #[test]
+    fn max_fails_within_fail_timeout_marks_then_recovers() {
+        let mut g = group(Balance::RoundRobin, vec![fails(3, 10), server(2)]);
+        assert!(!g.connect_failed(0, secs(0)));
+        assert!(!g.connect_failed(0, secs(4)));
+        assert!(g.is_available(0, secs(5)));
+        assert!(g.connect_failed(0, secs(9)));
+        assert_eq!(g.servers()[0].connect_failures, 3);
+        assert!(!g.is_available(0, secs(9)));
+        assert!(!g.is_available(0, secs(18)));
+        let t = Tried::default();
+        for s in 10..19 {
+            assert_eq!(g.pick(loopback(1), secs(s), &t), Some(1));
+        }
+        // Marked at 9 s for 10 s.
+        assert!(g.is_available(0, secs(19)));
+        assert_eq!(g.pick(loopback(1), secs(19), &t), Some(0));
+    }
+
+    #[test]
+    fn failures_spread_beyond_fail_timeout_do_not_add_up() {
+        let mut g = group(Balance::RoundRobin, vec![fails(3, 10)]);
+        for s in [0, 8, 11, 19, 22, 30] {
+            assert!(!g.connect_failed(0, secs(s)), "at {s}s");
+        }
+        assert!(g.is_available(0, secs(30)));
+        assert_eq!(g.servers()[0].connect_failures, 6);
+    }
+
+    #[test]
+    fn max_fails_zero_never_marks() {
+        let mut g = group(Balance::RoundRobin, vec![fails(0, 10)]);
+        for _ in 0..100 {
+            assert!(!g.connect_failed(0, secs(1)));
+        }
+        assert!(g.is_available(0, secs(1)));
+        assert_eq!(g.pick(loopback(1), secs(1), &Tried::default()), Some(0));
+        assert_eq!(g.servers()[0].connect_failures, 100);
+    }
+
+    #[test]
+    fn a_failure_on_trial_marks_again_and_a_success_clears() {
+        let mut g = group(Balance::RoundRobin, vec![fails(2, 10)]);
+        g.connect_failed(0, secs(0));
+        assert!(g.connect_failed(0, secs(1)));
+        // Failures while marked count for metrics only.
+        assert!(!g.connect_failed(0, secs(2)));
+        assert!(g.is_available(0, secs(11)));
+        assert!(
+            g.connect_failed(0, secs(12)),
+            "on trial: one failure is enough"
+        );
+        assert!(!g.is_available(0, secs(21)));
+        // A connect begun before the mark that succeeds late does not lift it.
+        g.connected(0, secs(13));
+        assert!(!g.is_available(0, secs(21)));
+        g.connected(0, secs(22));
+        assert!(
+            !g.connect_failed(0, secs(23)),
+            "count starts again after a success"
+        );
+        assert!(g.connect_failed(0, secs(24)));
+    }
+
+    #[test]
+    fn connected_resets_the_count() {
+        let mut g = group(Balance::RoundRobin, vec![fails(2, 10)]);
+        assert!(!g.connect_failed(0, secs(0)));
+        g.connected(0, secs(1));
+        assert!(!g.connect_failed(0, secs(2)));
+        assert!(g.connect_failed(0, secs(3)));
+    }
+
+    #[test]
+    fn least_conn_sees_marks_come_and_go() {
+        let mut g = group(Balance::LeastConn, vec![fails(1, 10), server(2)]);
+        g.acquire(1);
+        let t = Tried::default();
+        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(0));
+        assert!(g.connect_failed(0, secs(0)));
+        assert_eq!(g.pick(loopback(1), secs(5), &t), Some(1));
+        assert_eq!(g.pick(loopback(1), secs(10), &t), Some(0));
+        // And a success on trial lifts the mark without waiting for a pick.
+        assert!(g.connect_failed(0, secs(11)));
+        g.connected(0, secs(21));
+        assert_eq!(g.pick(loopback(1), secs(21), &t), Some(0));
+    }
+
+    #[test]
+    fn backups_only_when_no_primary_is_available() {
+        for (name, balance) in Balance::ALL {
+            let mut conf = vec![server(1), server(2), server(3), server(4)];
+            conf[2].backup = true;
+            conf[3].backup = true;
+            let mut g = group(balance, conf);
+            let t = Tried::default();
+            for k in 0..100 {
+                assert!(g.pick(loopback(k + 1), secs(0), &t).unwrap() < 2, "{name}");
+            }
+            g.set_health(0, false);
+            assert!(g.connect_failed(1, secs(0)));
+            for k in 0..100 {
+                assert!(g.pick(loopback(k + 1), secs(1), &t).unwrap() >= 2, "{name}");
+            }
+            // Primaries that were tried count as unavailable for that client.
+            g.set_health(0, true);
+            let mut tried = Tried::default();
+            tried.insert(0);
+            assert!(g.pick(loopback(1), secs(1), &tried).unwrap() >= 2, "{name}");
+            assert_eq!(
+                g.pick(loopback(1), secs(1), &Tried::default()),
+                Some(0),
+                "{name}"
+            );
+            assert_eq!(g.pick(loopback(1), secs(10), &tried), Some(1), "{name}");
+        }
+    }
+
+    #[test]
+    fn down_is_never_picked_and_health_comes_back() {
+        let mut conf = vec![server(1), server(2)];
+        conf[0].down = true;
+        let mut g = group(Balance::RoundRobin, conf);
+        let t = Tried::default();
+        for _ in 0..10 {
+            assert_eq!(g.pick(loopback(1), secs(0), &t), Some(1));
+        }
+        g.set_health(0, true);
+        assert!(
+            !g.is_available(0, secs(0)),
+            "set_health does not override down"
+        );
+        g.set_health(1, false);
+        assert_eq!(g.pick(loopback(1), secs(0), &t), None);
+        g.set_health(1, true);
+        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(1));
+    }
+
+    #[test]
+    fn max_conns_full_server_is_skipped_until_released() {
+        let mut conf = vec![server(1), server(2)];
+        conf[0].max_conns = 2;
+        let mut g = group(Balance::RoundRobin, conf);
+        g.acquire(0);
+        assert!(g.is_available(0, secs(0)));
+        g.acquire(0);
+        assert!(!g.is_available(0, secs(0)));
+        let t = Tried::default();
+        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(1));
+        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(1));
+        g.release(0);
+        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(0));
+    }
+
+    #[test]
+    fn release_saturates_and_bad_indices_are_ignored() {
+        let mut g = group(Balance::LeastConn, vec![server(1)]);
+        g.release(0);
+        assert_eq!(g.servers()[0].active, 0);
+        g.acquire(7);
+        g.release(7);
+        g.set_health(7, false);
+        g.connected(7, secs(0));
+        assert!(!g.connect_failed(7, secs(0)));
+        assert!(!g.is_available(7, secs(0)));
+    }
+
+    #[test]
+    fn empty_and_all_unavailable_groups_pick_nothing() {
+        for (name, balance) in Balance::ALL {
+            let mut g = group(balance, Vec::new());
+            assert_eq!(
+                g.pick(loopback(1), secs(0), &Tried::default()),
+                None,
+                "{name}"
+            );
+
+            let mut conf = vec![server(1), server(2), server(3)];
+            conf[2].backup = true;
+            let mut g = group(balance, conf);
+            for i in 0..3 {
+                assert!(g.connect_failed(i, secs(0)));
+            }
+            assert_eq!(
+                g.pick(loopback(1), secs(1), &Tried::default()),
+                None,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn absurd_fail_timeout_does_not_panic() {
+        let mut conf = fails(1, 0);
+        conf.fail_timeout = Duration::MAX;
+        let mut g = group(Balance::RoundRobin, vec![conf]);
+        assert!(g.connect_failed(0, secs(0)));
+        assert!(!g.is_available(0, secs(3600)));
+    }
+}
