@@ -1,0 +1,259 @@
+//! The `sluice` command: parse the command line, load or build a config, run the proxy until
+//! SIGINT/SIGTERM. Exit status: 0 clean stop, 1 config or runtime error, 2 usage error.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use sluice::config::{self, Balance, Config, Proto};
+use sluice::runtime::Proxy;
+use sluice::sys::{Signal, SignalSet};
+
+const USAGE: &str = "\
+Usage:
+  sluice [-c FILE] [-t] [-l LEVEL]                     run from a config file
+  sluice -L ADDR -U ADDR [-U ADDR]... [--udp] [-b BALANCE]   forward without a file
+
+Examples:
+  sluice -L 0.0.0.0:8080 -U 127.0.0.1:80               forward TCP port 8080 to a local web server
+  sluice -L 127.0.0.1:6380 -U 127.0.0.1:6379 -U 127.0.0.1:6381 -b least_conn
+  sluice --udp -L 127.0.0.1:5353 -U 127.0.0.1:53       forward DNS over UDP
+  sluice -t -c conf/sluice.conf                        check a config file";
+
+enum Mode {
+    Run(Config),
+    Check(Config, String),
+    Print(String),
+}
+
+/// A command-line mistake (exit 2) or a config error (exit 1).
+enum Failure {
+    Usage(String),
+    Config(String),
+}
+
+fn options() -> getopts::Options {
+    let mut o = getopts::Options::new();
+    o.optopt(
+        "c",
+        "config",
+        &format!("config file (default {})", config::DEFAULT_PATH),
+        "FILE",
+    );
+    o.optflag(
+        "t",
+        "test",
+        "check the config file and exit: 0 valid, 1 invalid",
+    );
+    o.optopt(
+        "l",
+        "log-level",
+        "error, warn, info, debug or trace (RUST_LOG wins)",
+        "LEVEL",
+    );
+    o.optopt(
+        "L",
+        "listen",
+        "forward without a file: address to listen on",
+        "ADDR",
+    );
+    o.optmulti(
+        "U",
+        "upstream",
+        "forward without a file: server address (repeatable)",
+        "ADDR",
+    );
+    o.optopt(
+        "b",
+        "balance",
+        "balancing for -U servers: round_robin, weighted_round_robin, least_conn, random, ip_hash, hash",
+        "NAME",
+    );
+    o.optflag("", "udp", "forward UDP instead of TCP (with -L/-U)");
+    o.optflag("V", "version", "print the version and exit");
+    o.optflag("h", "help", "print this help and exit");
+    o
+}
+
+fn parse_args(args: &[String]) -> Result<Mode, Failure> {
+    let opts = options();
+    let m = opts
+        .parse(args)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    if m.opt_present("h") {
+        return Ok(Mode::Print(opts.usage(USAGE)));
+    }
+    if m.opt_present("V") {
+        return Ok(Mode::Print(format!("sluice {}", env!("CARGO_PKG_VERSION"))));
+    }
+    if let Some(extra) = m.free.first() {
+        return Err(Failure::Usage(format!("unexpected argument '{}'", extra)));
+    }
+    let forward = m.opt_present("L") || !m.opt_strs("U").is_empty();
+    let mut config = if forward {
+        if m.opt_present("c") || m.opt_present("t") {
+            return Err(Failure::Usage(
+                "-L/-U cannot be combined with -c or -t".into(),
+            ));
+        }
+        forward_config(&m)?
+    } else {
+        if m.opt_present("b") || m.opt_present("udp") {
+            return Err(Failure::Usage("-b and --udp go with -L and -U".into()));
+        }
+        let path = PathBuf::from(
+            m.opt_str("c")
+                .unwrap_or_else(|| config::DEFAULT_PATH.into()),
+        );
+        let config = Config::load(&path).map_err(|e| Failure::Config(e.to_string()))?;
+        if m.opt_present("t") {
+            return Ok(Mode::Check(config, path.display().to_string()));
+        }
+        config
+    };
+    if let Some(level) = m.opt_str("l") {
+        config.log_level = level.parse().map_err(|_| {
+            Failure::Usage(format!(
+                "unknown log level '{}' (error, warn, info, debug, trace)",
+                level
+            ))
+        })?;
+    }
+    Ok(Mode::Run(config))
+}
+
+fn forward_config(m: &getopts::Matches) -> Result<Config, Failure> {
+    let listen = m
+        .opt_str("L")
+        .ok_or_else(|| Failure::Usage("-U needs -L ADDR to listen on".into()))?;
+    let listen = resolve(&listen)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Failure::Usage(format!("cannot resolve '{}'", listen)))?;
+    let mut servers = Vec::new();
+    for arg in m.opt_strs("U") {
+        servers.extend(resolve(&arg)?);
+    }
+    if servers.is_empty() {
+        return Err(Failure::Usage(
+            "-L needs at least one -U ADDR to forward to".into(),
+        ));
+    }
+    let balance = match m.opt_str("b") {
+        None => Balance::RoundRobin,
+        Some(name) => Balance::from_name(&name).ok_or_else(|| {
+            let names: Vec<&str> = Balance::ALL.iter().map(|(n, _)| *n).collect();
+            Failure::Usage(format!(
+                "unknown balance '{}' (one of: {})",
+                name,
+                names.join(", ")
+            ))
+        })?,
+    };
+    let proto = if m.opt_present("udp") {
+        Proto::Udp
+    } else {
+        Proto::Tcp
+    };
+    Ok(Config::forward(proto, listen, &servers, balance))
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, `host:PORT` or a bare `PORT` (all IPv4 addresses).
+fn resolve(arg: &str) -> Result<Vec<SocketAddr>, Failure> {
+    if let Ok(port) = arg.parse::<u16>() {
+        return Ok(vec![SocketAddr::from(([0, 0, 0, 0], port))]);
+    }
+    if let Ok(addr) = arg.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    if !arg.contains(':') {
+        return Err(Failure::Usage(format!("address '{}' has no port", arg)));
+    }
+    arg.to_socket_addrs()
+        .map(|addrs| addrs.collect())
+        .map_err(|e| {
+            Failure::Usage(format!(
+                "cannot resolve '{}': {}",
+                arg,
+                sluice::sys::io_reason(&e)
+            ))
+        })
+}
+
+fn run(config: Config) -> ExitCode {
+    sluice::logging::init(config.log_level);
+    let signals = match SignalSet::block() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot block signals: {}", sluice::sys::io_reason(&e));
+            return ExitCode::from(1);
+        }
+    };
+    match sluice::sys::raise_nofile_limit() {
+        Ok(n) => log::debug!("file descriptor limit: {}", n),
+        Err(e) => log::warn!(
+            "cannot read the file descriptor limit: {}",
+            sluice::sys::io_reason(&e)
+        ),
+    }
+    let proxy = match Proxy::start(config) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("{}", e);
+            eprintln!("sluice: {}", e);
+            return ExitCode::from(1);
+        }
+    };
+    let stopper = proxy.stopper();
+    std::thread::spawn(move || loop {
+        match signals.wait() {
+            Ok(Signal::Interrupt | Signal::Terminate) => {
+                log::info!("stopping on signal");
+                stopper.stop();
+            }
+            Ok(Signal::Hangup) => {
+                log::warn!("SIGHUP: reload is not supported yet; the running config stays")
+            }
+            Err(e) => {
+                log::error!("waiting for signals failed: {}", sluice::sys::io_reason(&e));
+                stopper.stop();
+                return;
+            }
+        }
+    });
+    match proxy.wait() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{}", e);
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match parse_args(&args) {
+        Ok(Mode::Print(text)) => {
+            println!("{}", text);
+            ExitCode::SUCCESS
+        }
+        Ok(Mode::Check(config, path)) => {
+            println!(
+                "{}: ok ({} listeners, {} upstreams)",
+                path,
+                config.listeners.len(),
+                config.upstreams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Mode::Run(config)) => run(config),
+        Err(Failure::Config(message)) => {
+            eprintln!("sluice: {}", message);
+            ExitCode::from(1)
+        }
+        Err(Failure::Usage(message)) => {
+            eprintln!("sluice: {}\n\n{}", message, options().usage(USAGE));
+            ExitCode::from(2)
+        }
+    }
+}

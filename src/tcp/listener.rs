@@ -1,0 +1,59 @@
+//! Binding TCP listeners and accepting from them.
+//!
+//! A listener is bound on the caller's thread so that a bad address fails `Proxy::start` with
+//! the address and the OS reason, before any worker runs. Accepting never blocks and never
+//! spins: out of descriptors (`EMFILE`/`ENFILE`) is reported as [`Accept::OutOfFds`] and the
+//! worker backs off on its timer wheel, leaving clients in the kernel backlog.
+
+use std::io;
+use std::net::SocketAddr;
+
+use mio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Pending connections the kernel may hold for one listener (capped by `somaxconn`).
+const BACKLOG: i32 = 1024;
+
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // A restarted proxy must be able to bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]:P` and `0.0.0.0:P` are separate listeners, as in nginx.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// The outcome of one accept call.
+pub enum Accept {
+    Client(TcpStream, SocketAddr),
+    /// Nothing more to accept until the next readiness event.
+    Drained,
+    /// The process or system is out of file descriptors.
+    OutOfFds(io::Error),
+    /// A client gave up before we accepted it, or a similar per-connection failure.
+    Skipped(io::Error),
+}
+
+pub fn accept(listener: &TcpListener) -> Accept {
+    loop {
+        return match listener.accept() {
+            Ok((stream, addr)) => Accept::Client(stream, addr),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Accept::Drained,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_fd_exhaustion(&e) => Accept::OutOfFds(e),
+            Err(e) => Accept::Skipped(e),
+        };
+    }
+}
+
+fn is_fd_exhaustion(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
