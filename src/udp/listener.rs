@@ -1,0 +1,39 @@
+//! UDP sockets: the listening socket of a `listen udp`, and the connected socket a session
+//! uses to talk to its server.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use mio::net::UdpSocket;
+use mio::{Interest, Registry, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Receive buffer asked for on listening sockets: a burst from many clients waits here while
+/// the worker is busy (the kernel caps it at `net.core.rmem_max`).
+const LISTEN_RCVBUF: usize = 4 << 20;
+
+pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Best effort: a smaller buffer only means earlier drops under bursts.
+    let _ = socket.set_recv_buffer_size(LISTEN_RCVBUF);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(UdpSocket::from_std(socket.into()))
+}
+
+/// A socket on an ephemeral port connected to `server`, registered readable under `token`.
+/// Being connected, it receives only the server's datagrams and reports its ICMP refusals.
+pub fn connect(server: SocketAddr, registry: &Registry, token: Token) -> io::Result<UdpSocket> {
+    let any: IpAddr = match server {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let mut socket = UdpSocket::bind(SocketAddr::new(any, 0))?;
+    socket.connect(server)?;
+    registry.register(&mut socket, token, Interest::READABLE)?;
+    Ok(socket)
+}
