@@ -1,0 +1,345 @@
+//! Active health checks: one probe per server of every upstream with a `health_check`.
+//!
+//! A probe is a non-blocking TCP connect registered in the worker's poll, optionally followed by
+//! writing `send` and reading a reply that must start with `expect`. Every wait (the interval
+//! and the probe's own timeout) is a timer-wheel entry, so probes cost no thread and never block
+//! the loop. [`Verdict`] turns results into up/down with `rise`/`fall` hysteresis and is plain
+//! data, tested without sockets. Invariants: a probe holds a socket only while a check is under
+//! way; each check bumps the probe's generation, so a timer or event for an earlier check is
+//! recognised and ignored.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::Interest;
+use slab::Slab;
+
+use crate::config::{HealthCheck, Upstream};
+use crate::runtime::timer::TimerKey;
+use crate::runtime::{after, token, Ctx, Timer};
+
+/// Consecutive results → up/down, with `rise` and `fall` thresholds. Servers start up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    up: bool,
+    /// Consecutive results that disagree with `up`.
+    streak: u32,
+}
+
+impl Default for Verdict {
+    fn default() -> Self {
+        Verdict {
+            up: true,
+            streak: 0,
+        }
+    }
+}
+
+impl Verdict {
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Records one check; returns the new state when this result flipped it.
+    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if ok == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if ok { rise } else { fall };
+        if self.streak >= needed.max(1) {
+            self.up = ok;
+            self.streak = 0;
+            return Some(ok);
+        }
+        None
+    }
+}
+
+/// Where one check is.
+enum Phase {
+    /// Waiting for the next interval.
+    Idle,
+    Connecting,
+    /// Connected; `sent` bytes of `send` are written.
+    Sending {
+        sent: usize,
+    },
+    /// `matched` bytes of `expect` have arrived and agree.
+    Expecting {
+        matched: usize,
+    },
+}
+
+struct Probe {
+    group: usize,
+    server: usize,
+    addr: SocketAddr,
+    check: HealthCheck,
+    gen: u32,
+    phase: Phase,
+    socket: Option<TcpStream>,
+    started: Instant,
+    timer: Option<TimerKey>,
+    verdict: Verdict,
+}
+
+/// All probes of a worker.
+#[derive(Default)]
+pub struct Prober {
+    probes: Slab<Probe>,
+}
+
+/// How a check ended.
+type Outcome = Result<(), String>;
+
+impl Prober {
+    /// A probe per server (except `down` ones) of every upstream with a `health_check`;
+    /// the first checks start at once.
+    pub(crate) fn start(upstreams: &[Upstream], ctx: &mut Ctx<'_>) -> Prober {
+        let mut prober = Prober::default();
+        for (group, up) in upstreams.iter().enumerate() {
+            let Some(check) = &up.health_check else {
+                continue;
+            };
+            for (server, conf) in up.servers.iter().enumerate().filter(|(_, s)| !s.down) {
+                let key = prober.probes.insert(Probe {
+                    group,
+                    server,
+                    addr: conf.addr,
+                    check: check.clone(),
+                    gen: 0,
+                    phase: Phase::Idle,
+                    socket: None,
+                    started: ctx.now,
+                    timer: None,
+                    verdict: Verdict::default(),
+                });
+                prober.begin(key, ctx);
+            }
+        }
+        prober
+    }
+
+    pub fn len(&self) -> usize {
+        self.probes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.probes.is_empty()
+    }
+
+    /// A timer for probe `key` fired: start the next check, or fail the one that timed out.
+    pub(crate) fn timer(&mut self, key: usize, gen: u32, ctx: &mut Ctx<'_>) {
+        let Some(p) = self.probes.get_mut(key) else {
+            return;
+        };
+        if p.gen != gen {
+            return;
+        }
+        p.timer = None;
+        match p.phase {
+            Phase::Idle => self.begin(key, ctx),
+            _ => self.finish(key, Err("timed out".into()), ctx),
+        }
+    }
+
+    /// The probe's socket reported readiness.
+    pub(crate) fn ready(&mut self, key: usize, ctx: &mut Ctx<'_>) {
+        let Some(p) = self.probes.get_mut(key) else {
+            return;
+        };
+        let outcome = match p.advance() {
+            Ok(None) => return,
+            Ok(Some(())) => Ok(()),
+            Err(cause) => Err(cause),
+        };
+        self.finish(key, outcome, ctx);
+    }
+
+    /// Opens the connection of a new check and arms its timeout.
+    fn begin(&mut self, key: usize, ctx: &mut Ctx<'_>) {
+        let Some(p) = self.probes.get_mut(key) else {
+            return;
+        };
+        p.gen = p.gen.wrapping_add(1);
+        p.started = ctx.now;
+        let opened = TcpStream::connect(p.addr).and_then(|mut s| {
+            ctx.registry
+                .register(
+                    &mut s,
+                    token::probe(key),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map(|()| s)
+        });
+        match opened {
+            Ok(socket) => {
+                p.socket = Some(socket);
+                p.phase = Phase::Connecting;
+                let timer = Timer::Probe { key, gen: p.gen };
+                p.timer = Some(ctx.timers.insert(after(ctx.now, p.check.timeout), timer));
+            }
+            Err(e) => {
+                let cause = format!("connect: {}", crate::sys::io_reason(&e));
+                self.finish(key, Err(cause), ctx);
+            }
+        }
+    }
+
+    /// Closes the check, updates the verdict (telling the group on a flip) and waits for the
+    /// next interval.
+    fn finish(&mut self, key: usize, outcome: Outcome, ctx: &mut Ctx<'_>) {
+        let Some(p) = self.probes.get_mut(key) else {
+            return;
+        };
+        if let Some(mut socket) = p.socket.take() {
+            let _ = ctx.registry.deregister(&mut socket);
+        }
+        if let Some(timer) = p.timer.take() {
+            ctx.timers.cancel(timer);
+        }
+        let flip = p
+            .verdict
+            .record(outcome.is_ok(), p.check.rise, p.check.fall);
+        if let (Some(up), Some(group)) = (flip, ctx.groups.get_mut(p.group)) {
+            group.set_health(p.server, up);
+            match &outcome {
+                Err(cause) => log::warn!(
+                    "upstream {}: server {} is down: {} consecutive failed checks, last: {}",
+                    group.name,
+                    p.addr,
+                    p.check.fall,
+                    cause
+                ),
+                Ok(()) => log::info!(
+                    "upstream {}: server {} is up: {} consecutive checks passed",
+                    group.name,
+                    p.addr,
+                    p.check.rise
+                ),
+            }
+        } else if let Err(cause) = &outcome {
+            log::debug!("health check of {} failed: {}", p.addr, cause);
+        }
+        p.phase = Phase::Idle;
+        p.gen = p.gen.wrapping_add(1);
+        // Checks start `interval` apart, however long each took.
+        let next = after(p.started, p.check.interval).max(ctx.now);
+        p.timer = Some(ctx.timers.insert(next, Timer::Probe { key, gen: p.gen }));
+    }
+}
+
+impl Probe {
+    /// Moves the check on as far as the socket allows: `Ok(Some(()))` passed, `Ok(None)` wait.
+    fn advance(&mut self) -> Result<Option<()>, String> {
+        let Some(socket) = self.socket.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            match self.phase {
+                Phase::Idle => return Ok(None),
+                Phase::Connecting => {
+                    if let Ok(Some(e)) | Err(e) = socket.take_error() {
+                        return Err(format!("connect: {}", crate::sys::io_reason(&e)));
+                    }
+                    match socket.peer_addr() {
+                        Ok(_) => self.phase = Phase::Sending { sent: 0 },
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(None),
+                        Err(e) => return Err(format!("connect: {}", crate::sys::io_reason(&e))),
+                    }
+                }
+                Phase::Sending { sent } => {
+                    let rest = self.check.send.get(sent..).unwrap_or_default();
+                    if rest.is_empty() {
+                        if self.check.expect.is_empty() {
+                            return Ok(Some(()));
+                        }
+                        self.phase = Phase::Expecting { matched: 0 };
+                        continue;
+                    }
+                    match socket.write(rest) {
+                        Ok(0) => return Err("send: connection closed".into()),
+                        Ok(n) => self.phase = Phase::Sending { sent: sent + n },
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("send: {}", crate::sys::io_reason(&e))),
+                    }
+                }
+                Phase::Expecting { matched } => {
+                    let mut chunk = [0u8; 256];
+                    let want = self
+                        .check
+                        .expect
+                        .len()
+                        .saturating_sub(matched)
+                        .min(chunk.len());
+                    match socket.read(&mut chunk[..want]) {
+                        Ok(0) => return Err("closed before the expected reply".into()),
+                        Ok(n) => {
+                            let expected = self
+                                .check
+                                .expect
+                                .get(matched..matched + n)
+                                .unwrap_or_default();
+                            if chunk.get(..n) != Some(expected) {
+                                return Err("unexpected reply".into());
+                            }
+                            if matched + n == self.check.expect.len() {
+                                return Ok(Some(()));
+                            }
+                            self.phase = Phase::Expecting {
+                                matched: matched + n,
+                            };
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("reply: {}", crate::sys::io_reason(&e))),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_then_rise() {
+        let mut v = Verdict::default();
+        assert!(v.is_up());
+        assert_eq!(v.record(false, 2, 3), None);
+        assert_eq!(v.record(false, 2, 3), None);
+        assert_eq!(v.record(false, 2, 3), Some(false));
+        assert!(!v.is_up());
+        assert_eq!(v.record(false, 2, 3), None);
+        assert_eq!(v.record(true, 2, 3), None);
+        assert_eq!(v.record(true, 2, 3), Some(true));
+        assert!(v.is_up());
+    }
+
+    #[test]
+    fn a_success_resets_the_fall_streak() {
+        let mut v = Verdict::default();
+        for _ in 0..10 {
+            assert_eq!(v.record(false, 1, 3), None);
+            assert_eq!(v.record(false, 1, 3), None);
+            assert_eq!(v.record(true, 1, 3), None);
+        }
+        assert!(v.is_up());
+    }
+
+    #[test]
+    fn thresholds_of_one_flip_at_once() {
+        let mut v = Verdict::default();
+        assert_eq!(v.record(false, 1, 1), Some(false));
+        assert_eq!(v.record(true, 1, 1), Some(true));
+        // A zero threshold behaves like one, never like "flip without a result".
+        assert_eq!(v.record(false, 0, 0), Some(false));
+    }
+}
