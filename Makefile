@@ -1,0 +1,38 @@
+# sluice: the two commands a newcomer needs are `make run` and `make test`.
+
+CARGO   ?= cargo
+PREFIX  ?= /usr/local
+CONFIG  ?= conf/sluice.conf
+HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+BIN     := target/release/sluice
+STATIC  := target/$(HOST)/release/sluice
+
+.PHONY: all build run test lint static install clean bench bench-compare
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+run: build
+	$(BIN) -c $(CONFIG)
+
+test:
+	$(CARGO) test --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+static:
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target $(HOST)
+	@echo "static binary: $(STATIC) ($$(stat -c %s $(STATIC)) bytes)"
+	@file $(STATIC) 2>/dev/null || true
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/sluice
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/sluice
+	test -e $(DESTDIR)/etc/sluice/sluice.conf || install -m 0644 conf/sluice.conf $(DESTDIR)/etc/sluice/sluice.conf
+
+clean:
+	$(CARGO) clean
