@@ -51,7 +51,8 @@ pub fn accept(listener: &TcpListener) -> Accept {
     }
 }
 
-fn is_fd_exhaustion(err: &io::Error) -> bool {
+/// The process or the system ran out of descriptors or socket memory.
+pub fn is_fd_exhaustion(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)

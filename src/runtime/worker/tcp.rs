@@ -163,6 +163,17 @@ impl Worker {
                     self.arm(key, deadline);
                     return;
                 }
+                Err(error) if listener::is_fd_exhaustion(&error) => {
+                    // Our shortage, not the server's fault: no passive-health mark.
+                    if self.fd_warnings.allow(self.now) {
+                        log::warn!(
+                            "cannot open a server connection: {}",
+                            crate::sys::io_reason(&error)
+                        );
+                    }
+                    self.close(key, End::Error);
+                    return;
+                }
                 Err(error) => self.count_connect_failure(key, server, &error),
             }
         }
