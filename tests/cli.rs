@@ -1,0 +1,237 @@
+//! The `sluice` binary: config checking with `-t -c`, forwarding with `-L/-U`, the access
+//! log line, and the exit statuses (0 clean, 1 config or runtime error, 2 usage).
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use common::*;
+
+// ---- config errors -------------------------------------------------------------------------
+
+/// Checks `text` with `sluice -t -c FILE`: exit 1, and stderr names `FILE:line:col` with `col`
+/// one of `cols` (the offending token, or the directive it belongs to) and contains `needles`.
+fn config_error(text: &str, lines: &[u32], cols: &[u32], needles: &[&str]) {
+    let file = TempFile::new("bad", text);
+    let out = run_sluice(&["-t", "-c", file.path_str()]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "`sluice -t` on a bad config exits 1; stderr:\n{}",
+        out.stderr
+    );
+    let prefix = format!("{}:", file.path_str());
+    let position = out.stderr.find(&prefix).map(|i| {
+        let rest = &out.stderr[i + prefix.len()..];
+        let mut parts = rest.splitn(3, ':');
+        let line = parts.next().and_then(|l| l.parse::<u32>().ok());
+        let col = parts.next().and_then(|c| c.parse::<u32>().ok());
+        (line, col)
+    });
+    match position {
+        Some((Some(line), Some(col))) => {
+            assert!(
+                lines.contains(&line) && cols.contains(&col),
+                "the error points at {}:{}, expected line {:?} col {:?}; stderr:\n{}",
+                line,
+                col,
+                lines,
+                cols,
+                out.stderr
+            );
+        }
+        _ => panic!("stderr does not name {}LINE:COL:\n{}", prefix, out.stderr),
+    }
+    for needle in needles {
+        assert!(
+            out.stderr.contains(needle),
+            "stderr should mention {:?}:\n{}",
+            needle,
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn config_unknown_directive_suggests_the_closest_name() {
+    config_error(
+        "# a comment on line 1\nmax_conections 100;\n",
+        &[2],
+        &[1],
+        &["did you mean", "max_connections"],
+    );
+}
+
+#[test]
+fn config_missing_semicolon() {
+    // The parser may report the end of the directive (line 2) or the `}` it found instead
+    // of `;` (line 3, col 1).
+    config_error(
+        "upstream backend {\n    server 127.0.0.1:7001\n}\nlisten 127.0.0.1:7000 { proxy backend; }\n",
+        &[2, 3],
+        &[1, 5, 12, 26],
+        &[";"],
+    );
+}
+
+#[test]
+fn config_bad_duration() {
+    config_error(
+        "listen 127.0.0.1:7000 {\n    proxy 127.0.0.1:7001;\n    connect_timeout 5parsecs;\n}\n",
+        &[3],
+        &[21, 5],
+        &["5parsecs"],
+    );
+}
+
+#[test]
+fn config_unknown_upstream() {
+    config_error(
+        "upstream backend {\n    server 127.0.0.1:7001;\n}\nlisten 127.0.0.1:7000 {\n    proxy backnd;\n}\n",
+        &[5],
+        &[11, 5],
+        &["backnd"],
+    );
+}
+
+#[test]
+fn config_duplicate_listen() {
+    config_error(
+        "listen 127.0.0.1:7000 {\n    proxy 127.0.0.1:7001;\n}\nlisten 127.0.0.1:7000 {\n    proxy 127.0.0.1:7002;\n}\n",
+        &[4],
+        &[8, 1],
+        &["127.0.0.1:7000"],
+    );
+}
+
+#[test]
+fn config_server_without_port() {
+    config_error(
+        "upstream backend {\n    server 127.0.0.1;\n}\nlisten 127.0.0.1:7000 {\n    proxy backend;\n}\n",
+        &[2],
+        &[12, 5],
+        &["port"],
+    );
+}
+
+#[test]
+fn example_config_checks_ok() {
+    let mut command = sluice_command(&["-t", "-c", "conf/sluice.conf"]);
+    command.current_dir(env!("CARGO_MANIFEST_DIR"));
+    let out = SluiceChild::spawn(command).finish(EVENTUALLY);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "`sluice -t -c conf/sluice.conf` fails:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+// ---- forwarding ----------------------------------------------------------------------------
+
+#[test]
+fn forwards_without_a_config_file() {
+    let echo = Backend::echo();
+    let (mut sluice, addr, first) = spawn_forward(&[echo.addr()]);
+    drop(first);
+    let mut c = connect(addr);
+    round_trip(&mut c, b"through the binary").expect("echo through `sluice -L -U`");
+    let big = payload(51, 1024 * 1024);
+    round_trip(&mut c, &big).expect("a larger echo");
+    assert!(sluice.exited().is_none(), "sluice exited");
+}
+
+#[test]
+fn stops_cleanly_on_sigterm() {
+    let echo = Backend::echo();
+    let (mut sluice, _, mut c) = spawn_forward(&[echo.addr()]);
+    round_trip(&mut c, b"x").expect("echo");
+    drop(c);
+    sluice.signal("TERM");
+    let status = sluice.wait_exit(EVENTUALLY);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "SIGTERM is a clean stop; stderr:\n{}",
+        sluice.stderr()
+    );
+}
+
+#[test]
+fn all_servers_refusing_logs_connect_failed() {
+    let refused = refused_addr();
+    // The first client (the connect that found sluice up) meets the refusing server; later
+    // ones may meet a server that passive health already marked (end=no_server).
+    let (sluice, addr, mut c) = spawn_forward(&[refused]);
+    let me = c.local_addr().expect("local address");
+    c.write_all(b"hello?").expect("write");
+    assert!(
+        closed_within(&mut c, Duration::from_secs(1)).is_some(),
+        "the client is closed at once"
+    );
+    let client = format!("client={} ", me);
+    let line = sluice
+        .wait_for_stderr_line(EVENTUALLY, |l| l.contains(&client))
+        .unwrap_or_else(|| {
+            panic!(
+                "no access log line for {}; stderr:\n{}",
+                me,
+                sluice.stderr()
+            )
+        });
+    for field in [
+        "access".to_string(),
+        format!("listen={} ", addr),
+        "up_bytes=0 ".to_string(),
+        "down_bytes=0 ".to_string(),
+        "duration_ms=".to_string(),
+        "end=connect_failed".to_string(),
+    ] {
+        assert!(
+            line.contains(&field),
+            "the access log line lacks {:?}: {}",
+            field,
+            line
+        );
+    }
+    assert!(
+        line.trim_end().ends_with("end=connect_failed"),
+        "end= is the last field: {}",
+        line
+    );
+}
+
+#[test]
+fn port_in_use_exits_1_naming_the_address() {
+    let taken = TcpListener::bind(loopback_any_port()).expect("bind");
+    let addr: SocketAddr = taken.local_addr().expect("address");
+    let out = run_sluice(&["-L", &addr.to_string(), "-U", "127.0.0.1:1"]);
+    assert_eq!(out.code, Some(1), "stderr:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains(&addr.to_string()),
+        "stderr should name {}:\n{}",
+        addr,
+        out.stderr
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["-L", "127.0.0.1:0"][..],
+        &["-U", "127.0.0.1:1"][..],
+        &["--bogus"][..],
+    ] {
+        let out = run_sluice(args);
+        assert_eq!(
+            out.code,
+            Some(2),
+            "`sluice {}` is a usage error; stderr:\n{}",
+            args.join(" "),
+            out.stderr
+        );
+    }
+}

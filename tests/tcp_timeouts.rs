@@ -1,0 +1,122 @@
+//! Activity timeouts of a TCP pair: `idle_timeout` closes a silent pair and spares a busy one;
+//! `half_close_timeout` closes a pair whose other side never finishes.
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sluice::runtime::End;
+
+#[test]
+fn silent_pair_is_closed_after_idle_timeout() {
+    const IDLE: Duration = Duration::from_millis(500);
+    let echo = Backend::echo();
+    let mut config = forward(&[echo.addr()]);
+    config.listeners[0].idle_timeout = IDLE;
+    config.listeners[0].half_close_timeout = IDLE;
+    let proxy = start(config);
+    let mut c = connect(proxy.local_addr(0).expect("listener"));
+
+    round_trip(&mut c, b"one exchange, then silence").expect("echo");
+    let took = closed_within(&mut c, EVENTUALLY).expect("the silent pair is closed");
+    // The proxy's clock started when it forwarded the echo, a moment before the client's.
+    assert!(
+        took >= IDLE - Duration::from_millis(100),
+        "closed after {:?}, before the {:?} idle timeout",
+        took,
+        IDLE
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "closed only after {:?} with a {:?} idle timeout",
+        took,
+        IDLE
+    );
+    let stats = proxy.stats();
+    assert!(
+        wait_until(EVENTUALLY, || stats.ended(End::IdleTimeout) == 1),
+        "the end is counted as idle_timeout"
+    );
+    assert_eq!(stats.connections_active.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn pair_with_traffic_every_100ms_outlives_idle_timeout() {
+    const IDLE: Duration = Duration::from_millis(500);
+    let echo = Backend::echo();
+    let mut config = forward(&[echo.addr()]);
+    config.listeners[0].idle_timeout = IDLE;
+    config.listeners[0].half_close_timeout = IDLE;
+    let proxy = start(config);
+    let mut c = connect(proxy.local_addr(0).expect("listener"));
+
+    let started = Instant::now();
+    let mut i = 0u32;
+    // Bounded by count and time: 3 s of traffic, at most 60 exchanges.
+    while started.elapsed() < Duration::from_secs(3) && i < 60 {
+        round_trip(&mut c, &i.to_le_bytes()).unwrap_or_else(|e| {
+            panic!("exchange {} after {:?} failed: {}", i, started.elapsed(), e)
+        });
+        i += 1;
+        // Pacing, not synchronisation: the traffic pattern under test.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(i >= 20, "only {} exchanges in 3 s", i);
+    round_trip(&mut c, b"still open").expect("the busy pair is still open after 3 s");
+    let stats = proxy.stats();
+    assert_eq!(stats.ended(End::IdleTimeout), 0);
+    assert_eq!(stats.connections_active.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn half_closed_pair_is_closed_after_half_close_timeout() {
+    const HALF_CLOSE: Duration = Duration::from_millis(300);
+    let server = Backend::sink();
+    let mut config = forward(&[server.addr()]);
+    config.listeners[0].idle_timeout = Duration::from_secs(60);
+    config.listeners[0].half_close_timeout = HALF_CLOSE;
+    let proxy = start(config);
+    let mut c = connect(proxy.local_addr(0).expect("listener"));
+
+    c.write_all(b"a request the server never answers")
+        .expect("send");
+    assert_eq!(server.next_event(EVENTUALLY), Some(Event::Data));
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let shut_at = Instant::now();
+
+    // The FIN reached the server, which neither answers nor closes.
+    match server.next_event(EVENTUALLY) {
+        Some(Event::Ended { reset: false, .. }) => {}
+        other => panic!("the server did not see the client's EOF: {:?}", other),
+    }
+    assert!(
+        closed_within(&mut c, Duration::from_secs(5)).is_some(),
+        "the half-closed pair stays open"
+    );
+    let took = shut_at.elapsed();
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed {:?} after the client's shutdown, before the {:?} half-close timeout",
+        took,
+        HALF_CLOSE
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "closed only {:?} after the client's shutdown with a {:?} half-close timeout",
+        took,
+        HALF_CLOSE
+    );
+    let stats = proxy.stats();
+    assert!(
+        wait_until(EVENTUALLY, || stats
+            .connections_active
+            .load(Ordering::Relaxed)
+            == 0),
+        "the pair is freed"
+    );
+    assert_eq!(stats.ended(End::IdleTimeout), 1, "ends as idle_timeout");
+}
