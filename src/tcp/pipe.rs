@@ -24,6 +24,8 @@ use crate::upstream::Tried;
 pub struct Readiness {
     pub readable: bool,
     pub writable: bool,
+    /// The peer's FIN (or a reset) was reported: read on to `Ok(0)` even after a short read.
+    pub read_closed: bool,
 }
 
 impl Readiness {
@@ -31,6 +33,7 @@ impl Readiness {
         // Closed and error conditions count as ready: the next read or write reports them.
         self.readable |= event.is_readable() || event.is_read_closed() || event.is_error();
         self.writable |= event.is_writable() || event.is_write_closed() || event.is_error();
+        self.read_closed |= event.is_read_closed() || event.is_error();
     }
 }
 
@@ -150,6 +153,10 @@ impl Direction {
                 return Ok(Step::Yield);
             }
             budget -= 1;
+            // How many bytes this read asked for: a shorter answer means the socket is drained
+            // (edge-triggered: new data raises a new event), which saves the read that would
+            // only say `WouldBlock`.
+            let asked;
             let read = match &mut self.buf {
                 // Bytes are waiting for the destination: read behind them, or wait if full.
                 Some(buf) => {
@@ -157,6 +164,7 @@ impl Direction {
                     if spare.is_empty() {
                         return Ok(Step::Idle);
                     }
+                    asked = spare.len();
                     match read_some(io.src, spare) {
                         Ok(Some(n)) if n > 0 => {
                             buf.commit(n);
@@ -170,7 +178,9 @@ impl Direction {
                     let Some(mut buf) = pool.get() else {
                         return Ok(Step::Starved);
                     };
-                    let got = read_some(io.src, buf.spare());
+                    let spare = buf.spare();
+                    asked = spare.len();
+                    let got = read_some(io.src, spare);
                     match got {
                         Ok(Some(n)) if n > 0 => {
                             buf.commit(n);
@@ -186,6 +196,7 @@ impl Direction {
                     if !pool.can_lend() {
                         return Ok(Step::Starved);
                     }
+                    asked = scratch.len();
                     match read_some(io.src, scratch) {
                         Ok(Some(n)) if n > 0 => {
                             let chunk = scratch.get(..n).unwrap_or_default();
@@ -205,7 +216,11 @@ impl Direction {
                     self.state = DirState::Draining;
                     io.src_ready.readable = false;
                 }
-                Ok(Some(_)) => {}
+                Ok(Some(n)) => {
+                    if n < asked && !io.src_ready.read_closed {
+                        io.src_ready.readable = false;
+                    }
+                }
                 Ok(None) => io.src_ready.readable = false,
                 Err(error) => return Err(read_fault(error)),
             }
@@ -223,10 +238,13 @@ impl Direction {
             return Ok(());
         };
         while !buf.is_empty() && ready.writable {
+            let asked = buf.pending().len();
             match write_some(dst, buf.pending())? {
                 Some(n) => {
                     buf.consume(n);
                     self.bytes += n as u64;
+                    // A short write means the send buffer is full; EPOLLOUT will say when not.
+                    ready.writable = n == asked;
                 }
                 None => ready.writable = false,
             }
@@ -251,6 +269,7 @@ impl Direction {
             match write_some(dst, chunk)? {
                 Some(n) => {
                     self.bytes += n as u64;
+                    ready.writable = n == chunk.len();
                     chunk = chunk.get(n..).unwrap_or_default();
                 }
                 None => ready.writable = false,
