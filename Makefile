@@ -7,7 +7,7 @@ HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 BIN     := target/release/sluice
 STATIC  := target/$(HOST)/release/sluice
 
-.PHONY: all build run test lint static install clean bench bench-compare
+.PHONY: all build run test lint static install clean bench bench-compare bench-micro
 
 all: build
 
@@ -36,3 +36,15 @@ install: build
 
 clean:
 	$(CARGO) clean
+
+# The bench is its own crate (bench/Cargo.toml, not a workspace member) with its own target dir.
+# Extra arguments: make bench BENCH_ARGS="--scenario rr --reps 5"; see bench/README.md.
+bench: build
+	cd bench && CARGO_TARGET_DIR=$(CURDIR)/bench/target $(CARGO) run --release --bin sluice-bench -- --sluice $(CURDIR)/$(BIN) $(BENCH_ARGS)
+
+bench-compare:
+	sh bench/install-compare.sh
+	$(MAKE) bench
+
+bench-micro:
+	cd bench && CARGO_TARGET_DIR=$(CURDIR)/bench/target $(CARGO) run --release --bin sluice-micro -- $(MICRO_ARGS)

@@ -1,0 +1,457 @@
+//! The things a scenario runs against: `direct` (the backend itself), `sluice`, and, when
+//! installed, `haproxy`, `nginx` (stream module) and `socat`.
+//!
+//! Each run starts a fresh proxy process with one listener on a free 127.0.0.1 port forwarding to
+//! the case's backend, written as a generated config under `bench/out/<kind>/`, waits until it
+//! answers, and stops it (SIGTERM, then SIGKILL for the whole process tree) afterwards. Every
+//! listener binds 127.0.0.1 explicitly: socat is given `bind=127.0.0.1`, which the usual
+//! `TCP-LISTEN:P` form leaves out (it would listen on every address).
+//!
+//! The proxy is pinned to the proxy CPU with `taskset -c`, or, without taskset, by setting the
+//! affinity between fork and exec; its stdout and stderr go to `bench/out/<kind>/<kind>.log`.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{procfs, sys};
+
+/// How long a proxy may take to start answering.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a proxy may take to exit after SIGTERM before it gets SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Where Debian's `libnginx-mod-stream` puts the stream module.
+const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    Sluice,
+    Haproxy,
+    Nginx,
+    Socat,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Direct,
+        Kind::Sluice,
+        Kind::Haproxy,
+        Kind::Nginx,
+        Kind::Socat,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Sluice => "sluice",
+            Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
+            Kind::Socat => "socat",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// What every target start needs to know about this bench run.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub sluice: PathBuf,
+    pub out: PathBuf,
+    /// CPUs the proxy is pinned to; `None`: not pinned (one CPU only).
+    pub proxy_cpus: Option<Vec<usize>>,
+    pub taskset: Option<PathBuf>,
+    /// The most connections one run holds open at once (idle scenario), to size proxy limits.
+    pub max_conns: usize,
+    /// The descriptor limit proxies inherit from the bench (its hard limit): haproxy refuses to
+    /// start when its `maxconn` needs more, nginx warns.
+    pub nofile: u64,
+}
+
+/// The first executable called `name` on `PATH` (plus the sbin directories, where Debian puts
+/// haproxy and nginx while a non-root `PATH` may leave them out).
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Whether `kind` can run here; `Err` says why not.
+pub fn available(kind: Kind, env: &Env) -> Result<(), String> {
+    match kind {
+        Kind::Direct => Ok(()),
+        Kind::Sluice if env.sluice.is_file() => Ok(()),
+        Kind::Sluice => Err(format!(
+            "{} not found (cargo build --release)",
+            env.sluice.display()
+        )),
+        Kind::Haproxy | Kind::Socat => which(kind.name())
+            .map(|_| ())
+            .ok_or_else(|| "not installed".to_string()),
+        Kind::Nginx => {
+            let nginx = which("nginx").ok_or_else(|| "not installed".to_string())?;
+            if Path::new(NGINX_STREAM_MODULE).is_file() || nginx_has_static_stream(&nginx) {
+                Ok(())
+            } else {
+                Err("stream module missing (libnginx-mod-stream)".to_string())
+            }
+        }
+    }
+}
+
+/// `nginx -V` lists `--with-stream` when the module is built in (not `=dynamic`).
+fn nginx_has_static_stream(nginx: &Path) -> bool {
+    Command::new(nginx)
+        .arg("-V")
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stderr).into_owned();
+            text.split_whitespace().any(|w| w == "--with-stream")
+        })
+        .unwrap_or(false)
+}
+
+/// A free port on 127.0.0.1 for `proto` (bound, read, released: another process could take it
+/// in between, which only makes that run fail to start).
+fn free_port(proto: Proto) -> io::Result<u16> {
+    Ok(match proto {
+        Proto::Tcp => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+        Proto::Udp => UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port(),
+    })
+}
+
+/// A target answering on `addr`. For `direct` there is no process.
+pub struct Running {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Running {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// CPU seconds of the proxy's process tree so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        procfs::tree_cpu_seconds(self.pid()?)
+    }
+
+    /// Resident bytes of the proxy's process tree, and how many processes that is.
+    pub fn rss(&self) -> Option<(u64, usize)> {
+        procfs::tree_rss_bytes(self.pid()?)
+    }
+
+    /// Stops the proxy and every process it started.
+    pub fn stop(mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id();
+        let kids = procfs::descendants(pid);
+        let _ = sys::kill(pid, sys::SIGTERM);
+        for &kid in &kids {
+            let _ = sys::kill(kid, sys::SIGTERM);
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Forked children (socat) outlive their parent unless told to go.
+        for kid in kids {
+            let _ = sys::kill(kid, sys::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `kind` forwarding `proto` from a fresh 127.0.0.1 port to `backend`. `label` names the
+/// generated config file.
+pub fn start(
+    kind: Kind,
+    env: &Env,
+    label: &str,
+    proto: Proto,
+    backend: SocketAddr,
+) -> Result<Running, String> {
+    if kind == Kind::Direct {
+        return Ok(Running {
+            kind,
+            addr: backend,
+            child: None,
+        });
+    }
+    if kind == Kind::Haproxy && proto == Proto::Udp {
+        return Err("n/a: haproxy does not proxy UDP".to_string());
+    }
+    let port = free_port(proto).map_err(|e| format!("no free port: {e}"))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let dir = env.out.join(kind.name());
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let conf = dir.join(format!("{label}.conf"));
+    let (program, args) = command(kind, env, &dir, &conf, proto, port, backend)?;
+
+    let log_path = dir.join(format!("{}.log", kind.name()));
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let mut log_err = log.try_clone().map_err(|e| e.to_string())?;
+    let _ = writeln!(log_err, "== sluice-bench: {label} on {addr}");
+    let mut cmd = match (&env.taskset, &env.proxy_cpus) {
+        (Some(taskset), Some(cpus)) => {
+            let mut c = Command::new(taskset);
+            c.arg("-c").arg(cpu_list(cpus)).arg(&program);
+            c
+        }
+        (None, Some(cpus)) => {
+            let mut c = Command::new(&program);
+            sys::pin_command(&mut c, cpus);
+            c
+        }
+        (_, None) => Command::new(&program),
+    };
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+    let mut running = Running {
+        kind,
+        addr,
+        child: Some(child),
+    };
+    if let Err(e) = wait_ready(&mut running, proto) {
+        let tail = log_tail(&log_path);
+        running.stop();
+        return Err(format!("{e}; log {}: {tail}", log_path.display()));
+    }
+    Ok(running)
+}
+
+fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Writes the config for `kind` (where it has one) and returns the program and its arguments.
+fn command(
+    kind: Kind,
+    env: &Env,
+    dir: &Path,
+    conf: &Path,
+    proto: Proto,
+    port: u16,
+    backend: SocketAddr,
+) -> Result<(PathBuf, Vec<String>), String> {
+    let write =
+        |text: String| fs::write(conf, text).map_err(|e| format!("{}: {e}", conf.display()));
+    let conf_arg = conf.display().to_string();
+    match kind {
+        Kind::Direct => Err("direct has no process".to_string()),
+        Kind::Sluice => {
+            write(sluice_config(proto, port, backend, env.max_conns))?;
+            Ok((env.sluice.clone(), vec!["-c".into(), conf_arg]))
+        }
+        Kind::Haproxy => {
+            write(haproxy_config(port, backend, env.max_conns, env.nofile))?;
+            let program = which("haproxy").ok_or("haproxy not installed")?;
+            Ok((program, vec!["-db".into(), "-f".into(), conf_arg]))
+        }
+        Kind::Nginx => {
+            write(nginx_config(
+                dir,
+                proto,
+                port,
+                backend,
+                env.max_conns,
+                env.nofile,
+            ))?;
+            let program = which("nginx").ok_or("nginx not installed")?;
+            let prefix = format!("{}/", dir.display());
+            let error_log = dir.join("error.log").display().to_string();
+            let args = vec![
+                "-p".into(),
+                prefix,
+                "-e".into(),
+                error_log,
+                "-c".into(),
+                conf_arg,
+            ];
+            Ok((program, args))
+        }
+        Kind::Socat => {
+            let program = which("socat").ok_or("socat not installed")?;
+            let (listen, connect) = match proto {
+                Proto::Tcp => ("TCP-LISTEN", "TCP"),
+                Proto::Udp => ("UDP-LISTEN", "UDP"),
+            };
+            let args = vec![
+                format!("{listen}:{port},fork,reuseaddr,bind=127.0.0.1"),
+                format!("{connect}:{backend}"),
+            ];
+            Ok((program, args))
+        }
+    }
+}
+
+fn sluice_config(proto: Proto, port: u16, backend: SocketAddr, max_conns: usize) -> String {
+    let listen = match proto {
+        Proto::Tcp => "listen",
+        Proto::Udp => "listen udp",
+    };
+    format!(
+        "# Generated by sluice-bench; overwritten on every run.\n\
+         max_connections {max};\n\
+         buffer_size 16k;\n\
+         log_level warn;\n\
+         access_log off;\n\n\
+         {listen} 127.0.0.1:{port} {{\n    proxy {backend};\n}}\n",
+        max = max_conns + 1000,
+    )
+}
+
+fn haproxy_config(port: u16, backend: SocketAddr, max_conns: usize, nofile: u64) -> String {
+    // haproxy wants two descriptors per connection plus a few of its own, all within the limit.
+    let fit = (nofile.saturating_sub(64) / 2) as usize;
+    format!(
+        "# Generated by sluice-bench; overwritten on every run.\n\
+         global\n    nbthread 1\n    maxconn {max}\n\n\
+         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 10m\n    timeout server 10m\n\n\
+         listen bench\n    bind 127.0.0.1:{port}\n    server backend {backend}\n",
+        max = (max_conns + 100).min(fit),
+    )
+}
+
+fn nginx_config(
+    dir: &Path,
+    proto: Proto,
+    port: u16,
+    backend: SocketAddr,
+    max_conns: usize,
+    nofile: u64,
+) -> String {
+    let load = if Path::new(NGINX_STREAM_MODULE).is_file() {
+        format!("load_module {NGINX_STREAM_MODULE};\n")
+    } else {
+        String::new()
+    };
+    let (udp, timeout) = match proto {
+        Proto::Tcp => ("", "10m"),
+        Proto::Udp => (" udp", "30s"),
+    };
+    // Each proxied connection costs two descriptors and two worker_connections; asking for more
+    // descriptors than the inherited limit only earns a warning, so stay within it.
+    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
+    let conns = (2 * max_conns + 200).min(nofile.saturating_sub(100));
+    format!(
+        "# Generated by sluice-bench; overwritten on every run.\n\
+         {load}worker_processes 1;\n\
+         daemon off;\n\
+         pid {dir}/nginx.pid;\n\
+         error_log {dir}/error.log warn;\n\
+         worker_rlimit_nofile {nofile};\n\n\
+         events {{\n    worker_connections {conns};\n}}\n\n\
+         stream {{\n    server {{\n        listen 127.0.0.1:{port}{udp};\n        \
+         proxy_pass {backend};\n        proxy_timeout {timeout};\n    }}\n}}\n",
+        dir = dir.display(),
+    )
+}
+
+/// Waits until the proxy answers on its port, or fails early if it exits.
+fn wait_ready(running: &mut Running, proto: Proto) -> Result<(), String> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(child) = running.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "{} exited at start ({status})",
+                    running.kind.name()
+                ));
+            }
+        }
+        let ok = match proto {
+            Proto::Tcp => {
+                TcpStream::connect_timeout(&running.addr, Duration::from_millis(200)).is_ok()
+            }
+            Proto::Udp => udp_answers(running.addr),
+        };
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{} did not answer on {} within {:?}",
+                running.kind.name(),
+                running.addr,
+                START_TIMEOUT
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One datagram through the proxy to the echo backend and back.
+fn udp_answers(addr: SocketAddr) -> bool {
+    let probe = || -> io::Result<bool> {
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        socket.send(b"sluice-bench probe")?;
+        let mut buf = [0u8; 64];
+        Ok(socket.recv(&mut buf).is_ok_and(|n| n > 0))
+    };
+    probe().unwrap_or(false)
+}
+
+/// The last few lines of a log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    let tail: Vec<&str> = lines.into_iter().rev().collect();
+    if tail.is_empty() {
+        "(empty)".to_string()
+    } else {
+        tail.join(" | ")
+    }
+}
