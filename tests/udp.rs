@@ -1,0 +1,519 @@
+//! UDP proxying end to end (issue 3): sessions per client, datagram boundaries, reply source
+//! address, idle expiry, response counting, session caps, refusing servers, bursts and the
+//! command-line forward. Real sockets on 127.0.0.1 only.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sluice::runtime::End;
+use support::*;
+
+/// One UDP listener on a free loopback port in front of upstream `u` (`upstream` is its block
+/// body; `listen` goes into the listen block).
+fn udp_conf(upstream: &str, listen: &str) -> String {
+    format!("access_log off;\nupstream u {{\n{upstream}\n}}\nlisten udp 127.0.0.1:0 {{\n    proxy u;\n{listen}\n}}\n")
+}
+
+fn server_lines(addrs: &[SocketAddr], options: &str) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("    server {a} {options};\n"))
+        .collect()
+}
+
+/// Request `seq` of client `client`: a header naming both, then pseudo-random bytes.
+fn request(client: u64, seq: u64) -> Vec<u8> {
+    let mut out = format!("c{client:02}s{seq:03}:").into_bytes();
+    let len = (client * 131 + seq * 17) % 480;
+    out.extend(pattern(client << 16 | seq, len as usize));
+    out
+}
+
+#[test]
+fn echo_50_clients_200_datagrams_each() {
+    const CLIENTS: u64 = 50;
+    const DATAGRAMS: u64 = 200;
+    let backend = UdpBackend::echo("echo");
+    let proxy = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let addr = proxy.local_addr(0).expect("listener");
+    let deadline = Instant::now() + Duration::from_secs(120);
+
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            thread::spawn(move || {
+                let socket = udp_client(Duration::from_millis(500));
+                let mut resent = 0;
+                for seq in 0..DATAGRAMS {
+                    assert!(Instant::now() < deadline, "client {c}: out of time");
+                    let payload = request(c, seq);
+                    let mut sends = 0;
+                    exchange_with(&socket, addr, &payload, 10, 20, |reply| {
+                        if reply == payload.as_slice() {
+                            return true;
+                        }
+                        // Only a late echo of one of this client's earlier requests may show up.
+                        let earlier = (0..=seq).any(|s| reply == request(c, s).as_slice());
+                        assert!(earlier, "client {c}: reply matches none of its requests");
+                        sends += 1;
+                        false
+                    });
+                    resent += sends;
+                }
+                resent
+            })
+        })
+        .collect();
+    let resent: u64 = clients
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .sum();
+    println!("late or duplicate replies skipped: {resent}");
+
+    let stats = proxy.stats();
+    assert_eq!(
+        load(&stats.udp_sessions_total),
+        CLIENTS,
+        "one session per client"
+    );
+    assert_eq!(load(&stats.udp_sessions_active), CLIENTS);
+    assert_eq!(
+        backend.peers().len(),
+        CLIENTS as usize,
+        "each session talks to the server from its own socket"
+    );
+    assert!(backend.received() >= (CLIENTS * DATAGRAMS) as usize);
+}
+
+#[test]
+fn datagram_sizes_arrive_whole_and_separate() {
+    const SIZES: [usize; 5] = [0, 1, 1472, 8192, 65_507];
+    let backend = UdpBackend::echo("echo");
+    let proxy = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let addr = proxy.local_addr(0).expect("listener");
+    let socket = udp_client(Duration::from_secs(1));
+    let payloads: Vec<Vec<u8>> = SIZES.iter().map(|&n| pattern(n as u64, n)).collect();
+
+    // One at a time.
+    for p in &payloads {
+        let reply = exchange_with(&socket, addr, p, 5, 5, |r| r.len() == p.len());
+        assert_eq!(reply.len(), p.len());
+        assert!(reply == *p, "the {}-byte reply differs", p.len());
+    }
+
+    // All five back to back: still five datagrams each way, none merged or split.
+    let mut missing: HashSet<usize> = SIZES.iter().copied().collect();
+    let mut buf = vec![0u8; 65_536];
+    for _round in 0..3 {
+        for p in payloads.iter().filter(|p| missing.contains(&p.len())) {
+            socket.send_to(p, addr).expect("send");
+        }
+        while !missing.is_empty() {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    assert_eq!(from, addr);
+                    let p = payloads
+                        .iter()
+                        .find(|p| p.len() == n)
+                        .unwrap_or_else(|| panic!("a {n}-byte reply: merged or split"));
+                    assert!(buf[..n] == p[..], "the {n}-byte reply differs");
+                    missing.remove(&n);
+                }
+                Err(e) if is_timeout(&e) => break,
+                Err(e) => panic!("receive: {e}"),
+            }
+        }
+        if missing.is_empty() {
+            break;
+        }
+    }
+    assert!(missing.is_empty(), "replies never came back: {missing:?}");
+
+    let sizes = backend.sizes();
+    for n in &sizes {
+        assert!(
+            SIZES.contains(n),
+            "the server got a {n}-byte datagram: merged or split ({sizes:?})"
+        );
+    }
+    for n in SIZES {
+        assert!(
+            sizes.iter().filter(|&&m| m == n).count() >= 2,
+            "the {n}-byte datagram reached the server fewer than twice ({sizes:?})"
+        );
+    }
+}
+
+#[test]
+fn replies_come_from_the_listening_address() {
+    let backend = UdpBackend::echo("echo");
+    let proxy = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let addr = proxy.local_addr(0).expect("listener");
+
+    // A connected socket accepts datagrams only from the address it is connected to.
+    let connected = udp_client(Duration::from_millis(500));
+    connected.connect(addr).expect("connect");
+    let mut buf = [0u8; 64];
+    let mut got = None;
+    for _ in 0..5 {
+        connected.send(b"through a connected socket").expect("send");
+        match connected.recv(&mut buf) {
+            Ok(n) => {
+                got = Some(buf[..n].to_vec());
+                break;
+            }
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) => panic!("receive on the connected socket: {e}"),
+        }
+    }
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"through a connected socket"[..]),
+        "a connected client got no reply: it must come from the listening address"
+    );
+
+    // An unconnected socket sees the source address itself (exchange checks it is `addr`).
+    let plain = udp_client(Duration::from_millis(500));
+    assert_eq!(exchange(&plain, addr, b"where from?"), b"where from?");
+    assert_eq!(load(&proxy.stats().udp_sessions_total), 2);
+}
+
+#[test]
+fn each_client_gets_its_own_sticky_session() {
+    let backends: Vec<UdpBackend> = ["alpha", "beta", "gamma"]
+        .iter()
+        .map(|n| UdpBackend::named(n, 1))
+        .collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let proxy = start(&udp_conf(
+        &format!("    balance round_robin;\n{}", server_lines(&addrs, "")),
+        "",
+    ));
+    let addr = proxy.local_addr(0).expect("listener");
+    let clients: Vec<UdpSocket> = (0..3)
+        .map(|_| udp_client(Duration::from_millis(500)))
+        .collect();
+
+    let mut seen: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
+    for round in 0..10 {
+        for (i, c) in clients.iter().enumerate() {
+            let reply = exchange(c, addr, format!("round {round}").as_bytes());
+            seen[i].push(String::from_utf8(reply).expect("a name"));
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, replies) in seen.iter().enumerate() {
+        let first = &replies[0];
+        assert!(
+            replies.iter().all(|n| n == first),
+            "client {i} changed server within its session: {replies:?}"
+        );
+        names.insert(first.clone());
+    }
+    assert_eq!(
+        names.len(),
+        3,
+        "three clients, three sessions, round robin over three servers: {seen:?}"
+    );
+    let stats = proxy.stats();
+    assert_eq!(load(&stats.udp_sessions_total), 3);
+    assert_eq!(load(&stats.udp_sessions_active), 3);
+}
+
+#[test]
+fn idle_session_expires_and_a_new_one_opens() {
+    let backend = UdpBackend::echo("echo");
+    let proxy = start(&udp_conf(
+        &server_lines(&[backend.addr], ""),
+        "    idle_timeout 300ms;",
+    ));
+    let addr = proxy.local_addr(0).expect("listener");
+    let stats = proxy.stats();
+    let socket = udp_client(Duration::from_secs(1));
+
+    let sent = Instant::now();
+    assert_eq!(exchange(&socket, addr, b"one"), b"one");
+    assert_eq!(load(&stats.udp_sessions_total), 1);
+    wait_until("the idle session to end", Duration::from_secs(10), || {
+        load(&stats.udp_sessions_active) == 0
+    });
+    let lived = sent.elapsed();
+    assert!(
+        lived >= Duration::from_millis(300),
+        "the session ended {lived:?} after its last datagram, before idle_timeout"
+    );
+    assert_eq!(stats.ended(End::IdleTimeout), 1);
+
+    assert_eq!(exchange(&socket, addr, b"two"), b"two");
+    assert_eq!(
+        load(&stats.udp_sessions_total),
+        2,
+        "the same client after expiry gets a new session"
+    );
+    assert_eq!(load(&stats.udp_sessions_active), 1);
+}
+
+#[test]
+fn busy_session_outlives_idle_timeout() {
+    let backend = UdpBackend::echo("echo");
+    let proxy = start(&udp_conf(
+        &server_lines(&[backend.addr], ""),
+        "    idle_timeout 300ms;",
+    ));
+    let addr = proxy.local_addr(0).expect("listener");
+    let stats = proxy.stats();
+    let socket = udp_client(Duration::from_secs(1));
+
+    // Traffic every 100 ms for 2 s: the pace is the test's input, not a wait for the proxy.
+    let begin = Instant::now();
+    for k in 0..20u32 {
+        let due = begin + Duration::from_millis(100) * k;
+        thread::sleep(due.saturating_duration_since(Instant::now()));
+        let payload = format!("tick {k}");
+        assert_eq!(
+            exchange(&socket, addr, payload.as_bytes()),
+            payload.as_bytes()
+        );
+    }
+    assert_eq!(
+        load(&stats.udp_sessions_total),
+        1,
+        "a session with traffic was expired"
+    );
+    assert_eq!(load(&stats.udp_sessions_active), 1);
+    assert_eq!(stats.ended(End::IdleTimeout), 0);
+}
+
+#[test]
+fn udp_responses_ends_the_session_after_the_first_reply() {
+    // The server answers every datagram twice; only the first answer may get through.
+    let backend = UdpBackend::named("dns", 2);
+    let proxy = start(&udp_conf(
+        &server_lines(&[backend.addr], ""),
+        "    udp_responses 1;\n    idle_timeout 30s;",
+    ));
+    let addr = proxy.local_addr(0).expect("listener");
+    let stats = proxy.stats();
+    let socket = udp_client(Duration::from_secs(1));
+
+    assert_eq!(exchange(&socket, addr, b"query"), b"dns");
+    wait_until(
+        "the session to end after one reply",
+        Duration::from_secs(5),
+        || load(&stats.udp_sessions_active) == 0,
+    );
+    assert_eq!(stats.ended(End::ServerClosed), 1);
+    assert_eq!(stats.ended(End::IdleTimeout), 0);
+    assert_eq!(load(&stats.udp_datagrams_down), 1, "one reply forwarded");
+
+    // The second answer died with the session. (A negative check has to wait a little.)
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    match socket.recv_from(&mut buf) {
+        Err(e) if is_timeout(&e) => {}
+        other => panic!("a second reply got through: {other:?}"),
+    }
+
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    assert_eq!(exchange(&socket, addr, b"again"), b"dns");
+    assert_eq!(load(&stats.udp_sessions_total), 2);
+}
+
+#[test]
+fn max_sessions_caps_live_sessions() {
+    const CLIENTS: usize = 20;
+    const REQUESTS: usize = 5;
+    let backend = UdpBackend::echo("echo");
+    let proxy = start(&udp_conf(
+        &server_lines(&[backend.addr], ""),
+        "    max_sessions 10;\n    idle_timeout 30s;",
+    ));
+    let addr = proxy.local_addr(0).expect("listener");
+    let stats = proxy.stats_handle();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (done, peak, stats) = (Arc::clone(&done), Arc::clone(&peak), Arc::clone(&stats));
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut samples = 0u64;
+            while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+                peak.fetch_max(load(&stats.udp_sessions_active), Ordering::SeqCst);
+                samples += 1;
+                thread::sleep(Duration::from_micros(200));
+            }
+            samples
+        })
+    };
+    let clients: Vec<_> = (0..CLIENTS as u64)
+        .map(|c| {
+            thread::spawn(move || {
+                // Evictions lose replies in flight; the client resends, as UDP clients do.
+                let socket = udp_client(Duration::from_millis(300));
+                for seq in 0..REQUESTS as u64 {
+                    let payload = request(c, seq);
+                    let reply = exchange_with(&socket, addr, &payload, 40, 100, |r| r == payload);
+                    assert_eq!(reply, payload);
+                }
+            })
+        })
+        .collect();
+    for (c, t) in clients.into_iter().enumerate() {
+        t.join()
+            .unwrap_or_else(|_| panic!("client {c} got no answer"));
+    }
+    done.store(true, Ordering::SeqCst);
+    let samples = sampler.join().expect("sampler");
+
+    let peak = peak.load(Ordering::SeqCst);
+    println!(
+        "sessions: peak {peak} over {samples} samples, total {}, evicted {}",
+        load(&stats.udp_sessions_total),
+        stats.ended(End::Limit)
+    );
+    assert!(peak <= 10, "{peak} sessions at once with max_sessions 10");
+    assert!(load(&stats.udp_sessions_active) <= 10);
+    assert!(load(&stats.udp_sessions_total) >= CLIENTS as u64);
+    assert!(
+        stats.ended(End::Limit) >= 10,
+        "20 clients through 10 slots must evict at least 10 sessions"
+    );
+}
+
+#[test]
+fn refusing_server_ends_its_session_and_is_skipped() {
+    let dead = dead_udp();
+    let healthy = UdpBackend::named("healthy", 1);
+    let proxy = start(&udp_conf(
+        &format!(
+            "    balance round_robin;\n    server {} max_fails=1 fail_timeout=30s;\n    server {} max_fails=1 fail_timeout=30s;",
+            dead.addr, healthy.addr
+        ),
+        "    idle_timeout 30s;",
+    ));
+    let addr = proxy.local_addr(0).expect("listener");
+    let stats = proxy.stats();
+
+    // New clients until one session lands on the dead server (round robin: within two).
+    let mut to_dead = false;
+    for _ in 0..4 {
+        let socket = udp_client(Duration::from_millis(50));
+        socket.send_to(b"hello", addr).expect("send");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 64];
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    assert_eq!(&buf[..n], b"healthy");
+                    break;
+                }
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => panic!("receive: {e}"),
+            }
+            if stats.ended(End::ConnectFailed) > 0 {
+                to_dead = true;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neither a reply nor a refused session"
+            );
+        }
+        if to_dead {
+            break;
+        }
+    }
+    assert!(to_dead, "no session ever went to the dead server");
+    assert_eq!(stats.ended(End::ConnectFailed), 1);
+    assert_eq!(load(&stats.connect_failures), 1);
+
+    // From now on (max_fails=1) new sessions skip the dead server.
+    for i in 0..6 {
+        let socket = udp_client(Duration::from_millis(500));
+        let reply = exchange(&socket, addr, format!("client {i}").as_bytes());
+        assert_eq!(
+            reply, b"healthy",
+            "session {i} did not go to the healthy server"
+        );
+    }
+    assert_eq!(load(&stats.connect_failures), 1);
+    assert_eq!(stats.ended(End::ConnectFailed), 1);
+}
+
+#[test]
+fn burst_of_100k_datagrams_does_not_stall_the_proxy() {
+    const BURST: usize = 100_000;
+    let backend = UdpBackend::echo("echo");
+    let proxy = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let addr = proxy.local_addr(0).expect("listener");
+    let stats = proxy.stats_handle();
+    let socket = udp_client(Duration::from_secs(2));
+
+    let begin = Instant::now();
+    let mut sent = 0;
+    while sent < BURST && begin.elapsed() < Duration::from_secs(30) {
+        let datagram = format!("burst {sent:08}");
+        match socket.send_to(datagram.as_bytes(), addr) {
+            Ok(_) => sent += 1,
+            // Even loopback may push back with ENOBUFS; that datagram is simply lost.
+            Err(e) if e.raw_os_error() == Some(105) => sent += 1,
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    println!("sent {sent} datagrams in {:?}", begin.elapsed());
+
+    // The same client still gets an answer, past whatever burst echoes are queued for it.
+    let marker = b"after the burst";
+    let reply = exchange_with(&socket, addr, marker, 5, 300_000, |r| {
+        if r.starts_with(b"burst ") {
+            return false;
+        }
+        true
+    });
+    assert_eq!(reply, marker);
+    // And a new client does too.
+    let fresh = udp_client(Duration::from_secs(2));
+    assert_eq!(exchange(&fresh, addr, b"fresh client"), b"fresh client");
+
+    let dropped = load(&stats.udp_dropped);
+    let received = backend.received();
+    proxy.stop().expect("stop");
+    println!(
+        "server received {received} datagrams; proxy forwarded up {}, down {}; counted as dropped {dropped}",
+        load(&stats.udp_datagrams_up),
+        load(&stats.udp_datagrams_down),
+    );
+    assert!(received > 0);
+    assert!(load(&stats.udp_datagrams_up) >= 2);
+}
+
+#[test]
+fn command_line_udp_forward() {
+    let backend = UdpBackend::echo("echo");
+    let upstream = backend.addr.to_string();
+    let sluice = Sluice::start(Transport::Udp, |listen| {
+        ["--udp", "-L", listen, "-U", &upstream]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    });
+    let socket = udp_client(Duration::from_millis(500));
+    // exchange checks that the reply comes from the listening address.
+    assert_eq!(
+        exchange(&socket, sluice.addr, b"via the binary"),
+        b"via the binary"
+    );
+    let payload = pattern(7, 4000);
+    assert_eq!(exchange(&socket, sluice.addr, &payload), payload);
+    assert_eq!(backend.peers().len(), 1, "one session for one client");
+}
