@@ -66,37 +66,8 @@ pub fn pin_command(cmd: &mut std::process::Command, cpus: &[usize]) {
     }
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit now in force.
-// `rlim_t` is 32 bits wide on some targets; the casts are not no-ops there.
-#[allow(clippy::unnecessary_cast)]
-pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid, writable rlimit for the duration of the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // The kernel refuses RLIM_INFINITY for NOFILE; stay at a value it accepts.
-    let target = if limit.rlim_max == libc::RLIM_INFINITY {
-        1 << 20
-    } else {
-        limit.rlim_max
-    };
-    if limit.rlim_cur >= target {
-        return Ok(limit.rlim_cur as u64);
-    }
-    let raised = libc::rlimit {
-        rlim_cur: target,
-        rlim_max: limit.rlim_max,
-    };
-    // SAFETY: `raised` is a valid rlimit that outlives the call.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        return Ok(limit.rlim_cur as u64);
-    }
-    Ok(target as u64)
-}
+/// The bench holds both ends of every connection, so it needs as many descriptors as sluice.
+pub use sluice::sys::raise_nofile_limit;
 
 /// Kernel clock ticks per second, the unit of `utime`/`stime` in `/proc/PID/stat`.
 pub fn clock_ticks_per_second() -> f64 {

@@ -238,9 +238,9 @@ impl Worker {
             || self.udp.has_pending_work()
     }
 
-    /// Runs `f` on the UDP side with the parts of the worker it shares.
-    fn with_udp(&mut self, f: impl FnOnce(&mut UdpProxy, &mut Ctx<'_>)) {
-        let mut ctx = Ctx {
+    /// The UDP side and the probes, each with the parts of the worker they share.
+    fn split(&mut self) -> (&mut UdpProxy, &mut Prober, Ctx<'_>) {
+        let ctx = Ctx {
             registry: self.poll.registry(),
             timers: &mut self.timers,
             groups: &mut self.groups,
@@ -248,20 +248,17 @@ impl Worker {
             now: self.now,
             access_log: self.config.access_log,
         };
-        f(&mut self.udp, &mut ctx);
+        (&mut self.udp, &mut self.probes, ctx)
     }
 
-    /// Runs `f` on the health probes with the parts of the worker they share.
+    fn with_udp(&mut self, f: impl FnOnce(&mut UdpProxy, &mut Ctx<'_>)) {
+        let (udp, _, mut ctx) = self.split();
+        f(udp, &mut ctx);
+    }
+
     fn with_probes(&mut self, f: impl FnOnce(&mut Prober, &mut Ctx<'_>)) {
-        let mut ctx = Ctx {
-            registry: self.poll.registry(),
-            timers: &mut self.timers,
-            groups: &mut self.groups,
-            stats: &self.stats,
-            now: self.now,
-            access_log: self.config.access_log,
-        };
-        f(&mut self.probes, &mut ctx);
+        let (_, probes, mut ctx) = self.split();
+        f(probes, &mut ctx);
     }
 
     fn dispatch(&mut self, event: &mio::event::Event) {
