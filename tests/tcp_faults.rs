@@ -34,14 +34,7 @@ fn server_reset_mid_stream_closes_the_client_within_1s() {
         "the client noticed the server's reset after {:?}",
         took
     );
-    let stats = proxy.stats();
-    assert!(
-        wait_until(EVENTUALLY, || stats
-            .connections_active
-            .load(Ordering::Relaxed)
-            == 0),
-        "the pair is freed"
-    );
+    assert_all_pairs_freed(&proxy, "the pair is freed");
 }
 
 #[test]
@@ -77,14 +70,7 @@ fn client_reset_closes_the_server_within_1s() {
             other
         ),
     }
-    let stats = proxy.stats();
-    assert!(
-        wait_until(EVENTUALLY, || stats
-            .connections_active
-            .load(Ordering::Relaxed)
-            == 0),
-        "the pair is freed"
-    );
+    assert_all_pairs_freed(&proxy, "the pair is freed");
 }
 
 #[test]

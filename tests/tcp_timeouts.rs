@@ -110,13 +110,10 @@ fn half_closed_pair_is_closed_after_half_close_timeout() {
         took,
         HALF_CLOSE
     );
-    let stats = proxy.stats();
-    assert!(
-        wait_until(EVENTUALLY, || stats
-            .connections_active
-            .load(Ordering::Relaxed)
-            == 0),
-        "the pair is freed"
+    assert_all_pairs_freed(&proxy, "the pair is freed");
+    assert_eq!(
+        proxy.stats().ended(End::IdleTimeout),
+        1,
+        "ends as idle_timeout"
     );
-    assert_eq!(stats.ended(End::IdleTimeout), 1, "ends as idle_timeout");
 }

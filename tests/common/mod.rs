@@ -41,6 +41,18 @@ pub fn loopback_any_port() -> SocketAddr {
 
 /// Polls `cond` until it holds or `within` has passed; returns whether it held.
 /// For conditions that have no readiness signal (counters, log lines, process state).
+/// Asserts that every pair of `proxy` is closed and freed within `EVENTUALLY`.
+pub fn assert_all_pairs_freed(proxy: &sluice::runtime::Proxy, what: &str) {
+    let stats = proxy.stats();
+    let freed = wait_until(EVENTUALLY, || {
+        stats
+            .connections_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+    });
+    assert!(freed, "{}", what);
+}
+
 pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     loop {
