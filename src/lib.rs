@@ -11,3 +11,6 @@ pub mod sys;
 pub mod tcp;
 pub mod udp;
 pub mod upstream;
+
+#[cfg(test)]
+mod testing;

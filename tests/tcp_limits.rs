@@ -309,14 +309,12 @@ fn cpu_ticks_over_one_second(pid: u32) -> u64 {
     cpu_ticks(pid) - before
 }
 
-#[test]
-fn out_of_descriptors_on_accept_does_not_spin_and_recovers() {
-    let echo = Backend::echo();
-    let mut sluice = spawn_with_parity(echo.addr(), false);
-    let pid = sluice.child.pid();
+/// Opens 20 more clients than sluice has descriptors for and pings them all; returns the
+/// clients and which of them were answered, after checking that some, but no more than the
+/// descriptors allow, were served.
+fn overload(sluice: &Limited) -> (Vec<TcpStream>, Vec<bool>) {
     let pairs = (sluice.limit - sluice.baseline) / 2;
     let mut clients: Vec<TcpStream> = (0..pairs + 20).map(|_| connect(sluice.addr)).collect();
-
     let answered = pings_answered(&mut clients, pairs, EVENTUALLY);
     let served = answered.iter().filter(|&&a| a).count();
     assert!(served >= 1, "no client was served at all");
@@ -326,6 +324,15 @@ fn out_of_descriptors_on_accept_does_not_spin_and_recovers() {
         served,
         pairs
     );
+    (clients, answered)
+}
+
+#[test]
+fn out_of_descriptors_on_accept_does_not_spin_and_recovers() {
+    let echo = Backend::echo();
+    let mut sluice = spawn_with_parity(echo.addr(), false);
+    let pid = sluice.child.pid();
+    let (mut clients, answered) = overload(&sluice);
     // The others wait in the backlog: neither answered nor closed.
     let mut stuck = 0;
     for (c, _) in clients.iter_mut().zip(&answered).filter(|(_, &a)| !a) {
@@ -361,18 +368,7 @@ fn out_of_descriptors_on_server_connect_recovers() {
     let echo = Backend::echo();
     let mut sluice = spawn_with_parity(echo.addr(), true);
     let pid = sluice.child.pid();
-    let pairs = (sluice.limit - sluice.baseline) / 2;
-    let mut clients: Vec<TcpStream> = (0..pairs + 20).map(|_| connect(sluice.addr)).collect();
-
-    let answered = pings_answered(&mut clients, pairs, EVENTUALLY);
-    let served = answered.iter().filter(|&&a| a).count();
-    assert!(served >= 1, "no client was served at all");
-    assert!(
-        served <= pairs,
-        "{} clients served with descriptors for {} pairs",
-        served,
-        pairs
-    );
+    let (clients, _) = overload(&sluice);
     let started = Instant::now();
     let ticks = cpu_ticks_over_one_second(pid);
     assert!(

@@ -1191,6 +1191,7 @@ fn levenshtein(a: &[char], b: &[char]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::XorShift;
 
     /// Knows only `localhost` (twice 127.0.0.1, to show duplicates fold, and ::1) and
     /// `nowhere.localhost` (no addresses); everything else fails. Never touches DNS.
@@ -2333,21 +2334,6 @@ upstream dns {
 
     // ---- robustness ----
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            usize::try_from(self.next() % n.max(1) as u64).unwrap_or(0)
-        }
-    }
-
     #[test]
     fn mangled_input_never_panics() {
         let run = |text: &str| {
@@ -2367,15 +2353,15 @@ upstream dns {
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
         for _ in 0..5_000 {
             let mut mangled = bytes.to_vec();
-            for _ in 0..1 + rng.below(4) {
-                let at = rng.below(mangled.len());
-                match rng.below(4) {
-                    0 => mangled[at] = specials[rng.below(specials.len())],
+            for _ in 0..1 + rng.index(4) {
+                let at = rng.index(mangled.len());
+                match rng.index(4) {
+                    0 => mangled[at] = specials[rng.index(specials.len())],
                     1 => mangled[at] = (rng.next() & 0xff) as u8,
                     2 => {
                         mangled.remove(at);
                     }
-                    _ => mangled.insert(at, specials[rng.below(specials.len())]),
+                    _ => mangled.insert(at, specials[rng.index(specials.len())]),
                 }
             }
             run(&String::from_utf8_lossy(&mangled));

@@ -346,6 +346,7 @@ fn duration_from_nanos(nanos: u128) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::XorShift;
     use std::collections::BTreeMap;
 
     const MS: Duration = Duration::from_millis(1);
@@ -355,21 +356,6 @@ mod tests {
     /// A fixed point well away from `Instant`'s lower limit, so deadlines before it exist.
     fn origin() -> Instant {
         Instant::now() + HOUR
-    }
-
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
     }
 
     fn ticks(n: u64) -> Duration {
