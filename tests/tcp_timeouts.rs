@@ -117,3 +117,32 @@ fn half_closed_pair_is_closed_after_half_close_timeout() {
         "ends as idle_timeout"
     );
 }
+
+#[test]
+fn busy_polling_worker_forwards_and_still_fires_timers() {
+    const IDLE: Duration = Duration::from_millis(300);
+    let echo = Backend::echo();
+    let mut config = forward(&[echo.addr()]);
+    // The longest window: the worker polls without sleeping for 10 ms after every event, and
+    // must still leave that loop for a due timer and for the next event.
+    config.busy_poll = Duration::from_millis(10);
+    config.listeners[0].idle_timeout = IDLE;
+    config.listeners[0].half_close_timeout = IDLE;
+    let proxy = start(config);
+    let mut c = connect(proxy.local_addr(0).expect("listener"));
+
+    for i in 0..50u32 {
+        let message = format!("exchange {i} while the worker spins");
+        round_trip(&mut c, message.as_bytes()).expect("echo through a busy-polling worker");
+    }
+    let took = closed_within(&mut c, EVENTUALLY).expect("the silent pair is closed");
+    assert!(
+        took >= IDLE - Duration::from_millis(100) && took < Duration::from_secs(3),
+        "closed after {took:?} with a {IDLE:?} idle timeout"
+    );
+    let stats = proxy.stats();
+    assert!(
+        wait_until(EVENTUALLY, || stats.ended(End::IdleTimeout) == 1),
+        "the end is counted as idle_timeout"
+    );
+}

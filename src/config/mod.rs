@@ -29,6 +29,9 @@ pub struct Config {
     pub buffer_size: usize,
     /// Hard cap on the memory of all pooled buffers of a worker (`buffer_memory`).
     pub buffer_memory: usize,
+    /// How long the worker keeps polling without sleeping after its last event (`busy_poll`);
+    /// zero means off, the default.
+    pub busy_poll: Duration,
     pub log_level: log::LevelFilter,
     pub access_log: bool,
     pub upstreams: Vec<Upstream>,
@@ -178,6 +181,7 @@ impl Default for Config {
             max_connections: 10_000,
             buffer_size: 16 * 1024,
             buffer_memory: 64 * 1024 * 1024,
+            busy_poll: Duration::ZERO,
             log_level: log::LevelFilter::Info,
             access_log: true,
             upstreams: Vec::new(),

@@ -28,11 +28,13 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     parse_with(text, file, &resolve_host)
 }
 
-/// `250ms 10s 5m 2h 1d`; a bare number is seconds. `None` for anything else, negative numbers,
-/// or a value that does not fit in `u64` milliseconds.
+/// `200us 250ms 10s 5m 2h 1d`; a bare number is seconds. `None` for anything else, negative
+/// numbers, or a value that does not fit in `u64` milliseconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let (number, unit) = split_number(text);
     let millis_per_unit: u64 = match unit {
+        // Only `busy_poll` needs less than a millisecond.
+        "us" => return parse_number(number).ok().map(Duration::from_micros),
         "ms" => 1,
         "" | "s" => 1_000,
         "m" => 60_000,
@@ -82,11 +84,14 @@ const DURATION_HINT: &str = "expected e.g. 250ms, 10s, 5m, 2h, 1d";
 const SIZE_HINT: &str = "expected e.g. 512, 16k, 4m, 1g";
 const MIN_BUFFER_SIZE: usize = 1 << 10;
 const MAX_BUFFER_SIZE: usize = 16 << 20;
+/// A longer spin only burns CPU: past a few milliseconds, sleeping in the kernel costs less.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 
 const MAIN_DIRECTIVES: &[&str] = &[
     "max_connections",
     "buffer_size",
     "buffer_memory",
+    "busy_poll",
     "log_level",
     "access_log",
     "upstream",
@@ -337,6 +342,11 @@ impl Parser<'_> {
                     let arg = self.single(&stmt, "a size")?;
                     self.config.buffer_memory = self.size(arg)?;
                     self.buffer_memory = Some(arg.clone());
+                }
+                "busy_poll" => {
+                    self.once(&mut seen, &stmt)?;
+                    let arg = self.single(&stmt, "'off' or a duration")?;
+                    self.config.busy_poll = self.busy_poll(arg)?;
                 }
                 "log_level" => {
                     self.once(&mut seen, &stmt)?;
@@ -1042,6 +1052,23 @@ impl Parser<'_> {
         Ok(duration)
     }
 
+    fn busy_poll(&self, arg: &Arg) -> Result<Duration, ConfigError> {
+        if arg.text == "off" {
+            return Ok(Duration::ZERO);
+        }
+        let spin = self.duration(&arg.text, arg)?;
+        if spin > MAX_BUSY_POLL {
+            return Err(self.err_at(
+                arg,
+                format!(
+                    "busy_poll must be 'off' or at most 10ms, got '{}'",
+                    arg.text
+                ),
+            ));
+        }
+        Ok(spin)
+    }
+
     fn size(&self, at: &Arg) -> Result<usize, ConfigError> {
         parse_size(&at.text)
             .ok_or_else(|| self.err_at(at, format!("bad size '{}' ({SIZE_HINT})", at.text)))
@@ -1299,6 +1326,7 @@ upstream dns {
             ("2h", Duration::from_secs(7_200)),
             ("1d", Duration::from_secs(86_400)),
             ("007s", Duration::from_secs(7)),
+            ("200us", Duration::from_micros(200)),
             ("18446744073709551615ms", Duration::from_millis(u64::MAX)),
         ];
         for (text, want) in cases {
@@ -1441,6 +1469,14 @@ upstream dns {
         assert_eq!(udp.max_sessions, 10_000);
         assert_eq!(udp.next_upstream_tries, 1);
         assert_eq!(config.listeners.len(), 2);
+    }
+
+    #[test]
+    fn busy_poll_is_off_or_a_short_duration() {
+        assert_eq!(ok("").busy_poll, Duration::ZERO);
+        assert_eq!(ok("busy_poll off;").busy_poll, Duration::ZERO);
+        assert_eq!(ok("busy_poll 200us;").busy_poll, Duration::from_micros(200));
+        assert_eq!(ok("busy_poll 10ms;").busy_poll, Duration::from_millis(10));
     }
 
     #[test]
@@ -2227,6 +2263,13 @@ upstream dns {
             "'max_connections' must be between 1 and",
         );
         assert_err("max_connections 1e3;", 1, 17, "bad number '1e3'");
+        assert_err(
+            "busy_poll 20ms;",
+            1,
+            11,
+            "busy_poll must be 'off' or at most 10ms, got '20ms'",
+        );
+        assert_err("busy_poll on;", 1, 11, "bad duration 'on'");
         assert_err(
             "max_connections 99999999999999999999999;",
             1,

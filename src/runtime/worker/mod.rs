@@ -20,7 +20,7 @@ use slab::Slab;
 
 use super::timer::TimerWheel;
 use super::token::{self, Target};
-use super::{Command, Ctx, End, LogLimit, RuntimeError, Stats, Timer};
+use super::{after, Command, Ctx, End, LogLimit, RuntimeError, Stats, Timer};
 use crate::config::{Config, Listen, Proto};
 use crate::tcp::buffer::BufferPool;
 use crate::tcp::listener;
@@ -82,6 +82,8 @@ pub struct Worker {
     fd_warnings: LogLimit,
     now: Instant,
     stopping: bool,
+    /// When the last poll returned events; `busy_poll` counts from here.
+    last_event: Instant,
 }
 
 impl Worker {
@@ -158,6 +160,7 @@ impl Worker {
             fd_warnings: LogLimit::new(FD_WARN_INTERVAL),
             now,
             stopping: false,
+            last_event: now,
         })
     }
 
@@ -198,17 +201,15 @@ impl Worker {
 
     /// One loop turn: wait, handle events, fire timers, finish pending work, free slots.
     fn turn(&mut self) -> Result<(), RuntimeError> {
-        let timeout = if self.has_pending_work() {
-            Some(Duration::ZERO)
-        } else {
-            self.timers.poll_timeout(Instant::now())
-        };
         let mut events = self
             .events
             .take()
             .unwrap_or_else(|| Events::with_capacity(1024));
-        let polled = self.poll.poll(&mut events, timeout);
+        let polled = self.wait(&mut events);
         self.now = Instant::now();
+        if !events.is_empty() {
+            self.last_event = self.now;
+        }
         match polled {
             Ok(()) => {
                 for event in events.iter() {
@@ -229,6 +230,32 @@ impl Worker {
         self.run_pending();
         self.reap();
         Ok(())
+    }
+
+    /// Polls for events: at once while work is pending; else, with `busy_poll` set and an event
+    /// seen within it, without sleeping until the window closes (waking a sleeping CPU costs
+    /// tens of microseconds on some machines); then asleep until the next timer.
+    fn wait(&mut self, events: &mut Events) -> io::Result<()> {
+        if self.has_pending_work() {
+            return self.poll.poll(events, Some(Duration::ZERO));
+        }
+        let mut now = Instant::now();
+        let spin_until = self.last_event + self.config.busy_poll;
+        if now < spin_until {
+            let spin_until = match self.timers.poll_timeout(now) {
+                Some(timeout) => spin_until.min(after(now, timeout)),
+                None => spin_until,
+            };
+            while now < spin_until {
+                self.poll.poll(events, Some(Duration::ZERO))?;
+                if !events.is_empty() {
+                    return Ok(());
+                }
+                std::hint::spin_loop();
+                now = Instant::now();
+            }
+        }
+        self.poll.poll(events, self.timers.poll_timeout(now))
     }
 
     fn has_pending_work(&self) -> bool {
