@@ -22,6 +22,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         // `[::]:P` and `0.0.0.0:P` are separate listeners, as in nginx.
         socket.set_only_v6(true)?;
     }
+    // Accepted sockets inherit it on Linux, which saves a setsockopt per client.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
@@ -57,4 +59,26 @@ pub fn is_fd_exhaustion(err: &io::Error) -> bool {
         err.raw_os_error(),
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn accepted_sockets_have_nodelay_from_the_listener() {
+        let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let stream = loop {
+            match accept(&listener) {
+                Accept::Client(stream, _) => break stream,
+                Accept::Drained if std::time::Instant::now() < deadline => std::thread::yield_now(),
+                _ => panic!("no client accepted"),
+            }
+        };
+        assert!(stream.nodelay().expect("getsockopt"));
+    }
 }

@@ -26,6 +26,8 @@ pub struct Readiness {
     pub writable: bool,
     /// The peer's FIN (or a reset) was reported: read on to `Ok(0)` even after a short read.
     pub read_closed: bool,
+    /// An error or a hang-up was reported: a connect under way may have failed.
+    pub hung_up: bool,
 }
 
 impl Readiness {
@@ -34,6 +36,7 @@ impl Readiness {
         self.readable |= event.is_readable() || event.is_read_closed() || event.is_error();
         self.writable |= event.is_writable() || event.is_write_closed() || event.is_error();
         self.read_closed |= event.is_read_closed() || event.is_error();
+        self.hung_up |= event.is_error() || event.is_write_closed() || event.is_read_closed();
     }
 }
 
@@ -93,6 +96,9 @@ struct Ends<'a> {
     dst: &'a mut TcpStream,
     dst_ready: &'a mut Readiness,
     dst_side: Side,
+    /// The other direction is closed: when this one closes too, the pair closes its sockets at
+    /// once, and `close` sends the same FIN that `shutdown` would.
+    last: bool,
 }
 
 impl Direction {
@@ -139,8 +145,11 @@ impl Direction {
                 DirState::Draining => {
                     if self.buf.is_none() {
                         self.state = DirState::Closed;
-                        // The peer may already be gone; the other direction will see it.
-                        let _ = io.dst.shutdown(Shutdown::Write);
+                        // Both sources were read to EOF, so closing sends a FIN, not a reset.
+                        if !io.last {
+                            // The peer may already be gone; the other direction will see it.
+                            let _ = io.dst.shutdown(Shutdown::Write);
+                        }
                     }
                     return Ok(Step::Idle);
                 }
@@ -327,7 +336,7 @@ pub enum PairState {
     Connecting { server: usize, since: Instant },
     /// Bytes flow between the client and `server`.
     Streaming { server: usize },
-    /// Both sockets are deregistered; the slot is freed at the end of the event batch.
+    /// Done with; the slot and both sockets are freed at the end of the event batch.
     Closed,
 }
 
@@ -404,6 +413,7 @@ impl Pair {
                 dst: server,
                 dst_ready: &mut self.server_ready,
                 dst_side: Side::Server,
+                last: self.down.state == DirState::Closed,
             },
             pool,
             scratch,
@@ -416,6 +426,7 @@ impl Pair {
                 dst: &mut self.client,
                 dst_ready: &mut self.client_ready,
                 dst_side: Side::Client,
+                last: self.up.state == DirState::Closed,
             },
             pool,
             scratch,
