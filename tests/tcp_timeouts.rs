@@ -135,14 +135,30 @@ fn busy_polling_worker_forwards_and_still_fires_timers() {
         let message = format!("exchange {i} while the worker spins");
         round_trip(&mut c, message.as_bytes()).expect("echo through a busy-polling worker");
     }
+    let stats = proxy.stats();
+    // Each echo comes back within microseconds of the request, well inside the window.
+    assert!(
+        stats.busy_poll_hits.load(Ordering::Relaxed) > 0,
+        "no event was caught while busy polling"
+    );
     let took = closed_within(&mut c, EVENTUALLY).expect("the silent pair is closed");
     assert!(
         took >= IDLE - Duration::from_millis(100) && took < Duration::from_secs(3),
         "closed after {took:?} with a {IDLE:?} idle timeout"
     );
-    let stats = proxy.stats();
     assert!(
         wait_until(EVENTUALLY, || stats.ended(End::IdleTimeout) == 1),
         "the end is counted as idle_timeout"
     );
+}
+
+#[test]
+fn worker_without_busy_poll_sleeps_between_events() {
+    let echo = Backend::echo();
+    let proxy = start(forward(&[echo.addr()]));
+    let mut c = connect(proxy.local_addr(0).expect("listener"));
+    for i in 0..50u32 {
+        round_trip(&mut c, &i.to_le_bytes()).expect("echo");
+    }
+    assert_eq!(proxy.stats().busy_poll_hits.load(Ordering::Relaxed), 0);
 }

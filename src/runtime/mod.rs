@@ -114,6 +114,8 @@ pub struct Stats {
     pub connect_failures: AtomicU64,
     /// How often accepting paused for lack of file descriptors.
     pub accept_backoffs: AtomicU64,
+    /// Polls that found events while `busy_poll` kept the worker awake: sleeps it saved.
+    pub busy_poll_hits: AtomicU64,
     pub udp_sessions_total: AtomicU64,
     pub udp_sessions_active: AtomicU64,
     pub udp_datagrams_up: AtomicU64,

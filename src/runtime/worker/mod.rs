@@ -11,6 +11,7 @@ mod tcp;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -249,6 +250,7 @@ impl Worker {
             while now < spin_until {
                 self.poll.poll(events, Some(Duration::ZERO))?;
                 if !events.is_empty() {
+                    self.stats.busy_poll_hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
                 std::hint::spin_loop();
