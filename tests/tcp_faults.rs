@@ -165,3 +165,93 @@ fn hanging_connect_times_out_to_the_next_server() {
     );
     assert_eq!(b.accepted(), 2);
 }
+
+/// Issue 17, item 2: a pair that sluice ends while bytes still flow (here: the proxy stops in
+/// the middle of a download and of an upload) resets both peers, so neither side takes the cut
+/// stream for a complete one.
+#[test]
+fn stopping_mid_stream_resets_both_peers() {
+    const LEN: u64 = 256 * 1024 * 1024;
+    let source = Backend::stream(LEN, 41);
+    let sink = Backend::sink();
+    let mut config = forward(&[source.addr()]);
+    config.upstreams.push(sluice::config::Upstream {
+        name: "sink".into(),
+        balance: sluice::config::Balance::RoundRobin,
+        servers: vec![sluice::config::Server::new(sink.addr())],
+        health_check: None,
+    });
+    let mut upload = config.listeners[0].clone();
+    upload.upstream = 1;
+    config.listeners.push(upload);
+    let proxy = start(config);
+    let stats = proxy.stats_handle();
+
+    let mut down = connect(proxy.local_addr(0).expect("download listener"));
+    let mut first = [0u8; 64 * 1024];
+    std::io::Read::read_exact(&mut down, &mut first).expect("the download starts");
+    let mut up = connect(proxy.local_addr(1).expect("upload listener"));
+    up.write_all(&[7u8; 64 * 1024]).expect("the upload starts");
+    assert_eq!(sink.next_event(EVENTUALLY), Some(Event::Data));
+    assert!(wait_until(EVENTUALLY, || stats
+        .connections_active
+        .load(Ordering::Relaxed)
+        == 2));
+
+    proxy.stop().expect("the proxy stops");
+
+    let mut buf = vec![0u8; 64 * 1024];
+    let download_end = loop {
+        match std::io::Read::read(&mut down, &mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert_eq!(
+        download_end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client of the cut download must see a reset, not an EOF"
+    );
+    match sink.next_event(EVENTUALLY) {
+        Some(Event::Ended { reset, .. }) => {
+            assert!(
+                reset,
+                "the server of the cut upload must see a reset, not an EOF"
+            )
+        }
+        other => panic!("the sink saw no end of the upload: {other:?}"),
+    }
+    assert_eq!(stats.ended(End::Shutdown), 2);
+}
+
+/// Issue 17, item 2: `idle_timeout` on a pair that still holds bytes for a reader that stopped
+/// reading resets the reader instead of closing with a FIN after a cut stream.
+#[test]
+fn idle_timeout_with_bytes_pending_resets_the_reader() {
+    const LEN: u64 = 64 * 1024 * 1024;
+    let source = Backend::stream(LEN, 43);
+    let mut config = forward(&[source.addr()]);
+    config.listeners[0].idle_timeout = Duration::from_millis(500);
+    config.listeners[0].half_close_timeout = Duration::from_millis(500);
+    let proxy = start(config);
+    let stats = proxy.stats_handle();
+    let mut c = connect(proxy.local_addr(0).expect("listener"));
+    let mut first = [0u8; 1024];
+    std::io::Read::read_exact(&mut c, &mut first).expect("the download starts");
+    // The reader stalls: every buffer on the way fills and nothing moves until the timeout.
+    assert!(wait_until(EVENTUALLY, || stats.ended(End::IdleTimeout) == 1));
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        match std::io::Read::read(&mut c, &mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a download cut by idle_timeout must end in a reset"
+    );
+}

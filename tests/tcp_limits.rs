@@ -389,3 +389,54 @@ fn out_of_descriptors_on_server_connect_recovers() {
     );
     assert!(sluice.child.exited().is_none(), "sluice exited");
 }
+
+/// Issue 17, item 1: a pool of one buffer and an echo server whose sockets push back after about
+/// 4 KiB. Each client uploads while it reads the echo. One pair's upload can hold the only buffer
+/// while the server waits to write its echo; the echo must still reach the client without a
+/// pooled buffer, or every pair of the worker stalls until `idle_timeout` cuts it.
+#[test]
+fn a_dry_buffer_pool_slows_pairs_but_never_stalls_them() {
+    const MIB: u64 = 1024 * 1024;
+    for (clients, len) in [(1, 8 * MIB), (2, 8 * MIB), (4, 8 * MIB), (50, MIB)] {
+        let echo = Backend::echo_with_buffers(Some(4096));
+        let mut config = forward(&[echo.addr()]);
+        config.buffer_size = 16 * 1024;
+        config.buffer_memory = 16 * 1024;
+        config.listeners[0].idle_timeout = Duration::from_secs(3);
+        config.listeners[0].half_close_timeout = Duration::from_secs(3);
+        let proxy = start(config);
+        let addr = proxy.local_addr(0).expect("listener");
+        let workers: Vec<_> = (0..clients)
+            .map(|k| {
+                let seed = 1000 + k as u64;
+                std::thread::spawn(move || -> Result<(), String> {
+                    let mut c = connect(addr);
+                    let mut w = c.try_clone().map_err(|e| e.to_string())?;
+                    let writer = std::thread::spawn(move || {
+                        write_payload(&mut w, seed, len)?;
+                        w.shutdown(Shutdown::Write)
+                    });
+                    let read = read_and_verify(&mut c, seed, len);
+                    let wrote = writer.join().map_err(|_| "writer panicked".to_string())?;
+                    wrote.map_err(|e| format!("upload failed: {e}"))?;
+                    read
+                })
+            })
+            .collect();
+        for (k, w) in workers.into_iter().enumerate() {
+            let outcome = w.join().expect("client thread");
+            assert!(
+                outcome.is_ok(),
+                "{clients} clients: client {k}: {outcome:?}"
+            );
+        }
+        assert_all_pairs_freed(&proxy, "every pair ends");
+        let stats = proxy.stats();
+        assert_eq!(
+            stats.ended(sluice::runtime::End::IdleTimeout),
+            0,
+            "{clients} clients: a pair stalled until idle_timeout"
+        );
+        assert_eq!(stats.buffers_in_use(), 0);
+    }
+}

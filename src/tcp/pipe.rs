@@ -28,6 +28,9 @@ pub struct Readiness {
     pub read_closed: bool,
     /// An error or a hang-up was reported: a connect under way may have failed.
     pub hung_up: bool,
+    /// The socket reported an error (a reset, a refused connect): unlike a FIN, nothing more
+    /// will be read or written on it.
+    pub error: bool,
 }
 
 impl Readiness {
@@ -37,6 +40,7 @@ impl Readiness {
         self.writable |= event.is_writable() || event.is_write_closed() || event.is_error();
         self.read_closed |= event.is_read_closed() || event.is_error();
         self.hung_up |= event.is_error() || event.is_write_closed() || event.is_read_closed();
+        self.error |= event.is_error();
     }
 }
 
@@ -88,17 +92,75 @@ pub struct Fault {
 /// Reads per direction per wake-up before the pair yields to others.
 const READ_BUDGET: u32 = 16;
 
+/// What a direction needs of a socket: the pump is written against this, so its unit tests
+/// drive it with a scripted stream instead of the kernel.
+pub trait Stream {
+    fn read(&mut self, into: &mut [u8]) -> io::Result<usize>;
+    /// Reads without consuming: the same bytes come back on the next `read`.
+    fn peek(&mut self, into: &mut [u8]) -> io::Result<usize>;
+    fn write(&mut self, from: &[u8]) -> io::Result<usize>;
+    fn shutdown_write(&mut self) -> io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
+        Read::read(self, into)
+    }
+
+    fn peek(&mut self, into: &mut [u8]) -> io::Result<usize> {
+        TcpStream::peek(self, into)
+    }
+
+    fn write(&mut self, from: &[u8]) -> io::Result<usize> {
+        Write::write(self, from)
+    }
+
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
 /// Ends of one direction, borrowed from the pair for one pump.
-struct Ends<'a> {
-    src: &'a mut TcpStream,
-    src_ready: &'a mut Readiness,
-    src_side: Side,
-    dst: &'a mut TcpStream,
-    dst_ready: &'a mut Readiness,
-    dst_side: Side,
+pub(crate) struct Ends<'a, S> {
+    pub src: &'a mut S,
+    pub src_ready: &'a mut Readiness,
+    pub src_side: Side,
+    pub dst: &'a mut S,
+    pub dst_ready: &'a mut Readiness,
+    pub dst_side: Side,
     /// The other direction is closed: when this one closes too, the pair closes its sockets at
     /// once, and `close` sends the same FIN that `shutdown` would.
-    last: bool,
+    pub last: bool,
+}
+
+impl<S> Ends<'_, S> {
+    fn src_fault(&self, error: io::Error) -> Fault {
+        Fault {
+            side: self.src_side,
+            error,
+        }
+    }
+
+    fn dst_fault(&self, error: io::Error) -> Fault {
+        Fault {
+            side: self.dst_side,
+            error,
+        }
+    }
+}
+
+/// What one read step did to the source.
+enum Got {
+    /// The source sent EOF.
+    Eof,
+    /// Bytes moved on; `drained` when the read came back short, so the socket is empty
+    /// (edge-triggered: new data raises a new event), which saves the read that would only say
+    /// `WouldBlock`.
+    Data { drained: bool },
+    /// The source has nothing now.
+    WouldBlock,
+    /// Bytes are waiting in the source for a destination that cannot take them now.
+    Left,
 }
 
 impl Direction {
@@ -122,24 +184,17 @@ impl Direction {
     }
 
     /// Moves bytes from `src` to `dst` until the kernel says wait, the budget runs out, or the
-    /// pool is dry.
-    fn pump(
+    /// pool is dry and the destination is full.
+    pub(crate) fn pump<S: Stream>(
         &mut self,
-        io: Ends<'_>,
+        mut io: Ends<'_, S>,
         pool: &mut BufferPool,
         scratch: &mut [u8],
     ) -> Result<Step, Fault> {
-        let read_fault = |error| Fault {
-            side: io.src_side,
-            error,
-        };
         let mut budget = READ_BUDGET;
         loop {
             self.flush(io.dst, io.dst_ready, pool)
-                .map_err(|error| Fault {
-                    side: io.dst_side,
-                    error,
-                })?;
+                .map_err(|e| io.dst_fault(e))?;
             match self.state {
                 DirState::Open => {}
                 DirState::Draining => {
@@ -148,7 +203,7 @@ impl Direction {
                         // Both sources were read to EOF, so closing sends a FIN, not a reset.
                         if !io.last {
                             // The peer may already be gone; the other direction will see it.
-                            let _ = io.dst.shutdown(Shutdown::Write);
+                            let _ = io.dst.shutdown_write();
                         }
                     }
                     return Ok(Step::Idle);
@@ -162,24 +217,21 @@ impl Direction {
                 return Ok(Step::Yield);
             }
             budget -= 1;
-            // How many bytes this read asked for: a shorter answer means the socket is drained
-            // (edge-triggered: new data raises a new event), which saves the read that would
-            // only say `WouldBlock`.
-            let asked;
-            let read = match &mut self.buf {
+            let got = match &mut self.buf {
                 // Bytes are waiting for the destination: read behind them, or wait if full.
                 Some(buf) => {
                     let spare = buf.spare();
                     if spare.is_empty() {
                         return Ok(Step::Idle);
                     }
-                    asked = spare.len();
-                    match read_some(io.src, spare) {
-                        Ok(Some(n)) if n > 0 => {
+                    let asked = spare.len();
+                    match read_some(io.src, spare).map_err(|e| io.src_fault(e))? {
+                        Some(0) => Got::Eof,
+                        Some(n) => {
                             buf.commit(n);
-                            Ok(Some(n))
+                            Got::Data { drained: n < asked }
                         }
-                        other => other,
+                        None => Got::WouldBlock,
                     }
                 }
                 // The destination cannot take anything now: read straight into a pooled buffer.
@@ -188,7 +240,7 @@ impl Direction {
                         return Ok(Step::Starved);
                     };
                     let spare = buf.spare();
-                    asked = spare.len();
+                    let asked = spare.len();
                     let got = read_some(io.src, spare);
                     match got {
                         Ok(Some(n)) if n > 0 => {
@@ -197,66 +249,97 @@ impl Direction {
                         }
                         _ => pool.put(buf),
                     }
-                    got
+                    match got.map_err(|e| io.src_fault(e))? {
+                        Some(0) => Got::Eof,
+                        Some(n) => Got::Data { drained: n < asked },
+                        None => Got::WouldBlock,
+                    }
                 }
                 // The usual case: read into the worker's scratch buffer and write on at once;
                 // only what the destination refuses moves into a pooled buffer.
-                None => {
-                    if !pool.can_lend() {
-                        return Ok(Step::Starved);
-                    }
-                    asked = scratch.len();
-                    match read_some(io.src, scratch) {
-                        Ok(Some(n)) if n > 0 => {
+                None if pool.can_lend() => {
+                    match read_some(io.src, scratch).map_err(|e| io.src_fault(e))? {
+                        Some(0) => Got::Eof,
+                        Some(n) => {
                             let chunk = scratch.get(..n).unwrap_or_default();
                             self.forward(chunk, io.dst, io.dst_ready, pool)
-                                .map_err(|error| Fault {
-                                    side: io.dst_side,
-                                    error,
-                                })?;
-                            Ok(Some(n))
+                                .map_err(|e| io.dst_fault(e))?;
+                            Got::Data {
+                                drained: n < scratch.len(),
+                            }
                         }
-                        other => other,
+                        None => Got::WouldBlock,
                     }
                 }
+                // The pool is dry but the destination takes bytes.
+                None => self.pass_through(&mut io, scratch)?,
             };
-            match read {
-                Ok(Some(0)) => {
+            match got {
+                Got::Eof => {
                     self.state = DirState::Draining;
                     io.src_ready.readable = false;
                 }
-                Ok(Some(n)) => {
-                    if n < asked && !io.src_ready.read_closed {
+                Got::Data { drained } => {
+                    if drained && !io.src_ready.read_closed {
                         io.src_ready.readable = false;
                     }
                 }
-                Ok(None) => io.src_ready.readable = false,
-                Err(error) => return Err(read_fault(error)),
+                Got::WouldBlock => io.src_ready.readable = false,
+                Got::Left => {}
             }
         }
     }
 
-    /// Writes pending bytes while the destination takes them; returns the buffer when empty.
-    fn flush(
+    /// With no buffer to lend, a direction whose destination is writable still moves: it peeks,
+    /// writes what the destination takes, and consumes exactly that from the source, so nothing
+    /// is left over to hold. Without this, a pair holding the last buffer for a server that waits
+    /// on its own reply stalls every pair of the worker (the echo deadlock of issue 17). It costs
+    /// one more read per step, and runs only while the pool is at its cap.
+    fn pass_through<S: Stream>(
         &mut self,
-        dst: &mut TcpStream,
+        io: &mut Ends<'_, S>,
+        scratch: &mut [u8],
+    ) -> Result<Got, Fault> {
+        let n = match peek_some(io.src, scratch).map_err(|e| io.src_fault(e))? {
+            None => return Ok(Got::WouldBlock),
+            Some(0) => return Ok(Got::Eof),
+            Some(n) => n,
+        };
+        let chunk = scratch.get(..n).unwrap_or_default();
+        let taken = write_ready(io.dst, io.dst_ready, chunk).map_err(|e| io.dst_fault(e))?;
+        self.bytes += taken as u64;
+        let mut left = taken;
+        while left > 0 {
+            let part = scratch.get_mut(..left).unwrap_or_default();
+            match read_some(io.src, part).map_err(|e| io.src_fault(e))? {
+                Some(got) if got > 0 => left -= got.min(left),
+                // The peeked bytes are gone: the stream cannot be kept whole.
+                _ => return Err(io.src_fault(io::ErrorKind::UnexpectedEof.into())),
+            }
+        }
+        Ok(if taken == n {
+            Got::Data {
+                drained: n < scratch.len(),
+            }
+        } else {
+            Got::Left
+        })
+    }
+
+    /// Writes pending bytes while the destination takes them; returns the buffer when empty.
+    fn flush<S: Stream>(
+        &mut self,
+        dst: &mut S,
         ready: &mut Readiness,
         pool: &mut BufferPool,
     ) -> io::Result<()> {
         let Some(buf) = &mut self.buf else {
             return Ok(());
         };
-        while !buf.is_empty() && ready.writable {
-            let asked = buf.pending().len();
-            match write_some(dst, buf.pending())? {
-                Some(n) => {
-                    buf.consume(n);
-                    self.bytes += n as u64;
-                    // A short write means the send buffer is full; EPOLLOUT will say when not.
-                    ready.writable = n == asked;
-                }
-                None => ready.writable = false,
-            }
+        if !buf.is_empty() {
+            let n = write_ready(dst, ready, buf.pending())?;
+            buf.consume(n);
+            self.bytes += n as u64;
         }
         if buf.is_empty() {
             if let Some(buf) = self.buf.take() {
@@ -267,29 +350,22 @@ impl Direction {
     }
 
     /// Writes a freshly read chunk; keeps what the destination did not take.
-    fn forward(
+    fn forward<S: Stream>(
         &mut self,
-        mut chunk: &[u8],
-        dst: &mut TcpStream,
+        chunk: &[u8],
+        dst: &mut S,
         ready: &mut Readiness,
         pool: &mut BufferPool,
     ) -> io::Result<()> {
-        while !chunk.is_empty() && ready.writable {
-            match write_some(dst, chunk)? {
-                Some(n) => {
-                    self.bytes += n as u64;
-                    ready.writable = n == chunk.len();
-                    chunk = chunk.get(n..).unwrap_or_default();
-                }
-                None => ready.writable = false,
-            }
-        }
-        if !chunk.is_empty() {
+        let n = write_ready(dst, ready, chunk)?;
+        self.bytes += n as u64;
+        let rest = chunk.get(n..).unwrap_or_default();
+        if !rest.is_empty() {
             // `pump` checked `can_lend` before reading, and a chunk is at most one buffer long.
             let mut buf = pool
                 .get()
                 .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-            buf.push(chunk);
+            buf.push(rest);
             self.buf = Some(buf);
         }
         Ok(())
@@ -302,24 +378,46 @@ impl Default for Direction {
     }
 }
 
-/// `Ok(None)` means WouldBlock.
-fn read_some(src: &mut TcpStream, into: &mut [u8]) -> io::Result<Option<usize>> {
-    loop {
-        match src.read(into) {
-            Ok(n) => return Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+/// Writes as much of `from` as the destination takes while it is writable; returns how much.
+fn write_ready<S: Stream>(dst: &mut S, ready: &mut Readiness, from: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < from.len() && ready.writable {
+        let rest = from.get(done..).unwrap_or_default();
+        match write_some(dst, rest)? {
+            Some(n) => {
+                done += n;
+                // A short write means the send buffer is full; EPOLLOUT will say when not.
+                ready.writable = n == rest.len();
+            }
+            None => ready.writable = false,
         }
     }
+    Ok(done)
+}
+
+/// `Ok(None)` means WouldBlock.
+fn read_some<S: Stream>(src: &mut S, into: &mut [u8]) -> io::Result<Option<usize>> {
+    retry(|| src.read(into))
+}
+
+/// `Ok(None)` means WouldBlock.
+fn peek_some<S: Stream>(src: &mut S, into: &mut [u8]) -> io::Result<Option<usize>> {
+    retry(|| src.peek(into))
 }
 
 /// `Ok(None)` means WouldBlock. A zero-length write of a non-empty slice is an error.
-fn write_some(dst: &mut TcpStream, from: &[u8]) -> io::Result<Option<usize>> {
+fn write_some<S: Stream>(dst: &mut S, from: &[u8]) -> io::Result<Option<usize>> {
+    match retry(|| dst.write(from))? {
+        Some(0) => Err(io::ErrorKind::WriteZero.into()),
+        other => Ok(other),
+    }
+}
+
+/// Runs a non-blocking call again when a signal interrupted it; `Ok(None)` means WouldBlock.
+pub fn retry<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<Option<T>> {
     loop {
-        match dst.write(from) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => return Ok(Some(n)),
+        match call() {
+            Ok(v) => return Ok(Some(v)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -458,6 +556,27 @@ impl Pair {
     pub fn release_buffers(&mut self, pool: &mut BufferPool) {
         self.up.release(pool);
         self.down.release(pool);
+    }
+
+    /// Makes closing the sockets send a reset (`SO_LINGER 0`) to both peers, so neither takes
+    /// a stream that sluice cut short for a complete one.
+    pub fn reset_on_close(&self) {
+        let zero = Some(std::time::Duration::ZERO);
+        let _ = socket2::SockRef::from(&self.client).set_linger(zero);
+        if let Some(server) = &self.server {
+            let _ = socket2::SockRef::from(server).set_linger(zero);
+        }
+    }
+
+    /// Whether closing now would cut bytes short: a direction still holds bytes, or the pair
+    /// is being torn down while both sides still talk.
+    pub fn cut_short(&self, end: crate::runtime::End) -> bool {
+        use crate::runtime::End;
+        match end {
+            End::Shutdown | End::Error => !self.finished(),
+            End::IdleTimeout => self.buffers_held() > 0,
+            _ => false,
+        }
     }
 
     pub fn buffers_held(&self) -> usize {

@@ -88,8 +88,21 @@ pub struct Backend {
 impl Backend {
     /// A server that runs `handler` for every accepted connection, then closes it.
     pub fn spawn(handler: impl Fn(&mut TcpStream, &Ctx) + Send + Sync + 'static) -> Backend {
+        Backend::spawn_with_buffers(None, handler)
+    }
+
+    /// Like `spawn`; with `Some(bytes)`, every accepted socket has send and receive buffers of
+    /// about that size (inherited from the listener), so the backend pushes back early.
+    pub fn spawn_with_buffers(
+        socket_buffers: Option<usize>,
+        handler: impl Fn(&mut TcpStream, &Ctx) + Send + Sync + 'static,
+    ) -> Backend {
         raise_fd_limit();
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("backend socket");
+        if let Some(bytes) = socket_buffers {
+            socket.set_send_buffer_size(bytes).expect("SO_SNDBUF");
+            socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        }
         socket
             .bind(&SockAddr::from(loopback_any_port()))
             .expect("backend bind");
@@ -125,7 +138,12 @@ impl Backend {
 
     /// Writes back everything it reads; on EOF shuts down its write side and closes.
     pub fn echo() -> Backend {
-        Backend::spawn(|s, _| {
+        Backend::echo_with_buffers(None)
+    }
+
+    /// An echo whose sockets have send and receive buffers of about `socket_buffers` bytes.
+    pub fn echo_with_buffers(socket_buffers: Option<usize>) -> Backend {
+        Backend::spawn_with_buffers(socket_buffers, |s, _| {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 match s.read(&mut buf) {

@@ -8,7 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Poll};
@@ -341,11 +341,6 @@ impl Worker {
                 },
                 crate::sys::io_reason(&fault.error)
             );
-            let zero = Some(Duration::ZERO);
-            let _ = socket2::SockRef::from(&pair.client).set_linger(zero);
-            if let Some(server) = &pair.server {
-                let _ = socket2::SockRef::from(server).set_linger(zero);
-            }
         }
         self.close(key, End::Error);
     }
@@ -370,6 +365,9 @@ impl Worker {
             if let Some(stream) = pair.server.as_mut() {
                 let _ = registry.deregister(stream);
             }
+        }
+        if pair.cut_short(end) {
+            pair.reset_on_close();
         }
         pair.release_buffers(&mut self.pool);
         if let Some(timer) = pair.timer.take() {
