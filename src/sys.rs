@@ -3,6 +3,10 @@
 //! everything exported is a safe function.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
+#[cfg(target_os = "linux")]
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
 
 /// The OS reason of an I/O error in the words an operator reads in a log line:
 /// "address already in use", not "Address already in use (os error 98)".
@@ -102,5 +106,236 @@ impl SignalSet {
                 _ => continue,
             }
         }
+    }
+}
+
+/// Asks the kernel to report each datagram's destination address on a UDP socket bound to a
+/// wildcard address (`IP_PKTINFO`, `IPV6_RECVPKTINFO`), so a reply can leave from the address
+/// the client sent to. Elsewhere than Linux it does nothing, and replies leave from the address
+/// the kernel picks.
+pub fn report_datagram_destination(socket: &impl AsRawFd, v6: bool) -> io::Result<()> {
+    pktinfo::enable(socket.as_raw_fd(), v6)
+}
+
+/// `recv_from` that also returns the datagram's destination address, when the socket was set up
+/// with [`report_datagram_destination`].
+pub fn recv_from_to(
+    socket: &impl AsRawFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    pktinfo::recv(socket.as_raw_fd(), buf)
+}
+
+/// `send_to` with `from` as the source address (one of this host's addresses, as reported by
+/// [`recv_from_to`]).
+pub fn send_to_from(
+    socket: &impl AsRawFd,
+    buf: &[u8],
+    to: SocketAddr,
+    from: IpAddr,
+) -> io::Result<usize> {
+    pktinfo::send(socket.as_raw_fd(), buf, to, from)
+}
+
+#[cfg(target_os = "linux")]
+mod pktinfo {
+    use super::*;
+    use std::mem::{size_of, zeroed};
+
+    /// Control-message room for one `in6_pktinfo` (the larger of the two), aligned for `cmsghdr`.
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+
+    fn on(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
+        let one: libc::c_int = 1;
+        // SAFETY: `one` is a valid c_int that outlives the call; the length matches it.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn enable(fd: RawFd, v6: bool) -> io::Result<()> {
+        if v6 {
+            on(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+        } else {
+            on(fd, libc::IPPROTO_IP, libc::IP_PKTINFO)
+        }
+    }
+
+    fn socket_addr(storage: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
+        match libc::c_int::from(storage.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the family says the storage holds a sockaddr_in, which fits in it.
+                let a: libc::sockaddr_in =
+                    unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+                Ok(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                    u16::from_be(a.sin_port),
+                )))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says the storage holds a sockaddr_in6, which fits in it.
+                let a: libc::sockaddr_in6 =
+                    unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+                Ok(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(a.sin6_addr.s6_addr),
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
+            }
+            _ => Err(io::Error::from(io::ErrorKind::InvalidData)),
+        }
+    }
+
+    pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+        // SAFETY: all-zero is a valid sockaddr_storage and msghdr (null pointers, zero lengths).
+        let (mut storage, mut msg): (libc::sockaddr_storage, libc::msghdr) =
+            unsafe { (zeroed(), zeroed()) };
+        let mut control = Control([0; 64]);
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = control.0.len() as _;
+        // SAFETY: every pointer in `msg` points to a live local of the stated length.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let from = socket_addr(&storage)?;
+        let mut to = None;
+        // SAFETY: `msg` was filled by recvmsg; the CMSG_* macros walk only within
+        // `msg_controllen` bytes of `control`, and each header's data is read unaligned.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                let header = &*cmsg;
+                let data = libc::CMSG_DATA(cmsg);
+                match (header.cmsg_level, header.cmsg_type) {
+                    (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                        let info: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
+                        to = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            info.ipi_addr.s_addr,
+                        ))));
+                    }
+                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                        let info: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
+                        to = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        Ok((n as usize, from, to))
+    }
+
+    pub fn send(fd: RawFd, buf: &[u8], to: SocketAddr, from: IpAddr) -> io::Result<usize> {
+        let to = socket2::SockAddr::from(to);
+        let mut control = Control([0; 64]);
+        // SAFETY: all-zero is a valid msghdr.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        msg.msg_name = to.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = to.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        let (level, kind, len) = match from {
+            IpAddr::V4(_) => (
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                size_of::<libc::in_pktinfo>(),
+            ),
+            IpAddr::V6(_) => (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                size_of::<libc::in6_pktinfo>(),
+            ),
+        };
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(len as libc::c_uint) } as _;
+        // SAFETY: `control` is aligned for cmsghdr and larger than CMSG_SPACE of either pktinfo,
+        // so the first header and its data lie within it; the data is written unaligned.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            if cmsg.is_null() {
+                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            }
+            (*cmsg).cmsg_level = level;
+            (*cmsg).cmsg_type = kind;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(len as libc::c_uint) as _;
+            let data = libc::CMSG_DATA(cmsg);
+            match from {
+                IpAddr::V4(ip) => {
+                    let info = libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(ip).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    };
+                    std::ptr::write_unaligned(data.cast(), info);
+                }
+                IpAddr::V6(ip) => {
+                    let info = libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr {
+                            s6_addr: ip.octets(),
+                        },
+                        ipi6_ifindex: 0,
+                    };
+                    std::ptr::write_unaligned(data.cast(), info);
+                }
+            }
+        }
+        // SAFETY: every pointer in `msg` points to a live value of the stated length.
+        let n = unsafe { libc::sendmsg(fd, &msg, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod pktinfo {
+    use super::*;
+
+    pub fn enable(_fd: RawFd, _v6: bool) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn socket(fd: RawFd) -> std::mem::ManuallyDrop<std::net::UdpSocket> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: `fd` is an open UDP socket owned by the caller; ManuallyDrop never closes it.
+        std::mem::ManuallyDrop::new(unsafe { std::net::UdpSocket::from_raw_fd(fd) })
+    }
+
+    pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+        let (n, from) = socket(fd).recv_from(buf)?;
+        Ok((n, from, None))
+    }
+
+    pub fn send(fd: RawFd, buf: &[u8], to: SocketAddr, _from: IpAddr) -> io::Result<usize> {
+        socket(fd).send_to(buf, to)
     }
 }

@@ -517,3 +517,72 @@ fn command_line_udp_forward() {
     assert_eq!(exchange(&socket, sluice.addr, &payload), payload);
     assert_eq!(backend.peers().len(), 1, "one session for one client");
 }
+
+/// Issue 17, item 3: a second process (here a second proxy) cannot bind a UDP port that one
+/// already listens on; it fails as TCP does, naming the address.
+#[test]
+fn a_udp_port_in_use_cannot_be_bound_twice() {
+    let backend = UdpBackend::echo("a");
+    let first = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let addr = first.local_addr(0).expect("listener");
+    let conf =
+        udp_conf(&server_lines(&[backend.addr], ""), "").replace("127.0.0.1:0", &addr.to_string());
+    let config = sluice::config::Config::parse(&conf, "test.conf").expect("config");
+    let err = match sluice::runtime::Proxy::start(config) {
+        Ok(_) => panic!("a second proxy bound udp {addr}, which the first one holds"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(
+        err,
+        format!("cannot listen on udp {addr}: address already in use")
+    );
+    let client = udp_client(IO_TIMEOUT);
+    assert_eq!(exchange(&client, addr, b"still mine"), b"still mine");
+}
+
+/// Issue 17, item 4: on a wildcard listener a reply leaves from the address the client sent
+/// to, so a client that sent to 127.0.0.2 sees its answer come from there, and a client that
+/// `connect()`ed its socket (as DNS stubs do) receives it at all.
+#[test]
+fn a_wildcard_listener_replies_from_the_address_the_client_sent_to() {
+    let backend = UdpBackend::echo("a");
+    for (wildcard, targets) in [
+        ("0.0.0.0:0", &["127.0.0.2", "127.0.0.1", "127.0.0.3"][..]),
+        ("[::]:0", &["::1"][..]),
+    ] {
+        let conf =
+            udp_conf(&server_lines(&[backend.addr], ""), "").replace("127.0.0.1:0", wildcard);
+        let proxy = start(&conf);
+        let port = proxy.local_addr(0).expect("listener").port();
+        for target in targets {
+            let ip: std::net::IpAddr = target.parse().expect("ip");
+            let to = SocketAddr::new(ip, port);
+            let local: SocketAddr = if ip.is_ipv4() {
+                "127.0.0.1:0".parse().expect("addr")
+            } else {
+                "[::1]:0".parse().expect("addr")
+            };
+            let free = UdpSocket::bind(local).expect("bind client");
+            free.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            free.send_to(b"where from?", to).expect("send");
+            let mut buf = [0u8; 64];
+            let (n, from) = free.recv_from(&mut buf).expect("a reply");
+            assert_eq!(&buf[..n], b"where from?");
+            assert_eq!(
+                from, to,
+                "the reply must come from the address the client sent to"
+            );
+
+            let connected = UdpSocket::bind(local).expect("bind client");
+            connected
+                .set_read_timeout(Some(IO_TIMEOUT))
+                .expect("timeout");
+            connected.connect(to).expect("connect");
+            connected.send(b"connected").expect("send");
+            let n = connected
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("a connected client of {to} got no reply: {e}"));
+            assert_eq!(&buf[..n], b"connected");
+        }
+    }
+}

@@ -12,11 +12,16 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// the worker is busy (the kernel caps it at `net.core.rmem_max`).
 const LISTEN_RCVBUF: usize = 4 << 20;
 
+/// Binds a listening socket. No `SO_REUSEADDR`: for UDP it would let a second process bind the
+/// same port and take its datagrams. On a wildcard address the kernel is asked for each
+/// datagram's destination, so replies can leave from the address the client sent to.
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if addr.ip().is_unspecified() {
+        crate::sys::report_datagram_destination(&socket, addr.is_ipv6())?;
     }
     // Best effort: a smaller buffer only means earlier drops under bursts.
     let _ = socket.set_recv_buffer_size(LISTEN_RCVBUF);

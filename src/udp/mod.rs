@@ -16,7 +16,7 @@ mod listener;
 pub mod session;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,8 @@ impl Tally {
 pub(crate) struct Session {
     gen: u32,
     server: usize,
+    /// On a wildcard listener: the address the client last sent to, where replies leave from.
+    local: Option<IpAddr>,
     socket: UdpSocket,
     readable: bool,
     started: Instant,
@@ -78,8 +80,34 @@ struct UdpListen {
     socket: UdpSocket,
     conf: Listen,
     addr: SocketAddr,
+    /// Bound to `0.0.0.0` or `[::]`: datagrams carry their destination address.
+    wildcard: bool,
     readable: bool,
     sessions: SessionTable<Session>,
+}
+
+impl UdpListen {
+    /// One datagram from a client, with the local address it was sent to on a wildcard listener.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+        if self.wildcard {
+            return crate::sys::recv_from_to(&self.socket, buf);
+        }
+        let (n, from) = self.socket.recv_from(buf)?;
+        Ok((n, from, None))
+    }
+
+    /// A reply to `client`, from `local` when the listener is a wildcard one.
+    fn reply(
+        &self,
+        datagram: &[u8],
+        client: SocketAddr,
+        local: Option<IpAddr>,
+    ) -> io::Result<usize> {
+        match local {
+            Some(local) => crate::sys::send_to_from(&self.socket, datagram, client, local),
+            None => self.socket.send_to(datagram, client),
+        }
+    }
 }
 
 pub(crate) struct UdpProxy {
@@ -117,6 +145,7 @@ impl UdpProxy {
                 socket,
                 conf: conf.clone(),
                 addr,
+                wildcard: addr.ip().is_unspecified(),
                 readable: false,
                 sessions: SessionTable::default(),
             });
@@ -216,7 +245,7 @@ impl UdpProxy {
             let Some(l) = self.listeners.get_mut(i) else {
                 return;
             };
-            let (n, client) = match l.socket.recv_from(&mut self.buf) {
+            let (n, client, local) = match l.recv(&mut self.buf) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     l.readable = false;
@@ -239,17 +268,25 @@ impl UdpProxy {
                     None => continue,
                 },
             };
-            self.send_up(i, key, n, ctx);
+            self.send_up(i, key, n, local, ctx);
         }
     }
 
-    fn send_up(&mut self, i: usize, key: usize, n: usize, ctx: &mut Ctx<'_>) {
+    fn send_up(
+        &mut self,
+        i: usize,
+        key: usize,
+        n: usize,
+        local: Option<IpAddr>,
+        ctx: &mut Ctx<'_>,
+    ) {
         let Some(l) = self.listeners.get_mut(i) else {
             return;
         };
         let Some(s) = l.sessions.get_mut(key) else {
             return;
         };
+        s.local = local;
         let datagram = self.buf.get(..n).unwrap_or_default();
         match s.socket.send(datagram) {
             Ok(_) => {
@@ -309,8 +346,9 @@ impl UdpProxy {
             s.down.add(n);
             s.last_active = ctx.now;
             let replies = s.down.datagrams;
+            let local = s.local;
             let datagram = self.buf.get(..n).unwrap_or_default();
-            if let Err(e) = l.socket.send_to(datagram, client) {
+            if let Err(e) = l.reply(datagram, client, local) {
                 ctx.stats.udp_dropped.fetch_add(1, Ordering::Relaxed);
                 log::trace!(
                     "udp {}: reply to {} dropped: {}",
@@ -389,6 +427,7 @@ impl UdpProxy {
             Session {
                 gen,
                 server,
+                local: None,
                 socket,
                 readable: false,
                 started: ctx.now,
