@@ -568,10 +568,14 @@ impl Pair {
         }
     }
 
-    /// Whether closing now would cut bytes short: a direction still holds bytes, or the pair
-    /// is being torn down while both sides still talk.
+    /// Whether closing now cuts a stream short: bytes flowed and either a direction still holds
+    /// some, or the pair is torn down before both sides finished. A pair that never reached a
+    /// server closes with a FIN, as on `connect_failed`: no stream was started to cut.
     pub fn cut_short(&self, end: crate::runtime::End) -> bool {
         use crate::runtime::End;
+        if !matches!(self.state, PairState::Streaming { .. }) {
+            return false;
+        }
         match end {
             End::Shutdown | End::Error => !self.finished(),
             End::IdleTimeout => self.buffers_held() > 0,
