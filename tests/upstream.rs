@@ -438,3 +438,32 @@ fn command_line_balance_least_conn() {
     }
     busy.finish().expect("finish");
 }
+
+/// Issue 17, item 5: in a group of 300 servers where only the last one is alive, every client
+/// reaches it with enough tries, whatever the method: a retry never skips an untried server.
+#[test]
+fn every_server_of_a_large_group_can_be_tried() {
+    const SERVERS: usize = 300;
+    const CLIENTS: usize = 20;
+    let dead: Vec<RefusedTcp> = (0..SERVERS - 1).map(|_| refused_tcp()).collect();
+    let live = TcpBackend::greet("live");
+    let mut lines: String = dead
+        .iter()
+        .map(|d| format!("    server {} max_fails=0;\n", d.addr))
+        .collect();
+    lines.push_str(&format!("    server {} max_fails=0;\n", live.addr));
+    for (name, _) in sluice::config::Balance::ALL {
+        let conf = format!(
+            "access_log off;\nupstream u {{\n    balance {name};\n{lines}}}\nlisten 127.0.0.1:0 {{\n    proxy u;\n    next_upstream_tries {SERVERS};\n}}\n"
+        );
+        let proxy = start(&conf);
+        let addr = addr_of(&proxy);
+        let reached = (0..CLIENTS)
+            .filter(|_| fetch_name(addr).is_ok_and(|n| n == "live"))
+            .count();
+        assert_eq!(
+            reached, CLIENTS,
+            "{name}: clients that reached the live server"
+        );
+    }
+}

@@ -93,23 +93,44 @@ impl ServerState {
     }
 }
 
-/// Servers already tried by one client connection: a 256-bit set, no allocation. Server `i` uses
-/// bit `i % 256`, so in a group of more than 256 servers trying server `i` also rules out `i ± 256`
-/// for that connection: a retry may skip an untried server, but never repeats a tried one.
-#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+/// Servers already tried by one client connection: a bit set with no size limit. The first 256
+/// servers live inline, so a pair in a group of up to 256 servers never allocates for it; a retry
+/// in a larger group grows a heap part once, sized to the server it marks.
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
 pub struct Tried {
-    bits: [u64; 4],
+    inline: [u64; INLINE_WORDS],
+    more: Option<Box<[u64]>>,
 }
+
+const INLINE_WORDS: usize = 4;
 
 impl Tried {
     pub fn insert(&mut self, i: usize) {
-        let b = i % 256;
-        self.bits[b / 64] |= 1 << (b % 64);
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if let Some(w) = self.inline.get_mut(word) {
+            *w |= bit;
+            return;
+        }
+        let at = word - INLINE_WORDS;
+        let more = self.more.get_or_insert_with(Default::default);
+        if at >= more.len() {
+            let mut grown = vec![0u64; at + 1].into_boxed_slice();
+            grown[..more.len()].copy_from_slice(more);
+            *more = grown;
+        }
+        more[at] |= bit;
     }
 
     pub fn contains(&self, i: usize) -> bool {
-        let b = i % 256;
-        self.bits[b / 64] & (1 << (b % 64)) != 0
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        let w = match self.inline.get(word) {
+            Some(w) => Some(w),
+            None => self
+                .more
+                .as_ref()
+                .and_then(|more| more.get(word - INLINE_WORDS)),
+        };
+        w.is_some_and(|w| w & bit != 0)
     }
 }
 
@@ -338,16 +359,18 @@ mod tests {
     }
 
     #[test]
-    fn tried_is_a_bitset_modulo_256() {
+    fn tried_marks_exactly_the_servers_inserted_in_any_group_size() {
         let mut t = Tried::default();
-        assert!(!t.contains(0));
-        for i in [0, 63, 64, 200, 255] {
+        assert!(!t.contains(0) && !t.contains(100_000));
+        let marked = [0, 63, 64, 200, 255, 256, 299, 511, 4096];
+        for i in marked {
             t.insert(i);
             assert!(t.contains(i));
         }
-        assert!(!t.contains(1) && !t.contains(65) && !t.contains(254));
-        // Aliasing: 256 + 1 shares bit 1 only once 1 or 257 is inserted.
-        assert!(t.contains(256) && !t.contains(257));
+        for i in 0..5000 {
+            assert_eq!(t.contains(i), marked.contains(&i), "server {i}");
+        }
+        assert_eq!(t.clone(), t);
     }
 
     #[test]
