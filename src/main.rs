@@ -1,7 +1,6 @@
 //! The `sluice` command: parse the command line, load or build a config, run the proxy until
 //! SIGINT/SIGTERM. Exit status: 0 clean stop, 1 config or runtime error, 2 usage error.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -89,6 +88,16 @@ fn parse_args(args: &[String]) -> Result<Mode, Failure> {
     if let Some(extra) = m.free.first() {
         return Err(Failure::Usage(format!("unexpected argument '{}'", extra)));
     }
+    // Usage errors win over config errors: check every option before reading the file.
+    let log_level = match m.opt_str("l") {
+        None => None,
+        Some(level) => Some(level.parse().map_err(|_| {
+            Failure::Usage(format!(
+                "unknown log level '{}' (error, warn, info, debug, trace)",
+                level
+            ))
+        })?),
+    };
     let forward = m.opt_present("L") || !m.opt_strs("U").is_empty();
     let mut config = if forward {
         if m.opt_present("c") || m.opt_present("t") {
@@ -111,13 +120,8 @@ fn parse_args(args: &[String]) -> Result<Mode, Failure> {
         }
         config
     };
-    if let Some(level) = m.opt_str("l") {
-        config.log_level = level.parse().map_err(|_| {
-            Failure::Usage(format!(
-                "unknown log level '{}' (error, warn, info, debug, trace)",
-                level
-            ))
-        })?;
+    if let Some(level) = log_level {
+        config.log_level = level;
     }
     Ok(Mode::Run(config))
 }
@@ -126,13 +130,10 @@ fn forward_config(m: &getopts::Matches) -> Result<Config, Failure> {
     let listen = m
         .opt_str("L")
         .ok_or_else(|| Failure::Usage("-U needs -L ADDR to listen on".into()))?;
-    let listen = resolve(&listen)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| Failure::Usage(format!("cannot resolve '{}'", listen)))?;
+    let listen = config::listen_addr(&listen).map_err(|e| Failure::Usage(format!("-L: {e}")))?;
     let mut servers = Vec::new();
     for arg in m.opt_strs("U") {
-        servers.extend(resolve(&arg)?);
+        servers.extend(config::server_addrs(&arg).map_err(|e| Failure::Usage(format!("-U: {e}")))?);
     }
     if servers.is_empty() {
         return Err(Failure::Usage(
@@ -158,28 +159,6 @@ fn forward_config(m: &getopts::Matches) -> Result<Config, Failure> {
     Ok(Config::forward(proto, listen, &servers, balance))
 }
 
-/// `IP:PORT`, `[IPv6]:PORT`, `host:PORT` or a bare `PORT` (all IPv4 addresses).
-fn resolve(arg: &str) -> Result<Vec<SocketAddr>, Failure> {
-    if let Ok(port) = arg.parse::<u16>() {
-        return Ok(vec![SocketAddr::from(([0, 0, 0, 0], port))]);
-    }
-    if let Ok(addr) = arg.parse::<SocketAddr>() {
-        return Ok(vec![addr]);
-    }
-    if !arg.contains(':') {
-        return Err(Failure::Usage(format!("address '{}' has no port", arg)));
-    }
-    arg.to_socket_addrs()
-        .map(|addrs| addrs.collect())
-        .map_err(|e| {
-            Failure::Usage(format!(
-                "cannot resolve '{}': {}",
-                arg,
-                sluice::sys::io_reason(&e)
-            ))
-        })
-}
-
 fn run(config: Config) -> ExitCode {
     sluice::logging::init(config.log_level);
     let signals = match SignalSet::block() {
@@ -199,7 +178,7 @@ fn run(config: Config) -> ExitCode {
     let proxy = match Proxy::start(config) {
         Ok(p) => p,
         Err(e) => {
-            log::error!("{}", e);
+            // Printed once, like a config error; a log line would say it a second time.
             eprintln!("sluice: {}", e);
             return ExitCode::from(1);
         }

@@ -235,3 +235,107 @@ fn usage_errors_exit_2() {
         );
     }
 }
+
+/// Issue 17, item 12: a bind failure is printed once, not as a log line and a message both.
+#[test]
+fn a_bind_failure_is_printed_once() {
+    let taken = TcpListener::bind(loopback_any_port()).expect("bind");
+    let addr: SocketAddr = taken.local_addr().expect("address");
+    let out = run_sluice(&["-L", &addr.to_string(), "-U", "127.0.0.1:1"]);
+    assert_eq!(out.code, Some(1), "stderr:\n{}", out.stderr);
+    let mentions = out.stderr.matches("cannot listen on").count();
+    assert_eq!(mentions, 1, "stderr:\n{}", out.stderr);
+}
+
+/// Issue 17, items 12 and 13: `-t` rejects what a start would reject, `-U` takes exactly what
+/// `server` takes, and a usage error (exit 2) wins over a config error (exit 1).
+#[test]
+fn the_command_line_checks_what_the_config_checks() {
+    let good = TempFile::new("good", "listen 127.0.0.1:0 {\n  proxy 127.0.0.1:1;\n}\n");
+    let bad = TempFile::new("bad", "lisen 80;\n");
+    let mapped = TempFile::new(
+        "mapped",
+        "listen [::ffff:127.0.0.1]:8080 {\n  proxy 127.0.0.1:1;\n}\n",
+    );
+    let cases: [(&[&str], i32, &str); 8] = [
+        (&["-t", "-c", mapped.path_str()], 1, "IPv4-mapped"),
+        (&["-L", "127.0.0.1:0", "-U", "127.0.0.1:0"], 2, "port 0"),
+        (&["-L", "127.0.0.1:0", "-U", "::1:80"], 2, "[ADDR]:PORT"),
+        (&["-L", "127.0.0.1:0", "-U", "127.1:80"], 2, "dotted-quad"),
+        (&["-L", "127.0.0.1:0", "-U", "0x7f.1:80"], 2, "dotted-quad"),
+        (
+            &["-t", "-l", "bogus", "-c", good.path_str()],
+            2,
+            "unknown log level",
+        ),
+        (
+            &["-l", "bogus", "-c", bad.path_str()],
+            2,
+            "unknown log level",
+        ),
+        (
+            &["-L", "[::ffff:127.0.0.1]:80", "-U", "127.0.0.1:1"],
+            2,
+            "IPv4-mapped",
+        ),
+    ];
+    for (args, code, phrase) in cases {
+        let out = run_sluice(args);
+        assert_eq!(
+            out.code,
+            Some(code),
+            "`sluice {}`; stderr:\n{}",
+            args.join(" "),
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(phrase),
+            "`sluice {}` should say {phrase:?}; stderr:\n{}",
+            args.join(" "),
+            out.stderr
+        );
+    }
+}
+
+/// Issue 17, item 11: a byte-order mark is skipped; invalid UTF-8 is reported with its line and
+/// column; control characters are escaped and a huge token is cut in the message.
+#[test]
+fn config_messages_are_safe_to_print() {
+    let bom = TempFile::new(
+        "bom",
+        "\u{feff}listen 127.0.0.1:0 {\n  proxy 127.0.0.1:1;\n}\n",
+    );
+    let out = run_sluice(&["-t", "-c", bom.path_str()]);
+    assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
+
+    let dir = std::env::temp_dir();
+    let not_utf8 = dir.join(format!("sluice-not-utf8-{}.conf", unique()));
+    std::fs::write(&not_utf8, b"listen 80 {\n  proxy \xff;\n}\n").expect("write");
+    let path = not_utf8.display().to_string();
+    let out = run_sluice(&["-t", "-c", &path]);
+    let _ = std::fs::remove_file(&not_utf8);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains(&format!("{path}:2:9: invalid UTF-8")),
+        "stderr:\n{}",
+        out.stderr
+    );
+
+    let long = "x".repeat(1_000_000);
+    let nasty = TempFile::new("nasty", &format!("a\u{0}\u{1b}[2J{long};\n"));
+    let out = run_sluice(&["-t", "-c", nasty.path_str()]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.len() < 4096,
+        "{} bytes of stderr",
+        out.stderr.len()
+    );
+    assert!(
+        !out.stderr.contains('\u{0}') && !out.stderr.contains('\u{1b}'),
+        "raw control characters in: {:?}",
+        out.stderr
+    );
+    assert!(out
+        .stderr
+        .contains("unknown directive 'a\\u{0}\\u{1b}[2Jxxx"));
+}

@@ -5,10 +5,12 @@
 //! upstream that exists, every upstream has at least one server, every value is in range.
 //! Nothing here touches a socket; host names are resolved once, when the file is loaded.
 
+mod addr;
 mod error;
 mod lexer;
 mod parse;
 
+pub use addr::listen_addr;
 pub use error::ConfigError;
 pub use lexer::{Lexer, Token, TokenKind};
 pub use parse::{parse_duration, parse_size};
@@ -214,6 +216,23 @@ impl Listen {
     }
 }
 
+/// A server address as `server` takes it (`IP:PORT`, `[IPv6]:PORT` or `host:PORT`, the name
+/// resolved now, blocking), for the command line's `-U`.
+pub fn server_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
+    match addr::host_port(text, "server address")? {
+        addr::HostPort::Addr(a) => Ok(vec![a]),
+        addr::HostPort::Name(host, port) => {
+            let found: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+                .map_err(|e| format!("cannot resolve '{host}': {}", crate::sys::io_reason(&e)))?
+                .collect();
+            if found.is_empty() {
+                return Err(format!("cannot resolve '{host}': no addresses"));
+            }
+            Ok(found)
+        }
+    }
+}
+
 impl Config {
     /// Parse config text. `file` is the name used in error messages.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
@@ -223,8 +242,10 @@ impl Config {
     /// Read and parse a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::io(&file, &e))?;
-        Config::parse(&text, &file)
+        let bytes = std::fs::read(path).map_err(|e| ConfigError::io(&file, &e))?;
+        let text =
+            std::str::from_utf8(&bytes).map_err(|e| ConfigError::not_utf8(&file, &bytes, &e))?;
+        Config::parse(text, &file)
     }
 
     /// The config of a command-line forward: one listener, one implicit upstream.

@@ -12,11 +12,13 @@
 //! function so that tests never touch DNS. Nothing here panics on any input: numbers use checked
 //! arithmetic, slices use `get`.
 
+use super::addr::{self, HostPort};
 use super::{
     Balance, Config, ConfigError, HealthCheck, Lexer, Listen, Proto, Server, TokenKind, Upstream,
 };
+use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::time::Duration;
 
@@ -66,6 +68,8 @@ fn resolve_host(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
 }
 
 fn parse_with(text: &str, file: &str, resolve: Resolve<'_>) -> Result<Config, ConfigError> {
+    // Editors on some systems start UTF-8 files with a byte-order mark; it is not part of the text.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut parser = Parser {
         text,
         file,
@@ -73,7 +77,9 @@ fn parse_with(text: &str, file: &str, resolve: Resolve<'_>) -> Result<Config, Co
         resolve,
         config: Config::default(),
         explicit_upstreams: Vec::new(),
+        upstream_names: HashMap::new(),
         listeners: Vec::new(),
+        listen_lines: HashMap::new(),
         buffer_memory: None,
     };
     parser.main()?;
@@ -108,6 +114,18 @@ const LISTEN_DIRECTIVES: &[&str] = &[
     "udp_responses",
     "max_sessions",
 ];
+/// The listen directives that have a meaning for one protocol only.
+fn listen_directive_proto(name: &str) -> Option<Proto> {
+    match name {
+        "connect_timeout"
+        | "half_close_timeout"
+        | "next_upstream_tries"
+        | "next_upstream_timeout" => Some(Proto::Tcp),
+        "udp_responses" | "max_sessions" => Some(Proto::Udp),
+        _ => None,
+    }
+}
+
 const SERVER_OPTIONS: &[&str] = &[
     "weight",
     "max_conns",
@@ -216,6 +234,40 @@ enum Item {
     Eof(Pos),
 }
 
+/// The listen addresses of a file by protocol and port, to find a server that is one of them.
+struct OwnAddresses(HashMap<(Proto, u16), Vec<(SocketAddr, u32)>>);
+
+impl OwnAddresses {
+    fn new(pending: &[PendingListen]) -> OwnAddresses {
+        let mut map: HashMap<(Proto, u16), Vec<(SocketAddr, u32)>> = HashMap::new();
+        for p in pending.iter().filter(|p| p.listen.addr.port() != 0) {
+            map.entry((p.listen.proto, p.listen.addr.port()))
+                .or_default()
+                .push((p.listen.addr, p.line));
+        }
+        OwnAddresses(map)
+    }
+
+    /// The listen address (and its line) that a connection to `server` would arrive at. A
+    /// wildcard listen address takes every address of this host in its family.
+    fn reached_by(&self, proto: Proto, server: SocketAddr) -> Option<(SocketAddr, u32)> {
+        let listens = self.0.get(&(proto, server.port()))?;
+        listens.iter().copied().find(|(listen, _)| {
+            listen.ip() == server.ip()
+                || (listen.ip().is_unspecified()
+                    && listen.is_ipv4() == server.is_ipv4()
+                    && is_local(server.ip()))
+        })
+    }
+}
+
+/// Whether `ip` is one of this host's addresses: the kernel lets a socket bind only to those.
+fn is_local(ip: IpAddr) -> bool {
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// Directives (or options) already set in one block, with the line that set them.
 #[derive(Default)]
 struct Seen(Vec<(String, u32)>);
@@ -227,12 +279,6 @@ struct PendingListen {
     proxy: Arg,
     /// `next_upstream_tries` as written; 0 or `None` = the upstream's server count.
     tries: Option<u32>,
-}
-
-/// A server or proxy address before resolution.
-enum HostPort<'s> {
-    Addr(SocketAddr),
-    Name(&'s str, u16),
 }
 
 enum NumberError {
@@ -248,7 +294,12 @@ struct Parser<'a> {
     config: Config,
     /// Line of each `upstream` block so far, by index into `config.upstreams`.
     explicit_upstreams: Vec<u32>,
+    /// Every upstream so far by name (explicit and implicit), so a lookup is not a scan: a file
+    /// with 40,000 upstreams parses in linear time.
+    upstream_names: HashMap<String, usize>,
     listeners: Vec<PendingListen>,
+    /// The line of each `listen` so far, by protocol and address (port 0 excluded).
+    listen_lines: HashMap<(Proto, SocketAddr), u32>,
     /// The `buffer_memory` argument, checked against `buffer_size` at the end.
     buffer_memory: Option<Arg>,
 }
@@ -382,12 +433,10 @@ impl Parser<'_> {
         self.no_more(stmt, 1)?;
         self.open(stmt)?;
         let first = self
-            .config
-            .upstreams
-            .iter()
-            .zip(&self.explicit_upstreams)
-            .find(|(u, _)| u.name == name.text);
-        if let Some((_, line)) = first {
+            .upstream_names
+            .get(&name.text)
+            .and_then(|&i| self.explicit_upstreams.get(i));
+        if let Some(line) = first {
             return Err(self.err_at(
                 name,
                 format!(
@@ -403,6 +452,7 @@ impl Parser<'_> {
             health_check: None,
         };
         let mut seen = Seen::default();
+        let mut server_lines: HashMap<SocketAddr, u32> = HashMap::new();
         loop {
             let inner = match self.item()? {
                 Item::Stmt(inner) => inner,
@@ -417,7 +467,22 @@ impl Parser<'_> {
                     upstream.balance = Balance::from_name(&arg.text)
                         .ok_or_else(|| self.not_one_of(arg, "balance method", &names))?;
                 }
-                "server" => self.server(&inner, &mut upstream.servers)?,
+                "server" => {
+                    let before = upstream.servers.len();
+                    self.server(&inner, &mut upstream.servers)?;
+                    for server in upstream.servers.get(before..).unwrap_or_default() {
+                        if let Some(first) = server_lines.insert(server.addr, inner.name.line) {
+                            let at = inner.args.first().unwrap_or(&inner.name);
+                            return Err(self.err_at(
+                                at,
+                                format!(
+                                    "duplicate server {} in upstream '{}' (first at line {first})",
+                                    server.addr, name.text
+                                ),
+                            ));
+                        }
+                    }
+                }
                 "health_check" => {
                     self.once(&mut seen, &inner)?;
                     upstream.health_check = Some(self.health_check(&inner)?);
@@ -434,7 +499,7 @@ impl Parser<'_> {
                 ),
             ));
         }
-        self.config.upstreams.push(upstream);
+        self.add_upstream(upstream);
         self.explicit_upstreams.push(stmt.name.line);
         Ok(())
     }
@@ -575,19 +640,16 @@ impl Parser<'_> {
         self.open(stmt)?;
         let addr = self.listen_addr(addr_arg)?;
         // Port 0 asks the kernel for a fresh port each time, so two of them never collide.
-        let first = self
-            .listeners
-            .iter()
-            .find(|p| p.listen.proto == proto && p.listen.addr == addr && addr.port() != 0);
-        if let Some(first) = first {
-            return Err(self.err_at(
-                addr_arg,
-                format!(
-                    "duplicate listen {} {addr} (first defined at line {})",
-                    proto.as_str(),
-                    first.line
-                ),
-            ));
+        if addr.port() != 0 {
+            if let Some(first) = self.listen_lines.insert((proto, addr), stmt.name.line) {
+                return Err(self.err_at(
+                    addr_arg,
+                    format!(
+                        "duplicate listen {} {addr} (first defined at line {first})",
+                        proto.as_str()
+                    ),
+                ));
+            }
         }
         let mut listen = Listen::new(proto, addr, 0, 0);
         let mut proxy = None;
@@ -601,12 +663,17 @@ impl Parser<'_> {
                 Item::Eof(pos) => return Err(self.unclosed(pos, stmt)),
             };
             let name = inner.name();
-            if proto == Proto::Tcp && matches!(name, "udp_responses" | "max_sessions") {
+            if let Some(only) = listen_directive_proto(name).filter(|&p| p != proto) {
+                let hint = match only {
+                    Proto::Udp => "write 'listen udp ADDR' for udp",
+                    Proto::Tcp => "udp sessions pick one server and do not connect",
+                };
                 return Err(self.err_at(
                     &inner.name,
                     format!(
-                        "'{name}' applies to udp listeners only (this one is tcp; \
-                         write 'listen udp ADDR' for udp)"
+                        "'{name}' applies to {} listeners only (this one is {}; {hint})",
+                        only.as_str(),
+                        proto.as_str()
                     ),
                 ));
             }
@@ -680,13 +747,16 @@ impl Parser<'_> {
             }
         }
         let explicit = self.config.upstreams.len();
-        for pending in std::mem::take(&mut self.listeners) {
+        let pending = std::mem::take(&mut self.listeners);
+        let own = OwnAddresses::new(&pending);
+        for pending in pending {
             let upstream = self.proxy_target(&pending.proxy, explicit)?;
             let servers = self
                 .config
                 .upstreams
                 .get(upstream)
                 .map_or(1, |u| u.servers.len());
+            self.no_loop(&pending, upstream, &own)?;
             let mut listen = pending.listen;
             listen.upstream = upstream;
             listen.next_upstream_tries = match pending.tries {
@@ -698,28 +768,58 @@ impl Parser<'_> {
         Ok(self.config)
     }
 
+    /// Adds an upstream; returns its index.
+    fn add_upstream(&mut self, upstream: Upstream) -> usize {
+        let index = self.config.upstreams.len();
+        self.upstream_names.insert(upstream.name.clone(), index);
+        self.config.upstreams.push(upstream);
+        index
+    }
+
+    /// A listener whose upstream includes one of sluice's own listen addresses would feed its
+    /// own connections back to itself until descriptors or CPU run out.
+    fn no_loop(
+        &self,
+        pending: &PendingListen,
+        upstream: usize,
+        own: &OwnAddresses,
+    ) -> Result<(), ConfigError> {
+        let proto = pending.listen.proto;
+        let Some(u) = self.config.upstreams.get(upstream) else {
+            return Ok(());
+        };
+        for server in &u.servers {
+            if let Some((addr, line)) = own.reached_by(proto, server.addr) {
+                return Err(self.err_at(
+                    &pending.proxy,
+                    format!(
+                        "proxy loop: upstream '{}' includes {}, which is sluice's own listen {} {addr} (line {line})",
+                        u.name,
+                        server.addr,
+                        proto.as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The index of the upstream `proxy ARG;` names. An argument with a ':' that names no
     /// upstream is an address: it gets an implicit upstream named after its text, shared by every
     /// listener that writes the same text.
     fn proxy_target(&mut self, arg: &Arg, explicit: usize) -> Result<usize, ConfigError> {
-        if let Some(index) = self
-            .config
-            .upstreams
-            .iter()
-            .position(|u| u.name == arg.text)
-        {
+        if let Some(&index) = self.upstream_names.get(&arg.text) {
             return Ok(index);
         }
         if arg.text.contains(':') {
             let addr = self.host_port(arg, "proxy address")?;
             let addrs = self.resolve_addr(addr, arg, "proxy address")?;
-            self.config.upstreams.push(Upstream {
+            return Ok(self.add_upstream(Upstream {
                 name: arg.text.clone(),
                 balance: Balance::RoundRobin,
                 servers: addrs.into_iter().map(Server::new).collect(),
                 health_check: None,
-            });
-            return Ok(self.config.upstreams.len() - 1);
+            }));
         }
         let names = self
             .config
@@ -738,59 +838,7 @@ impl Parser<'_> {
 
     /// `IP:PORT`, `[IPv6]:PORT`, or `host:PORT` (resolved later); port 0 is an error.
     fn host_port<'s>(&self, arg: &'s Arg, what: &str) -> Result<HostPort<'s>, ConfigError> {
-        let text = arg.text.as_str();
-        let no_port = || self.err_at(arg, format!("{what} '{text}' has no port"));
-        let bad = || {
-            self.err_at(
-                arg,
-                format!("bad {what} '{text}' (expected IP:PORT, [IPv6]:PORT or host:PORT)"),
-            )
-        };
-        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
-            if host.parse::<Ipv6Addr>().is_err() {
-                return Err(bad());
-            }
-            match after.strip_prefix(':') {
-                Some(port) => (host, port),
-                None if after.is_empty() => return Err(no_port()),
-                None => return Err(bad()),
-            }
-        } else {
-            let Some((host, port)) = text.rsplit_once(':') else {
-                return Err(no_port());
-            };
-            if host.contains(':') {
-                if text.parse::<Ipv6Addr>().is_ok() {
-                    return Err(self.err_at(
-                        arg,
-                        format!("{what} '{text}' has no port (write IPv6 as [ADDR]:PORT)"),
-                    ));
-                }
-                return Err(bad());
-            }
-            (host, port)
-        };
-        if port.is_empty() {
-            return Err(no_port());
-        }
-        if host.is_empty() {
-            return Err(self.err_at(arg, format!("{what} '{text}' has no host")));
-        }
-        let port = match parse_number(port).ok().and_then(|p| u16::try_from(p).ok()) {
-            Some(0) => return Err(self.err_at(arg, format!("{what} '{text}' has port 0"))),
-            Some(port) => port,
-            None => {
-                return Err(self.err_at(
-                    arg,
-                    format!("bad port '{port}' in {what} '{text}' (expected 1..65535)"),
-                ));
-            }
-        };
-        Ok(match host.parse::<IpAddr>() {
-            Ok(ip) => HostPort::Addr(SocketAddr::new(ip, port)),
-            Err(_) => HostPort::Name(host, port),
-        })
+        addr::host_port(&arg.text, what).map_err(|message| self.err_at(arg, message))
     }
 
     fn resolve_addr(
@@ -824,25 +872,7 @@ impl Parser<'_> {
 
     /// `IP:PORT`, `[IPv6]:PORT`, `*:PORT` or `PORT` (the last two mean 0.0.0.0:PORT).
     fn listen_addr(&self, arg: &Arg) -> Result<SocketAddr, ConfigError> {
-        let text = arg.text.as_str();
-        let port = text.strip_prefix("*:").unwrap_or(text);
-        if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
-            return match parse_number(port).ok().and_then(|p| u16::try_from(p).ok()) {
-                Some(port) => Ok(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
-                None => Err(self.err_at(
-                    arg,
-                    format!("bad port '{port}' in listen address '{text}' (expected 0..65535)"),
-                )),
-            };
-        }
-        text.parse::<SocketAddr>().map_err(|_| {
-            self.err_at(
-                arg,
-                format!(
-                    "bad listen address '{text}' (expected IP:PORT, [IPv6]:PORT, *:PORT or PORT)"
-                ),
-            )
-        })
+        addr::listen_addr(&arg.text).map_err(|message| self.err_at(arg, message))
     }
 
     /// Decodes the value of `send=`/`expect=` from the source text, so each escape is decoded
@@ -1219,6 +1249,7 @@ fn levenshtein(a: &[char], b: &[char]) -> usize {
 mod tests {
     use super::*;
     use crate::testing::XorShift;
+    use std::net::Ipv6Addr;
 
     /// Knows only `localhost` (twice 127.0.0.1, to show duplicates fold, and ::1) and
     /// `nowhere.localhost` (no addresses); everything else fails. Never touches DNS.
@@ -1284,7 +1315,7 @@ access_log on;                              # one line per finished connection/s
 upstream backend {
     balance round_robin;                    # round_robin | weighted_round_robin | least_conn | random | ip_hash | hash
     server 127.0.0.1:6379 weight=3 max_conns=100 max_fails=3 fail_timeout=10s;
-    server 127.0.0.1:6380;
+    server 127.0.0.1:6382;
     server 127.0.0.1:6381 backup;           # used only when no primary is up
     server [::1]:6379 down;                 # configured but never picked
     health_check interval=5s timeout=2s rise=2 fall=3;               # TCP connect probe
@@ -1432,7 +1463,7 @@ upstream dns {
         };
         assert_eq!(
             backend.servers,
-            [first, Server::new(v4(6380)), backup, down]
+            [first, Server::new(v4(6382)), backup, down]
         );
         assert_eq!(
             backend.health_check,
@@ -1635,12 +1666,10 @@ upstream dns {
     #[test]
     fn udp_settings() {
         let config = ok(&format!(
-            "{ONE}listen udp 127.0.0.1:53 {{ proxy b; udp_responses 0; max_sessions 0; \
-             connect_timeout 250ms; }}\n"
+            "{ONE}listen udp 127.0.0.1:53 {{ proxy b; udp_responses 0; max_sessions 0; }}\n"
         ));
         let udp = &config.listeners[0];
         assert_eq!((udp.udp_responses, udp.max_sessions), (0, 0));
-        assert_eq!(udp.connect_timeout, Duration::from_millis(250));
     }
 
     #[test]
@@ -1803,6 +1832,127 @@ upstream dns {
             2,
             3,
             "'max_sessions' applies to udp listeners only",
+        );
+    }
+
+    #[test]
+    fn tcp_only_directives_in_a_udp_listener() {
+        for (line, name) in [
+            ("half_close_timeout 1s;", "half_close_timeout"),
+            ("next_upstream_tries 2;", "next_upstream_tries"),
+            ("next_upstream_timeout 2s;", "next_upstream_timeout"),
+            ("connect_timeout 1s;", "connect_timeout"),
+        ] {
+            assert_err(
+                &format!("listen udp 127.0.0.1:53 {{\n  proxy 127.0.0.1:1;\n  {line}\n}}"),
+                3,
+                3,
+                &format!("'{name}' applies to tcp listeners only (this one is udp"),
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_servers_name_both_lines() {
+        assert_err(
+            "upstream u {\n  server 127.0.0.1:1;\n  server 127.0.0.2:1;\n  server 127.0.0.1:1 backup;\n}",
+            4,
+            10,
+            "duplicate server 127.0.0.1:1 in upstream 'u' (first at line 2)",
+        );
+        // A name that resolves to an address already listed is the same server.
+        assert_err(
+            "upstream u {\n  server 127.0.0.1:7;\n  server localhost:7;\n}",
+            3,
+            10,
+            "duplicate server 127.0.0.1:7 in upstream 'u' (first at line 2)",
+        );
+    }
+
+    #[test]
+    fn a_listener_that_proxies_to_sluice_itself_is_refused() {
+        assert_err(
+            "listen udp 127.0.0.1:5300 {\n  proxy 127.0.0.1:5300;\n}",
+            2,
+            9,
+            "proxy loop: upstream '127.0.0.1:5300' includes 127.0.0.1:5300, which is sluice's own listen udp 127.0.0.1:5300 (line 1)",
+        );
+        // Another listener's address, and a wildcard listener reached through loopback.
+        assert_err(
+            "upstream u {\n  server 127.0.0.1:9000;\n  server 127.0.0.5:80;\n}\n\
+             listen 127.0.0.1:9001 {\n  proxy u;\n}\nlisten 0.0.0.0:80 {\n  proxy 127.0.0.1:9;\n}",
+            6,
+            9,
+            "includes 127.0.0.5:80, which is sluice's own listen tcp 0.0.0.0:80 (line 8)",
+        );
+        assert_err("listen [::]:53 {\n  proxy [::1]:53;\n}", 2, 9, "proxy loop");
+        // Same port on another protocol, or on an address of another family, is no loop.
+        ok("listen udp 127.0.0.1:53 {\n  proxy 127.0.0.1:54;\n}\nlisten 127.0.0.1:54 {\n  proxy 127.0.0.1:53;\n}\n\
+            listen 127.0.0.1:55 {\n  proxy [::1]:55;\n}\nlisten 127.0.0.1:0 {\n  proxy 127.0.0.1:56;\n}");
+    }
+
+    #[test]
+    fn server_addresses_must_be_strict_dotted_quads() {
+        for (text, col) in [
+            ("0177.0.0.1:80", 10),
+            ("0x7f.1:80", 10),
+            ("127.1:80", 10),
+            ("2130706433:80", 10),
+            ("010.0.0.1:80", 10),
+        ] {
+            assert_err(
+                &format!("upstream u {{\n  server {text};\n}}"),
+                2,
+                col,
+                "is not a dotted-quad IPv4 address",
+            );
+            assert_err(
+                &format!("listen 80 {{\n  proxy {text};\n}}"),
+                2,
+                9,
+                "is not a dotted-quad IPv4 address",
+            );
+        }
+    }
+
+    #[test]
+    fn ipv4_mapped_listen_addresses_are_refused() {
+        assert_err(
+            "listen [::ffff:127.0.0.1]:8080 {\n  proxy 127.0.0.1:1;\n}",
+            1,
+            8,
+            "IPv4-mapped IPv6 address (write it as 127.0.0.1:8080)",
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let config = ok("\u{feff}listen 127.0.0.1:80 {\n  proxy 127.0.0.1:1;\n}");
+        assert_eq!(config.listeners.len(), 1);
+        assert_err("\u{feff}lisen 80 {}", 1, 1, "unknown directive 'lisen'");
+    }
+
+    #[test]
+    fn many_upstreams_parse_in_linear_time() {
+        // 40,000 upstreams and listeners took seconds when every name lookup was a scan. A
+        // loose bound that only a quadratic parse can miss, even in a debug build.
+        let mut text = String::new();
+        for i in 0..40_000u32 {
+            let port = 10_000 + i % 50_000;
+            text.push_str(&format!(
+                "upstream u{i} {{ server 127.0.0.1:{port}; }}\nlisten 127.0.{}.{}:{} {{ proxy u{i}; }}\n",
+                i / 256 % 256,
+                i % 256,
+                1 + i % 9_000
+            ));
+        }
+        let started = std::time::Instant::now();
+        let config = ok(&text);
+        assert_eq!(config.upstreams.len(), 40_000);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "40,000 upstreams took {:?}",
+            started.elapsed()
         );
     }
 
