@@ -189,6 +189,8 @@ fn all_servers_refusing_logs_connect_failed() {
         "down_bytes=0 ".to_string(),
         "duration_ms=".to_string(),
         "end=connect_failed".to_string(),
+        // Issue 17, item 14: the line names the server that failed, not `server=-`.
+        format!("server={} ", refused),
     ] {
         assert!(
             line.contains(&field),
@@ -338,4 +340,46 @@ fn config_messages_are_safe_to_print() {
     assert!(out
         .stderr
         .contains("unknown directive 'a\\u{0}\\u{1b}[2Jxxx"));
+}
+
+/// Issue 17, item 14: "no server available" is a warning per burst, not per client: one line
+/// goes out, the rest are counted, and the next line says how many were held back.
+#[test]
+fn no_server_warnings_are_rate_limited_with_a_count() {
+    let port = free_port();
+    let conf = TempFile::new(
+        "down",
+        &format!(
+            "access_log off;\nupstream u {{\n  server 127.0.0.1:1 down;\n}}\n\
+             listen 127.0.0.1:{port} {{\n  proxy u;\n}}\n"
+        ),
+    );
+    let mut sluice = SluiceChild::spawn(sluice_command(&["-c", conf.path_str()]));
+    assert!(
+        wait_listening(&mut sluice, port),
+        "stderr:\n{}",
+        sluice.stderr()
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..200 {
+        let mut c = connect(addr);
+        assert!(closed_within(&mut c, EVENTUALLY).is_some());
+    }
+    // The first line went out at once; keep clients coming until the next one is due.
+    let counted = wait_until(EVENTUALLY, || {
+        let mut c = connect(addr);
+        let _ = closed_within(&mut c, EVENTUALLY);
+        sluice.stderr().contains("similar lines suppressed")
+    });
+    let stderr = sluice.stderr();
+    let lines = stderr.matches("no server available").count();
+    assert!(
+        counted,
+        "no line counted the suppressed warnings; stderr:\n{stderr}"
+    );
+    assert!(
+        (2..=10).contains(&lines),
+        "{lines} 'no server available' lines for 200+ clients; stderr:\n{}",
+        head(&stderr, 20)
+    );
 }

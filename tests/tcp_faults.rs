@@ -255,3 +255,36 @@ fn idle_timeout_with_bytes_pending_resets_the_reader() {
         "a download cut by idle_timeout must end in a reset"
     );
 }
+
+/// Issue 17, item 8: a client that resets while its server connect is still pending ends the
+/// pair at once as `client_closed`, and the server is not blamed for it.
+#[test]
+fn client_reset_during_a_pending_connect_ends_the_pair_at_once() {
+    let hang = HangListener::new();
+    let mut config = forward(&[hang.addr()]);
+    config.listeners[0].connect_timeout = Duration::from_secs(30);
+    let proxy = start(config);
+    let stats = proxy.stats_handle();
+    let c = connect(proxy.local_addr(0).expect("listener"));
+    assert!(wait_until(EVENTUALLY, || stats
+        .connections_active
+        .load(Ordering::Relaxed)
+        == 1));
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER");
+    let reset_at = Instant::now();
+    drop(c);
+    assert!(
+        wait_until(EVENTUALLY, || stats.ended(End::ClientClosed) == 1),
+        "the pair did not end on the client's reset"
+    );
+    assert!(reset_at.elapsed() < Duration::from_secs(5));
+    assert_eq!(stats.connections_active.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.ended(End::ConnectFailed), 0);
+    assert_eq!(
+        stats.connect_failures.load(Ordering::Relaxed),
+        0,
+        "the server was blamed for the client's reset"
+    );
+}

@@ -162,3 +162,24 @@ fn worker_without_busy_poll_sleeps_between_events() {
     }
     assert_eq!(proxy.stats().busy_poll_hits.load(Ordering::Relaxed), 0);
 }
+
+/// Issue 17, item 9: `next_upstream_timeout` bounds the connect in flight too. Two hung
+/// servers, `connect_timeout 1s`, `next_upstream_timeout 1200ms`: the client is closed at about
+/// 1.2 s, not when the second connect times out at 2 s.
+#[test]
+fn next_upstream_timeout_cuts_the_connect_in_flight() {
+    let (a, b) = (HangListener::new(), HangListener::new());
+    let mut config = forward(&[a.addr(), b.addr()]);
+    config.listeners[0].connect_timeout = Duration::from_secs(1);
+    config.listeners[0].next_upstream_timeout = Some(Duration::from_millis(1200));
+    let proxy = start(config);
+    let started = Instant::now();
+    let mut c = connect(proxy.local_addr(0).expect("listener"));
+    let closed = closed_within(&mut c, EVENTUALLY).expect("the client is closed");
+    let elapsed = started.elapsed().max(closed);
+    assert!(
+        elapsed >= Duration::from_millis(1100) && elapsed < Duration::from_millis(1800),
+        "closed after {elapsed:?}, expected about 1.2 s"
+    );
+    assert_eq!(proxy.stats().ended(sluice::runtime::End::ConnectFailed), 1);
+}

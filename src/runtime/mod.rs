@@ -34,6 +34,8 @@ pub fn after(at: std::time::Instant, wait: std::time::Duration) -> std::time::In
 pub(crate) struct LogLimit {
     interval: std::time::Duration,
     last: Option<std::time::Instant>,
+    /// Lines held back since the last one let through.
+    suppressed: u64,
 }
 
 impl LogLimit {
@@ -41,18 +43,39 @@ impl LogLimit {
         LogLimit {
             interval,
             last: None,
+            suppressed: 0,
         }
     }
 
     pub(crate) fn allow(&mut self, now: std::time::Instant) -> bool {
+        self.pass(now).is_some()
+    }
+
+    /// Like `allow`; when a line may go out, how many were held back since the last one, so the
+    /// line can say so.
+    pub(crate) fn pass(&mut self, now: std::time::Instant) -> Option<u64> {
         let due = match self.last {
             None => true,
             Some(last) => now.saturating_duration_since(last) >= self.interval,
         };
-        if due {
-            self.last = Some(now);
+        if !due {
+            self.suppressed = self.suppressed.saturating_add(1);
+            return None;
         }
-        due
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// ` (N similar lines suppressed)` after a rate-limited log line, or nothing.
+pub(crate) struct Suppressed(pub u64);
+
+impl fmt::Display for Suppressed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            n => write!(f, " ({n} similar lines suppressed)"),
+        }
     }
 }
 
@@ -318,5 +341,25 @@ impl Drop for Proxy {
             self.stopper.stop();
             let _ = self.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn log_limit_counts_what_it_holds_back() {
+        let t0 = Instant::now();
+        let mut limit = LogLimit::new(Duration::from_secs(1));
+        assert_eq!(limit.pass(t0), Some(0));
+        for ms in [1, 10, 500, 999] {
+            assert_eq!(limit.pass(t0 + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(limit.pass(t0 + Duration::from_millis(1000)), Some(4));
+        assert_eq!(limit.pass(t0 + Duration::from_millis(2500)), Some(0));
+        assert_eq!(Suppressed(0).to_string(), "");
+        assert_eq!(Suppressed(4).to_string(), " (4 similar lines suppressed)");
     }
 }

@@ -454,6 +454,8 @@ pub struct Pair {
     pub down: Direction,
     pub tried: Tried,
     pub tries: u32,
+    /// The server of the last connect attempt, named in the access log of a failed pair.
+    pub last_server: Option<usize>,
     pub started: Instant,
     pub last_active: Instant,
     /// The one timer this pair has armed (connect or activity deadline).
@@ -483,6 +485,7 @@ impl Pair {
             down: Direction::new(),
             tried: Tried::default(),
             tries: 0,
+            last_server: None,
             started: now,
             last_active: now,
             timer: None,

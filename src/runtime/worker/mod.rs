@@ -81,6 +81,8 @@ pub struct Worker {
     dead: Vec<usize>,
     accept: AcceptState,
     fd_warnings: LogLimit,
+    /// "no server available" is logged at most once per `FD_WARN_INTERVAL`, with a count.
+    no_server_warnings: LogLimit,
     now: Instant,
     stopping: bool,
     /// When the last poll returned events; `busy_poll` counts from here.
@@ -159,6 +161,7 @@ impl Worker {
             dead: Vec::new(),
             accept: AcceptState::Open,
             fd_warnings: LogLimit::new(FD_WARN_INTERVAL),
+            no_server_warnings: LogLimit::new(FD_WARN_INTERVAL),
             now,
             stopping: false,
             last_event: now,

@@ -16,7 +16,7 @@ use mio::{Interest, Poll};
 use super::{AcceptState, Worker, ACCEPT_BACKOFF, ACCEPT_BUDGET};
 use crate::runtime::access_log;
 use crate::runtime::token::{self, Side};
-use crate::runtime::{after, End, Timer};
+use crate::runtime::{after, End, Suppressed, Timer};
 use crate::tcp::listener::{self, Accept};
 use crate::tcp::pipe::{Fault, Pair, PairState, Readiness, Step};
 
@@ -62,12 +62,13 @@ impl Worker {
         self.stats.accept_backoffs.fetch_add(1, Ordering::Relaxed);
         self.timers
             .insert(self.now + ACCEPT_BACKOFF, Timer::AcceptResume);
-        if self.fd_warnings.allow(self.now) {
+        if let Some(held_back) = self.fd_warnings.pass(self.now) {
             log::warn!(
-                "cannot accept: {} ({} connections open); pausing accepts for {} ms",
+                "cannot accept: {} ({} connections open); pausing accepts for {} ms{}",
                 crate::sys::io_reason(error),
                 self.pairs.len(),
-                ACCEPT_BACKOFF.as_millis()
+                ACCEPT_BACKOFF.as_millis(),
+                Suppressed(held_back)
             );
         }
     }
@@ -122,9 +123,7 @@ impl Worker {
                 return;
             };
             let conf = &l.conf;
-            let out_of_time = conf.next_upstream_timeout.is_some_and(|limit| {
-                pair.tries > 0 && self.now.duration_since(pair.started) >= limit
-            });
+            let out_of_time = pair.tries > 0 && out_of_time(conf, pair.started, self.now);
             if pair.tries >= conf.next_upstream_tries || out_of_time {
                 self.close(key, End::ConnectFailed);
                 return;
@@ -139,19 +138,22 @@ impl Worker {
                     End::ConnectFailed
                 };
                 if pair.tries == 0 {
-                    log::warn!(
-                        "upstream {}: no server available for {}",
-                        group.name,
-                        pair.client_addr
-                    );
+                    if let Some(held_back) = self.no_server_warnings.pass(self.now) {
+                        log::warn!(
+                            "upstream {}: no server available for {}{}",
+                            group.name,
+                            pair.client_addr,
+                            Suppressed(held_back)
+                        );
+                    }
                 }
                 self.close(key, end);
                 return;
             };
             pair.tried.insert(server);
             pair.tries += 1;
+            pair.last_server = Some(server);
             let addr = group.servers()[server].conf.addr;
-            let connect_timeout = conf.connect_timeout;
             match start_connect(&self.poll, addr, key) {
                 Ok(stream) => {
                     group.acquire(server);
@@ -161,16 +163,17 @@ impl Worker {
                         server,
                         since: self.now,
                     };
-                    let deadline = after(self.now, connect_timeout);
+                    let deadline = connect_deadline(conf, pair.started, self.now);
                     self.arm(key, deadline);
                     return;
                 }
                 Err(error) if listener::is_fd_exhaustion(&error) => {
                     // Our shortage, not the server's fault: no passive-health mark.
-                    if self.fd_warnings.allow(self.now) {
+                    if let Some(held_back) = self.fd_warnings.pass(self.now) {
                         log::warn!(
-                            "cannot open a server connection: {}",
-                            crate::sys::io_reason(&error)
+                            "cannot open a server connection: {}{}",
+                            crate::sys::io_reason(&error),
+                            Suppressed(held_back)
                         );
                     }
                     self.close(key, End::Error);
@@ -280,6 +283,13 @@ impl Worker {
         }
         match pair.state {
             PairState::Closed | PairState::Unassigned => return,
+            PairState::Connecting { .. } if pair.client_ready.error => {
+                // The client reset while we were connecting for it: nothing to blame the
+                // server for, and nobody left to wait for.
+                self.abandon_server(key);
+                self.close(key, End::ClientClosed);
+                return;
+            }
             PairState::Connecting { server, .. } => {
                 if !self.finish_connect(key, server) {
                     return;
@@ -355,6 +365,8 @@ impl Worker {
             PairState::Unassigned => None,
             PairState::Connecting { server, .. } | PairState::Streaming { server } => Some(server),
         };
+        // A failed pair names the server it tried last.
+        let logged_server = server.or(pair.last_server);
         // Elsewhere sockets are deregistered before they are dropped. On Linux, closing the
         // descriptor (in `reap`) takes it out of the epoll set, since sluice never duplicates
         // one, so the two `EPOLL_CTL_DEL` calls per pair would be wasted.
@@ -394,7 +406,9 @@ impl Worker {
                 listen: l.addr,
                 client: pair.client_addr,
                 upstream: &group.name,
-                server: server.map(|s| group.servers()[s].conf.addr),
+                server: logged_server
+                    .and_then(|s| group.servers().get(s))
+                    .map(|s| s.conf.addr),
                 up_bytes: pair.up.bytes,
                 down_bytes: pair.down.bytes,
                 datagrams: None,
@@ -461,13 +475,23 @@ impl Worker {
         match pair.state {
             PairState::Closed | PairState::Unassigned => {}
             PairState::Connecting { server, since } => {
-                let deadline = after(since, l.conf.connect_timeout);
-                if self.now >= deadline {
+                let timed_out = self.now >= after(since, l.conf.connect_timeout);
+                if timed_out {
                     let error = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
                     self.abandon_server(key);
                     self.count_connect_failure(key, server, &error);
                     self.connect_next(key);
+                } else if out_of_time(&l.conf, pair.started, self.now) {
+                    // next_upstream_timeout bounds the attempt in flight too; the server had
+                    // less than its connect_timeout, so it is not blamed.
+                    log::debug!(
+                        "client {}: next_upstream_timeout reached while connecting",
+                        pair.client_addr
+                    );
+                    self.abandon_server(key);
+                    self.close(key, End::ConnectFailed);
                 } else {
+                    let deadline = connect_deadline(&l.conf, pair.started, since);
                     self.arm(key, deadline);
                 }
             }
@@ -485,6 +509,22 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// Whether a pair that started at `started` has used up `next_upstream_timeout`.
+fn out_of_time(conf: &crate::config::Listen, started: Instant, now: Instant) -> bool {
+    conf.next_upstream_timeout
+        .is_some_and(|limit| now >= after(started, limit))
+}
+
+/// When a connect begun at `since` must be given up: at `connect_timeout`, or earlier when
+/// `next_upstream_timeout` for the whole pair runs out first.
+fn connect_deadline(conf: &crate::config::Listen, started: Instant, since: Instant) -> Instant {
+    let own = after(since, conf.connect_timeout);
+    match conf.next_upstream_timeout {
+        Some(limit) => own.min(after(started, limit)),
+        None => own,
     }
 }
 
