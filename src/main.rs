@@ -53,13 +53,13 @@ fn options() -> getopts::Options {
     o.optopt(
         "L",
         "listen",
-        "forward without a file: address to listen on",
+        "forward without a file: address to listen on, IP:PORT, [IPv6]:PORT or PORT",
         "ADDR",
     );
     o.optmulti(
         "U",
         "upstream",
-        "forward without a file: server address (repeatable)",
+        "forward without a file: server address, IP:PORT, [IPv6]:PORT or host:PORT (repeatable)",
         "ADDR",
     );
     o.optopt(
