@@ -3,9 +3,25 @@
 //!
 //! The crate is the proxy; `main.rs` only turns a command line into a [`config::Config`]
 //! and hands it to [`runtime::Proxy`]. Tests and `bench/` drive the same API in-process.
+//!
+//! Layers, top to bottom. A module names (through `crate::`) only modules of its own layer or
+//! of a layer below it, so there are no cycles; `tests/layers.rs` reads this list and checks it.
+//!
+//! 1. `runtime`: the `Proxy` handle, the worker loop that dispatches tokens and timers
+//! 2. `tcp` `udp` `health`: the I/O parts; each owns its sockets and state machines
+//! 3. `part` `accounting`: what the parts share (`Ctx`, binding) and how a pair or session ends
+//! 4. `upstream`: groups, balancing and health verdicts; pure, no sockets
+//! 5. `metrics`: the registry of counters every worker writes and anything may read
+//! 6. `reactor`: tokens, the timer wheel, readiness, `End`, `LogLimit`, `after`, `retry`
+//! 7. `config` `sys` `logging` `testing`: the typed config, the only `unsafe`, log output
 
+pub mod accounting;
 pub mod config;
+pub mod health;
 pub mod logging;
+pub mod metrics;
+pub mod part;
+pub mod reactor;
 pub mod runtime;
 pub mod sys;
 pub mod tcp;

@@ -8,6 +8,19 @@ use std::net::{IpAddr, SocketAddr};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
+/// Accepted TCP sockets inherit `TCP_NODELAY` from their listener, which saves a setsockopt per
+/// client (Linux copies it; other systems may not).
+pub const ACCEPT_INHERITS_NODELAY: bool = cfg!(target_os = "linux");
+
+/// Closing a descriptor takes it out of the poller's set (epoll does, since sluice never
+/// duplicates a descriptor), so a deregister before close would be a wasted syscall.
+pub const CLOSE_DEREGISTERS: bool = cfg!(target_os = "linux");
+
+/// A connecting TCP socket reports writable only once the handshake is done (`tcp_poll` leaves
+/// EPOLLOUT out in SYN_SENT), and a failed connect also raises EPOLLERR or EPOLLHUP, so a plain
+/// writable event means connected and no `SO_ERROR` or `getpeername` call is needed.
+pub const WRITABLE_MEANS_CONNECTED: bool = cfg!(target_os = "linux");
+
 /// The OS reason of an I/O error in the words an operator reads in a log line:
 /// "address already in use", not "Address already in use (os error 98)".
 pub fn io_reason(err: &io::Error) -> String {

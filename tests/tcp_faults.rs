@@ -182,7 +182,7 @@ fn stopping_mid_stream_resets_both_peers() {
         health_check: None,
     });
     let mut upload = config.listeners[0].clone();
-    upload.upstream = 1;
+    upload.upstream = sluice::config::UpstreamId(1);
     config.listeners.push(upload);
     let proxy = start(config);
     let stats = proxy.stats_handle();

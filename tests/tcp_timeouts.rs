@@ -112,10 +112,11 @@ fn half_closed_pair_is_closed_after_half_close_timeout() {
     );
     assert_all_pairs_freed(&proxy, "the pair is freed");
     assert_eq!(
-        proxy.stats().ended(End::IdleTimeout),
+        proxy.stats().ended(End::HalfCloseTimeout),
         1,
-        "ends as idle_timeout"
+        "ends as half_close_timeout (DESIGN §6)"
     );
+    assert_eq!(proxy.stats().ended(End::IdleTimeout), 0);
 }
 
 #[test]

@@ -19,6 +19,19 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+/// A listener: its position among the config's `listen` blocks. Every table of listeners (the
+/// worker's parts, the metrics) is reached through it and a lookup can miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerId(pub usize);
+
+/// An upstream: its position in `Config::upstreams`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UpstreamId(pub usize);
+
+/// A server of one upstream: its position in that upstream's servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerId(pub usize);
+
 /// Default path of the config file when `-c` is not given.
 pub const DEFAULT_PATH: &str = "/etc/sluice/sluice.conf";
 
@@ -60,8 +73,8 @@ impl Proto {
 pub struct Listen {
     pub proto: Proto,
     pub addr: SocketAddr,
-    /// Index into `Config::upstreams`. `proxy ADDR;` creates an upstream named after the address text.
-    pub upstream: usize,
+    /// The upstream it proxies to. `proxy ADDR;` creates an upstream named after the address text.
+    pub upstream: UpstreamId,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// Applies once one direction of a TCP pair has finished.
@@ -194,7 +207,7 @@ impl Default for Config {
 
 impl Listen {
     /// A listener with every setting at its default, proxying to upstream `upstream`.
-    pub fn new(proto: Proto, addr: SocketAddr, upstream: usize, servers: usize) -> Listen {
+    pub fn new(proto: Proto, addr: SocketAddr, upstream: UpstreamId, servers: usize) -> Listen {
         Listen {
             proto,
             addr,
@@ -263,7 +276,7 @@ impl Config {
         };
         Config {
             upstreams: vec![upstream],
-            listeners: vec![Listen::new(proto, listen, 0, servers.len())],
+            listeners: vec![Listen::new(proto, listen, UpstreamId(0), servers.len())],
             ..Config::default()
         }
     }

@@ -15,6 +15,7 @@
 use super::addr::{self, HostPort};
 use super::{
     Balance, Config, ConfigError, HealthCheck, Lexer, Listen, Proto, Server, TokenKind, Upstream,
+    UpstreamId,
 };
 use std::collections::HashMap;
 use std::io;
@@ -651,7 +652,7 @@ impl Parser<'_> {
                 ));
             }
         }
-        let mut listen = Listen::new(proto, addr, 0, 0);
+        let mut listen = Listen::new(proto, addr, UpstreamId(0), 0);
         let mut proxy = None;
         let mut tries = None;
         let mut half_close = None;
@@ -758,7 +759,7 @@ impl Parser<'_> {
                 .map_or(1, |u| u.servers.len());
             self.no_loop(&pending, upstream, &own)?;
             let mut listen = pending.listen;
-            listen.upstream = upstream;
+            listen.upstream = UpstreamId(upstream);
             listen.next_upstream_tries = match pending.tries {
                 Some(n) if n > 0 => n,
                 _ => u32::try_from(servers.max(1)).unwrap_or(u32::MAX),
@@ -1480,7 +1481,7 @@ upstream dns {
 
         let tcp = &config.listeners[0];
         assert_eq!(
-            (tcp.proto, tcp.addr, tcp.upstream),
+            (tcp.proto, tcp.addr, tcp.upstream.0),
             (Proto::Tcp, v4(6380), 0)
         );
         assert_eq!(tcp.connect_timeout, Duration::from_secs(5));
@@ -1491,7 +1492,7 @@ upstream dns {
 
         let udp = &config.listeners[1];
         assert_eq!(
-            (udp.proto, udp.addr, udp.upstream),
+            (udp.proto, udp.addr, udp.upstream.0),
             (Proto::Udp, v4(5353), 1)
         );
         assert_eq!(udp.idle_timeout, Duration::from_secs(30));
@@ -1556,9 +1557,12 @@ upstream dns {
         assert_eq!(b.servers, [Server::new(v4(80))]);
         assert_eq!(
             config.listeners[0],
-            Listen::new(Proto::Tcp, any(8080), 0, 1)
+            Listen::new(Proto::Tcp, any(8080), UpstreamId(0), 1)
         );
-        assert_eq!(config.listeners[1], Listen::new(Proto::Udp, any(53), 0, 1));
+        assert_eq!(
+            config.listeners[1],
+            Listen::new(Proto::Udp, any(53), UpstreamId(0), 1)
+        );
     }
 
     #[test]
@@ -1624,7 +1628,7 @@ upstream dns {
         let targets: Vec<(usize, u32)> = config
             .listeners
             .iter()
-            .map(|l| (l.upstream, l.next_upstream_tries))
+            .map(|l| (l.upstream.0, l.next_upstream_tries))
             .collect();
         assert_eq!(targets, [(0, 1), (1, 1), (0, 1), (2, 2)]);
     }
@@ -1636,9 +1640,9 @@ upstream dns {
              upstream later { server 127.0.0.1:1; server 127.0.0.1:2; }\n\
              upstream 127.0.0.1:9 { server [::1]:7; }\n");
         assert_eq!(config.upstreams.len(), 2);
-        assert_eq!(config.listeners[0].upstream, 0);
+        assert_eq!(config.listeners[0].upstream, UpstreamId(0));
         assert_eq!(config.listeners[0].next_upstream_tries, 2);
-        assert_eq!(config.listeners[1].upstream, 1);
+        assert_eq!(config.listeners[1].upstream, UpstreamId(1));
         assert_eq!(config.upstreams[1].servers, [Server::new(v6(7))]);
     }
 

@@ -5,7 +5,7 @@
 //! `get` returns `None` and the caller waits (back-pressure) instead of allocating. A buffer goes
 //! back with [`BufferPool::put`] the moment it is empty, so an idle pair holds none.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// How many returned buffers are kept for reuse; the rest are freed so an idle proxy gives
@@ -66,16 +66,7 @@ impl Buffer {
     }
 }
 
-/// Counters another thread (tests, the admin endpoint) may read.
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    /// Buffers currently lent out.
-    pub in_use: AtomicUsize,
-    /// Most buffers lent out at once since start.
-    pub peak: AtomicUsize,
-    /// Bytes allocated by the pool (lent and cached).
-    pub allocated_bytes: AtomicUsize,
-}
+pub use crate::metrics::PoolStats;
 
 pub struct BufferPool {
     size: usize,

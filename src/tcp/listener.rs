@@ -9,24 +9,26 @@ use std::io;
 use std::net::SocketAddr;
 
 use mio::net::{TcpListener, TcpStream};
-use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Proto;
+use crate::part::{self, BindError};
 
 /// Pending connections the kernel may hold for one listener (capped by `somaxconn`).
 const BACKLOG: i32 = 1024;
 
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // A restarted proxy must be able to bind while old connections sit in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // `[::]:P` and `0.0.0.0:P` are separate listeners, as in nginx.
-        socket.set_only_v6(true)?;
-    }
-    // Accepted sockets inherit it on Linux, which saves a setsockopt per client.
-    socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    let socket = part::bind(Proto::Tcp, addr, |socket| {
+        // A restarted proxy must be able to bind while old connections sit in TIME_WAIT; for
+        // TCP this never lets two listeners share a port.
+        socket.set_reuse_address(true)?;
+        // Accepted sockets inherit it on Linux, which saves a setsockopt per client.
+        socket.set_tcp_nodelay(true)
+    })?;
+    socket.listen(BACKLOG).map_err(|error| BindError {
+        proto: Proto::Tcp,
+        addr,
+        error,
+    })?;
     Ok(TcpListener::from_std(socket.into()))
 }
 
@@ -42,14 +44,11 @@ pub enum Accept {
 }
 
 pub fn accept(listener: &TcpListener) -> Accept {
-    loop {
-        return match listener.accept() {
-            Ok((stream, addr)) => Accept::Client(stream, addr),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Accept::Drained,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if is_fd_exhaustion(&e) => Accept::OutOfFds(e),
-            Err(e) => Accept::Skipped(e),
-        };
+    match crate::reactor::retry(|| listener.accept()) {
+        Ok(Some((stream, addr))) => Accept::Client(stream, addr),
+        Ok(None) => Accept::Drained,
+        Err(e) if is_fd_exhaustion(&e) => Accept::OutOfFds(e),
+        Err(e) => Accept::Skipped(e),
     }
 }
 

@@ -15,34 +15,12 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use super::buffer::{Buffer, BufferPool};
-use crate::runtime::timer::TimerKey;
-use crate::runtime::token::Side;
+use super::Side;
+use crate::config::{ListenerId, ServerId};
+use crate::reactor::timer::TimerKey;
+use crate::reactor::token::Gen;
+use crate::reactor::{retry, End, Readiness};
 use crate::upstream::Tried;
-
-/// What the kernel last told us about one socket.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Readiness {
-    pub readable: bool,
-    pub writable: bool,
-    /// The peer's FIN (or a reset) was reported: read on to `Ok(0)` even after a short read.
-    pub read_closed: bool,
-    /// An error or a hang-up was reported: a connect under way may have failed.
-    pub hung_up: bool,
-    /// The socket reported an error (a reset, a refused connect): unlike a FIN, nothing more
-    /// will be read or written on it.
-    pub error: bool,
-}
-
-impl Readiness {
-    pub fn absorb(&mut self, event: &mio::event::Event) {
-        // Closed and error conditions count as ready: the next read or write reports them.
-        self.readable |= event.is_readable() || event.is_read_closed() || event.is_error();
-        self.writable |= event.is_writable() || event.is_write_closed() || event.is_error();
-        self.read_closed |= event.is_read_closed() || event.is_error();
-        self.hung_up |= event.is_error() || event.is_write_closed() || event.is_read_closed();
-        self.error |= event.is_error();
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DirState {
@@ -413,35 +391,21 @@ fn write_some<S: Stream>(dst: &mut S, from: &[u8]) -> io::Result<Option<usize>> 
     }
 }
 
-/// Runs a non-blocking call again when a signal interrupted it; `Ok(None)` means WouldBlock.
-pub fn retry<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<Option<T>> {
-    loop {
-        match call() {
-            Ok(v) => return Ok(Some(v)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Where a pair is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PairState {
     /// Accepted, or between two connect attempts: no server socket.
     Unassigned,
     /// A non-blocking connect to `server` is under way, started at `since`.
-    Connecting { server: usize, since: Instant },
+    Connecting { server: ServerId, since: Instant },
     /// Bytes flow between the client and `server`.
-    Streaming { server: usize },
-    /// Done with; the slot and both sockets are freed at the end of the event batch.
-    Closed,
+    Streaming { server: ServerId },
 }
 
 /// One client connection and its server connection.
 pub struct Pair {
-    pub gen: u32,
-    pub listener: usize,
+    pub gen: Gen,
+    pub listener: ListenerId,
     pub state: PairState,
     pub client: TcpStream,
     pub client_addr: SocketAddr,
@@ -455,7 +419,7 @@ pub struct Pair {
     pub tried: Tried,
     pub tries: u32,
     /// The server of the last connect attempt, named in the access log of a failed pair.
-    pub last_server: Option<usize>,
+    pub last_server: Option<ServerId>,
     pub started: Instant,
     pub last_active: Instant,
     /// The one timer this pair has armed (connect or activity deadline).
@@ -466,8 +430,8 @@ pub struct Pair {
 
 impl Pair {
     pub fn new(
-        gen: u32,
-        listener: usize,
+        gen: Gen,
+        listener: ListenerId,
         client: TcpStream,
         client_addr: SocketAddr,
         now: Instant,
@@ -574,14 +538,13 @@ impl Pair {
     /// Whether closing now cuts a stream short: bytes flowed and either a direction still holds
     /// some, or the pair is torn down before both sides finished. A pair that never reached a
     /// server closes with a FIN, as on `connect_failed`: no stream was started to cut.
-    pub fn cut_short(&self, end: crate::runtime::End) -> bool {
-        use crate::runtime::End;
+    pub fn cut_short(&self, end: End) -> bool {
         if !matches!(self.state, PairState::Streaming { .. }) {
             return false;
         }
         match end {
             End::Shutdown | End::Error => !self.finished(),
-            End::IdleTimeout => self.buffers_held() > 0,
+            End::IdleTimeout | End::HalfCloseTimeout => self.buffers_held() > 0,
             _ => false,
         }
     }

@@ -6,7 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
-use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Proto;
+use crate::part::{self, BindError};
 
 /// Receive buffer asked for on listening sockets: a burst from many clients waits here while
 /// the worker is busy (the kernel caps it at `net.core.rmem_max`).
@@ -15,18 +17,15 @@ const LISTEN_RCVBUF: usize = 4 << 20;
 /// Binds a listening socket. No `SO_REUSEADDR`: for UDP it would let a second process bind the
 /// same port and take its datagrams. On a wildcard address the kernel is asked for each
 /// datagram's destination, so replies can leave from the address the client sent to.
-pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    if addr.ip().is_unspecified() {
-        crate::sys::report_datagram_destination(&socket, addr.is_ipv6())?;
-    }
-    // Best effort: a smaller buffer only means earlier drops under bursts.
-    let _ = socket.set_recv_buffer_size(LISTEN_RCVBUF);
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
+pub fn bind(addr: SocketAddr) -> Result<UdpSocket, BindError> {
+    let socket = part::bind(Proto::Udp, addr, |socket| {
+        if addr.ip().is_unspecified() {
+            crate::sys::report_datagram_destination(socket, addr.is_ipv6())?;
+        }
+        // Best effort: a smaller buffer only means earlier drops under bursts.
+        let _ = socket.set_recv_buffer_size(LISTEN_RCVBUF);
+        Ok(())
+    })?;
     Ok(UdpSocket::from_std(socket.into()))
 }
 

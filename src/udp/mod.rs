@@ -3,31 +3,34 @@
 //! A session owns a UDP socket connected to the server the balancer picked, registered in the
 //! worker's poll, so replies are told apart by socket, never by a lookup. Client → server
 //! datagrams arrive on the listener and leave on the session socket; replies leave through the
-//! listener to the client's address, so the client sees them come from the address it sent to.
-//! Each datagram is read once into the worker's 64 KiB datagram buffer and written once;
-//! boundaries are kept. A full send buffer drops the datagram (UDP semantics) and counts it:
-//! nothing waits for writability and nothing spins.
+//! listener to the client's address, from the address the client sent to (on a wildcard
+//! listener the kernel reports it with each datagram). Each datagram is read once into the
+//! worker's 64 KiB datagram buffer and written once; boundaries are kept. A full send buffer
+//! drops the datagram (UDP semantics) and counts it: nothing waits for writability and nothing
+//! spins.
 //!
 //! Sessions end on `idle_timeout` (a lazy deadline on the timer wheel), after `udp_responses`
 //! replies, when the server refuses (ICMP port unreachable, counted against the server), on
-//! `max_sessions` eviction of the least recently active session, and at shutdown.
+//! `max_sessions` eviction of the least recently active session, and at shutdown. A session's
+//! slot is freed at once; its token and timer carry its generation, so a late event for it is
+//! ignored (the same guard as TCP pairs).
 
 mod listener;
 pub mod session;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Interest, Registry};
 
-use crate::config::{Listen, Proto};
-use crate::runtime::access_log;
-use crate::runtime::timer::TimerKey;
-use crate::runtime::token;
-use crate::runtime::{after, Ctx, End, LogLimit, RuntimeError, Timer};
+use crate::accounting::{self, Settle};
+use crate::config::{Config, Listen, ListenerId, Proto, ServerId, UpstreamId};
+use crate::part::{BindError, Ctx};
+use crate::reactor::timer::TimerKey;
+use crate::reactor::token::{self, Gen, Key};
+use crate::reactor::{after, retry, End, LogLimit, Readiness, Suppressed, Timer};
 use crate::upstream::Tried;
 use session::SessionTable;
 
@@ -35,18 +38,21 @@ use session::SessionTable;
 const DATAGRAM_BUFFER: usize = 65_536;
 /// Datagrams taken from one socket per wake-up before others get a turn.
 const RECV_BUDGET: usize = 64;
-/// A session id is `listener << SESSION_BITS | key`: tokens and timers name both at once.
-const SESSION_BITS: u32 = 40;
+/// A session's token index is `listener << SESSION_BITS | slot`, naming both at once.
+const SESSION_BITS: u32 = 24;
 const SESSION_MASK: usize = (1 << SESSION_BITS) - 1;
 /// Warnings about failing to open sessions are logged at most this often.
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
-fn session_id(listener: usize, key: usize) -> usize {
-    listener << SESSION_BITS | (key & SESSION_MASK)
+fn session_key(listener: ListenerId, slot: usize, gen: Gen) -> Key {
+    Key::new(listener.0 << SESSION_BITS | (slot & SESSION_MASK), gen)
 }
 
-fn split_id(id: usize) -> (usize, usize) {
-    (id >> SESSION_BITS, id & SESSION_MASK)
+fn split_key(key: Key) -> (ListenerId, usize) {
+    (
+        ListenerId(key.index >> SESSION_BITS),
+        key.index & SESSION_MASK,
+    )
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -63,12 +69,12 @@ impl Tally {
 }
 
 pub(crate) struct Session {
-    gen: u32,
-    server: usize,
+    gen: Gen,
+    server: ServerId,
     /// On a wildcard listener: the address the client last sent to, where replies leave from.
     local: Option<IpAddr>,
     socket: UdpSocket,
-    readable: bool,
+    ready: Readiness,
     started: Instant,
     last_active: Instant,
     timer: Option<TimerKey>,
@@ -82,7 +88,7 @@ struct UdpListen {
     addr: SocketAddr,
     /// Bound to `0.0.0.0` or `[::]`: datagrams carry their destination address.
     wildcard: bool,
-    readable: bool,
+    ready: Readiness,
     sessions: SessionTable<Session>,
 }
 
@@ -111,46 +117,44 @@ impl UdpListen {
 }
 
 pub(crate) struct UdpProxy {
-    listeners: Vec<UdpListen>,
+    /// By `ListenerId`; the slots of TCP listeners are empty.
+    listeners: Vec<Option<UdpListen>>,
     buf: Box<[u8]>,
-    next_gen: u32,
+    next_gen: Gen,
     /// Sessions that stopped reading with datagrams left (budget); drained before sleeping.
-    ready: Vec<usize>,
+    ready: Vec<Key>,
     warnings: LogLimit,
 }
 
 impl UdpProxy {
-    /// Binds every `listen udp` among `confs`, in order.
-    pub(crate) fn bind<'a>(
-        confs: impl Iterator<Item = &'a Listen>,
-        registry: &Registry,
-    ) -> Result<UdpProxy, RuntimeError> {
-        let mut listeners = Vec::new();
-        for conf in confs.filter(|l| l.proto == Proto::Udp) {
-            let bind_err = |error| RuntimeError::Bind {
+    /// Binds every `listen udp` of `config`, registered under its `ListenerId`.
+    pub(crate) fn bind(config: &Config, registry: &Registry) -> Result<UdpProxy, BindError> {
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (i, conf) in config.listeners.iter().enumerate() {
+            if conf.proto != Proto::Udp {
+                listeners.push(None);
+                continue;
+            }
+            let fail = |error| BindError {
                 proto: Proto::Udp,
                 addr: conf.addr,
                 error,
             };
-            let mut socket = listener::bind(conf.addr).map_err(bind_err)?;
-            let addr = socket.local_addr().map_err(bind_err)?;
+            let mut socket = listener::bind(conf.addr)?;
+            let addr = socket.local_addr().map_err(fail)?;
             registry
-                .register(
-                    &mut socket,
-                    token::udp_listener(listeners.len()),
-                    Interest::READABLE,
-                )
-                .map_err(bind_err)?;
-            listeners.push(UdpListen {
+                .register(&mut socket, token::udp_listener(i), Interest::READABLE)
+                .map_err(fail)?;
+            listeners.push(Some(UdpListen {
                 socket,
                 conf: conf.clone(),
                 addr,
                 wildcard: addr.ip().is_unspecified(),
-                readable: false,
+                ready: Readiness::default(),
                 sessions: SessionTable::default(),
-            });
+            }));
         }
-        let buf = if listeners.is_empty() {
+        let buf = if listeners.iter().flatten().next().is_none() {
             Box::default()
         } else {
             vec![0u8; DATAGRAM_BUFFER].into_boxed_slice()
@@ -164,94 +168,110 @@ impl UdpProxy {
         })
     }
 
-    pub(crate) fn local_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.listeners.iter().map(|l| l.addr)
+    pub(crate) fn local_addrs(&self) -> impl Iterator<Item = (ListenerId, SocketAddr)> + '_ {
+        self.listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.as_ref().map(|l| (ListenerId(i), l.addr)))
     }
 
-    pub(crate) fn describe(&self) -> impl Iterator<Item = (SocketAddr, usize)> + '_ {
-        self.listeners.iter().map(|l| (l.addr, l.conf.upstream))
+    pub(crate) fn describe(&self) -> impl Iterator<Item = (SocketAddr, UpstreamId)> + '_ {
+        self.listeners
+            .iter()
+            .flatten()
+            .map(|l| (l.addr, l.conf.upstream))
     }
 
     pub(crate) fn has_pending_work(&self) -> bool {
-        !self.ready.is_empty() || self.listeners.iter().any(|l| l.readable)
+        !self.ready.is_empty() || self.listeners.iter().flatten().any(|l| l.ready.readable)
     }
 
-    pub(crate) fn listener_ready(&mut self, i: usize, ctx: &mut Ctx<'_>) {
-        if let Some(l) = self.listeners.get_mut(i) {
-            l.readable = true;
-            self.drain_listener(i, ctx);
+    pub(crate) fn listener_ready(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
+        if let Some(l) = self.listener_mut(id) {
+            l.ready.readable = true;
+            self.drain_listener(id, ctx);
         }
     }
 
-    pub(crate) fn session_ready(&mut self, id: usize, ctx: &mut Ctx<'_>) {
-        let (i, key) = split_id(id);
-        if let Some(s) = self
-            .listeners
-            .get_mut(i)
-            .and_then(|l| l.sessions.get_mut(key))
-        {
-            s.readable = true;
-            self.drain_session(id, ctx);
+    pub(crate) fn session_ready(&mut self, key: Key, event: &mio::event::Event, ctx: &mut Ctx<'_>) {
+        if let Some((_, s)) = self.live(key) {
+            s.ready.absorb(event);
+            self.drain_session(key, ctx);
         }
     }
 
     /// Continues what a budget cut short.
     pub(crate) fn run_pending(&mut self, ctx: &mut Ctx<'_>) {
         for i in 0..self.listeners.len() {
-            if self.listeners[i].readable {
-                self.drain_listener(i, ctx);
+            if self
+                .listener_mut(ListenerId(i))
+                .is_some_and(|l| l.ready.readable)
+            {
+                self.drain_listener(ListenerId(i), ctx);
             }
         }
         let ready = std::mem::take(&mut self.ready);
-        for &id in &ready {
-            self.drain_session(id, ctx);
+        for &key in &ready {
+            self.drain_session(key, ctx);
         }
     }
 
     /// A session's timer fired: end it if it has been idle for `idle_timeout`, else re-arm.
-    pub(crate) fn timer(&mut self, id: usize, gen: u32, ctx: &mut Ctx<'_>) {
-        let (i, key) = split_id(id);
-        let Some(l) = self.listeners.get_mut(i) else {
+    pub(crate) fn timer(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some((l, s)) = self.live(key) else {
             return;
         };
-        let idle_timeout = l.conf.idle_timeout;
-        let Some(s) = l.sessions.get_mut(key) else {
-            return;
-        };
-        if s.gen != gen {
-            return;
-        }
         s.timer = None;
-        let deadline = after(s.last_active, idle_timeout);
+        let deadline = after(s.last_active, l.idle_timeout);
         if ctx.now >= deadline {
-            self.end(id, End::IdleTimeout, ctx);
+            self.end(key, End::IdleTimeout, ctx);
         } else {
-            s.timer = Some(ctx.timers.insert(deadline, Timer::Session { key: id, gen }));
+            s.timer = Some(ctx.timers.insert(deadline, Timer::Session(key)));
         }
     }
 
     pub(crate) fn close_all(&mut self, end: End, ctx: &mut Ctx<'_>) {
         for i in 0..self.listeners.len() {
-            let keys: Vec<usize> = self.listeners[i].sessions.keys().collect();
+            let id = ListenerId(i);
+            let Some(l) = self.listener_mut(id) else {
+                continue;
+            };
+            let keys: Vec<Key> = l
+                .sessions
+                .keys()
+                .filter_map(|slot| l.sessions.get(slot).map(|s| session_key(id, slot, s.gen)))
+                .collect();
             for key in keys {
-                self.end(session_id(i, key), end, ctx);
+                self.end(key, end, ctx);
             }
         }
     }
 
+    fn listener_mut(&mut self, id: ListenerId) -> Option<&mut UdpListen> {
+        self.listeners.get_mut(id.0).and_then(Option::as_mut)
+    }
+
+    /// The session `key` names (with its listener's settings), if the slot still holds that
+    /// owner: the stale-event guard.
+    fn live(&mut self, key: Key) -> Option<(&Listen, &mut Session)> {
+        let (id, slot) = split_key(key);
+        let UdpListen { conf, sessions, .. } = self.listeners.get_mut(id.0)?.as_mut()?;
+        let s = sessions.get_mut(slot).filter(|s| s.gen == key.gen)?;
+        Some((conf, s))
+    }
+
     /// Client datagrams: find or open the client's session and send each on to its server.
-    fn drain_listener(&mut self, i: usize, ctx: &mut Ctx<'_>) {
+    fn drain_listener(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
         for _ in 0..RECV_BUDGET {
-            let Some(l) = self.listeners.get_mut(i) else {
+            let Some(l) = self.listeners.get_mut(id.0).and_then(Option::as_mut) else {
                 return;
             };
-            let (n, client, local) = match l.recv(&mut self.buf) {
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    l.readable = false;
+            let (n, client, local) = match retry(|| l.recv(&mut self.buf)) {
+                Ok(Some(got)) => got,
+                Ok(None) => {
+                    l.ready.readable = false;
                     return;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     log::debug!(
                         "udp {}: receive failed: {}",
@@ -261,76 +281,74 @@ impl UdpProxy {
                     continue;
                 }
             };
-            let key = match l.sessions.find(&client) {
-                Some(key) => key,
-                None => match self.open(i, client, ctx) {
-                    Some(key) => key,
+            let slot = match l.sessions.find(&client) {
+                Some(slot) => slot,
+                None => match self.open(id, client, ctx) {
+                    Some(slot) => slot,
                     None => continue,
                 },
             };
-            self.send_up(i, key, n, local, ctx);
+            self.send_up(id, slot, n, local, ctx);
         }
     }
 
     fn send_up(
         &mut self,
-        i: usize,
-        key: usize,
+        id: ListenerId,
+        slot: usize,
         n: usize,
         local: Option<IpAddr>,
         ctx: &mut Ctx<'_>,
     ) {
-        let Some(l) = self.listeners.get_mut(i) else {
+        let Some(l) = self.listeners.get_mut(id.0).and_then(Option::as_mut) else {
             return;
         };
-        let Some(s) = l.sessions.get_mut(key) else {
+        let Some(s) = l.sessions.get_mut(slot) else {
             return;
         };
         s.local = local;
         let datagram = self.buf.get(..n).unwrap_or_default();
-        match s.socket.send(datagram) {
-            Ok(_) => {
+        match retry(|| s.socket.send(datagram)) {
+            Ok(Some(_)) => {
                 s.up.add(n);
                 s.last_active = ctx.now;
-                l.sessions.touch(key);
+                l.sessions.touch(slot);
             }
-            Err(e) if is_refusal(&e) => self.refused(session_id(i, key), ctx),
-            Err(e) => {
-                ctx.stats.udp_dropped.fetch_add(1, Ordering::Relaxed);
-                log::trace!(
-                    "udp {}: datagram dropped: {}",
-                    l.addr,
-                    crate::sys::io_reason(&e)
-                );
+            Err(e) if is_refusal(&e) => {
+                let key = session_key(id, slot, s.gen);
+                self.refused(key, ctx);
+            }
+            Ok(None) | Err(_) => {
+                ctx.metrics.dropped(id);
+                log::trace!("udp {}: datagram dropped", l.addr);
             }
         }
     }
 
     /// Server datagrams: each goes back to the client through the listening socket.
-    fn drain_session(&mut self, id: usize, ctx: &mut Ctx<'_>) {
-        let (i, key) = split_id(id);
+    fn drain_session(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let (id, slot) = split_key(key);
         for _ in 0..RECV_BUDGET {
-            let Some(l) = self.listeners.get_mut(i) else {
+            let Some(l) = self.listeners.get_mut(id.0).and_then(Option::as_mut) else {
                 return;
             };
-            let Some(client) = l.sessions.client(key) else {
+            let Some(client) = l.sessions.client(slot) else {
                 return;
             };
-            let Some(s) = l.sessions.get_mut(key) else {
+            let Some(s) = l.sessions.get_mut(slot).filter(|s| s.gen == key.gen) else {
                 return;
             };
-            if !s.readable {
+            if !s.ready.readable {
                 return;
             }
-            let n = match s.socket.recv(&mut self.buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    s.readable = false;
+            let n = match retry(|| s.socket.recv(&mut self.buf)) {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    s.ready.readable = false;
                     return;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_refusal(&e) => {
-                    self.refused(id, ctx);
+                    self.refused(key, ctx);
                     return;
                 }
                 Err(e) => {
@@ -339,7 +357,7 @@ impl UdpProxy {
                         client,
                         crate::sys::io_reason(&e)
                     );
-                    self.end(id, End::Error, ctx);
+                    self.end(key, End::Error, ctx);
                     return;
                 }
             };
@@ -349,7 +367,7 @@ impl UdpProxy {
             let local = s.local;
             let datagram = self.buf.get(..n).unwrap_or_default();
             if let Err(e) = l.reply(datagram, client, local) {
-                ctx.stats.udp_dropped.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.dropped(id);
                 log::trace!(
                     "udp {}: reply to {} dropped: {}",
                     l.addr,
@@ -357,164 +375,135 @@ impl UdpProxy {
                     crate::sys::io_reason(&e)
                 );
             }
-            l.sessions.touch(key);
+            l.sessions.touch(slot);
             let limit = u64::from(l.conf.udp_responses);
             if limit > 0 && replies >= limit {
                 // The exchange is complete (DNS style): free the session at once.
-                self.end(id, End::ServerClosed, ctx);
+                self.end(key, End::ServerClosed, ctx);
                 return;
             }
         }
-        self.ready.push(id);
+        self.ready.push(key);
     }
 
     /// Opens a session for a new client, evicting the least recently active one at the cap.
-    fn open(&mut self, i: usize, client: SocketAddr, ctx: &mut Ctx<'_>) -> Option<usize> {
-        let l = self.listeners.get_mut(i)?;
+    fn open(&mut self, id: ListenerId, client: SocketAddr, ctx: &mut Ctx<'_>) -> Option<usize> {
+        let l = self.listener_mut(id)?;
         let max = l.conf.max_sessions;
         if max > 0 && l.sessions.len() >= max {
-            if let Some(oldest) = l.sessions.oldest() {
-                self.end(session_id(i, oldest), End::Limit, ctx);
+            let oldest = l
+                .sessions
+                .oldest()
+                .and_then(|slot| l.sessions.get(slot).map(|s| session_key(id, slot, s.gen)));
+            if let Some(key) = oldest {
+                self.end(key, End::Limit, ctx);
             }
         }
-        let l = self.listeners.get_mut(i)?;
-        let group = ctx.groups.get_mut(l.conf.upstream)?;
-        let Some(server) = group.pick(client.ip(), ctx.now, &Tried::default()) else {
-            ctx.stats.count_end(End::NoServer);
-            if ctx.access_log {
-                access_log::write(&access_log::Entry {
-                    listen: l.addr,
-                    client,
-                    upstream: &group.name,
-                    server: None,
-                    up_bytes: 0,
-                    down_bytes: 0,
-                    datagrams: Some((0, 0)),
-                    duration: Duration::ZERO,
-                    end: End::NoServer,
-                });
-            }
+        let l = self.listeners.get_mut(id.0).and_then(Option::as_mut)?;
+        let (upstream, listen) = (l.conf.upstream, l.addr);
+        let now = ctx.now;
+        let group = ctx.upstreams.get_mut(upstream.0)?;
+        let Some(server) = group.pick(client.ip(), now, &Tried::default()) else {
+            accounting::refuse(ctx, id, listen, client, upstream, End::NoServer);
             return None;
         };
-        let addr = group.servers()[server].conf.addr;
-        let key = l.sessions.next_key();
-        let id = session_id(i, key);
-        let socket = match listener::connect(addr, ctx.registry, token::udp_session(id)) {
+        let addr = group.server(server)?.conf.addr;
+        let slot = l.sessions.next_key();
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let key = session_key(id, slot, gen);
+        let socket = match listener::connect(addr, ctx.registry, token::udp_session(key)) {
             Ok(socket) => socket,
             Err(e) => {
-                ctx.stats.udp_dropped.fetch_add(1, Ordering::Relaxed);
-                if self.warnings.allow(ctx.now) {
+                ctx.metrics.dropped(id);
+                if let Some(held_back) = self.warnings.pass(now) {
                     log::warn!(
-                        "udp {}: cannot open a session to {} for {}: {}",
-                        self.listeners[i].addr,
+                        "udp {}: cannot open a session to {} for {}: {}{}",
+                        listen,
                         addr,
                         client,
-                        crate::sys::io_reason(&e)
+                        crate::sys::io_reason(&e),
+                        Suppressed(held_back)
                     );
                 }
                 return None;
             }
         };
         group.acquire(server);
-        let gen = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1);
-        let timer = ctx.timers.insert(
-            after(ctx.now, l.conf.idle_timeout),
-            Timer::Session { key: id, gen },
-        );
-        let key = l.sessions.insert(
+        let timer = ctx
+            .timers
+            .insert(after(now, l.conf.idle_timeout), Timer::Session(key));
+        let slot = l.sessions.insert(
             client,
             Session {
                 gen,
                 server,
                 local: None,
                 socket,
-                readable: false,
-                started: ctx.now,
-                last_active: ctx.now,
+                ready: Readiness::default(),
+                started: now,
+                last_active: now,
                 timer: Some(timer),
                 up: Tally::default(),
                 down: Tally::default(),
             },
         );
-        ctx.stats.udp_sessions_total.fetch_add(1, Ordering::Relaxed);
-        ctx.stats
-            .udp_sessions_active
-            .fetch_add(1, Ordering::Relaxed);
-        Some(key)
+        ctx.metrics.session_opened(id);
+        Some(slot)
     }
 
     /// The server answered with ICMP port unreachable: count it against the server.
-    fn refused(&mut self, id: usize, ctx: &mut Ctx<'_>) {
-        let (i, key) = split_id(id);
-        if let Some(l) = self.listeners.get(i) {
-            if let (Some(s), Some(group)) =
-                (l.sessions.get(key), ctx.groups.get_mut(l.conf.upstream))
-            {
-                ctx.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                let addr = group.servers()[s.server].conf.addr;
-                log::info!(
-                    "upstream {}: udp server {} refused (port unreachable)",
-                    group.name,
-                    addr
+    fn refused(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let (id, slot) = split_key(key);
+        if let Some(l) = self.listeners.get(id.0).and_then(Option::as_ref) {
+            if let (Some(s), Some(client)) = (l.sessions.get(slot), l.sessions.client(slot)) {
+                let (upstream, server) = (l.conf.upstream, s.server);
+                accounting::connect_failed(
+                    ctx,
+                    upstream,
+                    server,
+                    client,
+                    "refused (port unreachable)",
                 );
-                if group.connect_failed(s.server, ctx.now) {
-                    log::warn!(
-                        "upstream {}: server {} marked unavailable after refusals",
-                        group.name,
-                        addr
-                    );
-                }
             }
         }
-        self.end(id, End::ConnectFailed, ctx);
+        self.end(key, End::ConnectFailed, ctx);
     }
 
-    fn end(&mut self, id: usize, end: End, ctx: &mut Ctx<'_>) {
-        let (i, key) = split_id(id);
-        let Some(l) = self.listeners.get_mut(i) else {
+    fn end(&mut self, key: Key, end: End, ctx: &mut Ctx<'_>) {
+        let (id, slot) = split_key(key);
+        let Some(l) = self.listeners.get_mut(id.0).and_then(Option::as_mut) else {
             return;
         };
-        let Some(client) = l.sessions.client(key) else {
+        if !l.sessions.get(slot).is_some_and(|s| s.gen == key.gen) {
+            return;
+        }
+        let Some(client) = l.sessions.client(slot) else {
             return;
         };
-        let Some(mut s) = l.sessions.remove(key) else {
+        let Some(mut s) = l.sessions.remove(slot) else {
             return;
         };
         let _ = ctx.registry.deregister(&mut s.socket);
         if let Some(timer) = s.timer.take() {
             ctx.timers.cancel(timer);
         }
-        ctx.stats
-            .udp_sessions_active
-            .fetch_sub(1, Ordering::Relaxed);
-        add(&ctx.stats.udp_datagrams_up, s.up.datagrams);
-        add(&ctx.stats.udp_datagrams_down, s.down.datagrams);
-        add(&ctx.stats.bytes_up, s.up.bytes);
-        add(&ctx.stats.bytes_down, s.down.bytes);
-        ctx.stats.count_end(end);
-        let Some(group) = ctx.groups.get_mut(l.conf.upstream) else {
-            return;
-        };
-        group.release(s.server);
-        if ctx.access_log {
-            access_log::write(&access_log::Entry {
+        accounting::settle(
+            ctx,
+            &Settle {
+                listener: id,
                 listen: l.addr,
                 client,
-                upstream: &group.name,
-                server: Some(group.servers()[s.server].conf.addr),
-                up_bytes: s.up.bytes,
-                down_bytes: s.down.bytes,
+                upstream: l.conf.upstream,
+                held: Some(s.server),
+                named: Some(s.server),
+                bytes: (s.up.bytes, s.down.bytes),
                 datagrams: Some((s.up.datagrams, s.down.datagrams)),
-                duration: ctx.now.duration_since(s.started),
+                started: s.started,
                 end,
-            });
-        }
+            },
+        );
     }
-}
-
-fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 fn is_refusal(err: &io::Error) -> bool {

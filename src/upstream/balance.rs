@@ -583,13 +583,13 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::super::tests::{group, loopback, server, t0};
-    use super::super::{Group, Tried};
+    use super::super::{Group, ServerId, Tried};
     use super::*;
     use crate::config::Server;
     use std::net::Ipv6Addr;
 
     fn pick(g: &mut Group) -> Option<usize> {
-        g.pick(loopback(1), t0(), &Tried::default())
+        g.pick_position(loopback(1), t0(), &Tried::default())
     }
 
     fn picks(g: &mut Group, n: usize) -> Vec<usize> {
@@ -632,7 +632,7 @@ mod tests {
     #[test]
     fn round_robin_skips_unavailable_servers() {
         let mut g = group(Balance::RoundRobin, servers(4));
-        g.set_health(1, false);
+        g.set_health(ServerId(1), false);
         assert_eq!(picks(&mut g, 6), [0, 2, 3, 0, 2, 3]);
     }
 
@@ -680,9 +680,9 @@ mod tests {
         let mut conf = vec![weighted(1, 20), weighted(2, 1)];
         conf[0].max_conns = 1;
         let mut g = group(Balance::WeightedRoundRobin, conf);
-        g.acquire(0);
+        g.acquire(ServerId(0));
         assert_eq!(picks(&mut g, 30), [1; 30]);
-        g.release(0);
+        g.release(ServerId(0));
         assert_eq!(counts(&picks(&mut g, 210), 2), [200, 10]);
     }
 
@@ -690,15 +690,15 @@ mod tests {
     fn least_conn_follows_connection_counts() {
         let mut g = group(Balance::LeastConn, servers(3));
         for _ in 0..3 {
-            g.acquire(0);
+            g.acquire(ServerId(0));
         }
-        g.acquire(2);
+        g.acquire(ServerId(2));
         assert_eq!(pick(&mut g), Some(1));
-        g.acquire(1);
-        g.acquire(1);
+        g.acquire(ServerId(1));
+        g.acquire(ServerId(1));
         assert_eq!(pick(&mut g), Some(2));
         for _ in 0..3 {
-            g.release(0);
+            g.release(ServerId(0));
         }
         assert_eq!(pick(&mut g), Some(0));
     }
@@ -712,7 +712,7 @@ mod tests {
         let seq: Vec<usize> = (0..6)
             .map(|_| {
                 let i = pick(&mut g).unwrap();
-                g.acquire(i);
+                g.acquire(ServerId(i));
                 i
             })
             .collect();
@@ -722,21 +722,21 @@ mod tests {
     #[test]
     fn least_conn_compares_active_relative_to_weight() {
         let mut g = group(Balance::LeastConn, vec![weighted(1, 3), weighted(2, 1)]);
-        g.acquire(0);
-        g.acquire(0);
-        g.acquire(1);
+        g.acquire(ServerId(0));
+        g.acquire(ServerId(0));
+        g.acquire(ServerId(1));
         assert_eq!(pick(&mut g), Some(0), "2/3 < 1/1");
-        g.acquire(0);
+        g.acquire(ServerId(0));
         // 3/3 == 1/1: a tie; server 0 was picked last, so server 1 goes.
         assert_eq!(pick(&mut g), Some(1));
         assert_eq!(pick(&mut g), Some(0));
-        g.acquire(0);
+        g.acquire(ServerId(0));
         assert_eq!(pick(&mut g), Some(1), "4/3 > 1/1");
         // Steady state: connections spread 3:1.
         let mut g = group(Balance::LeastConn, vec![weighted(1, 3), weighted(2, 1)]);
         for _ in 0..400 {
             let i = pick(&mut g).unwrap();
-            g.acquire(i);
+            g.acquire(ServerId(i));
         }
         assert_eq!((g.servers()[0].active, g.servers()[1].active), (300, 100));
     }
@@ -747,18 +747,18 @@ mod tests {
         conf[1].max_conns = 1;
         conf[3].down = true;
         let mut g = group(Balance::LeastConn, conf);
-        g.acquire(1);
+        g.acquire(ServerId(1));
         for _ in 0..5 {
-            g.acquire(4);
+            g.acquire(ServerId(4));
         }
         let mut tried = Tried::default();
-        tried.insert(0);
+        tried.insert(ServerId(0));
         // 1 is full, 3 down, 0 tried: 2 (idle) before 4 (busy).
-        assert_eq!(g.pick(loopback(1), t0(), &tried), Some(2));
-        tried.insert(2);
-        assert_eq!(g.pick(loopback(1), t0(), &tried), Some(4));
-        tried.insert(4);
-        assert_eq!(g.pick(loopback(1), t0(), &tried), None);
+        assert_eq!(g.pick_position(loopback(1), t0(), &tried), Some(2));
+        tried.insert(ServerId(2));
+        assert_eq!(g.pick_position(loopback(1), t0(), &tried), Some(4));
+        tried.insert(ServerId(4));
+        assert_eq!(g.pick_position(loopback(1), t0(), &tried), None);
     }
 
     #[test]
@@ -766,7 +766,7 @@ mod tests {
         let mut g = group(Balance::LeastConn, servers(100));
         for i in 0..100 {
             for _ in 0..(i % 7) {
-                g.acquire(i);
+                g.acquire(ServerId(i));
             }
         }
         // The idle servers are those with i % 7 == 0; ties go in index order.
@@ -774,9 +774,9 @@ mod tests {
         assert_eq!(picks(&mut g, idle.len()), idle);
         let mut tried = Tried::default();
         for &i in &idle {
-            tried.insert(i);
+            tried.insert(ServerId(i));
         }
-        let i = g.pick(loopback(1), t0(), &tried).unwrap();
+        let i = g.pick_position(loopback(1), t0(), &tried).unwrap();
         assert_eq!(i % 7, 1);
     }
 
@@ -785,10 +785,10 @@ mod tests {
         let mut g = group(Balance::Random, servers(3));
         g.reseed(7);
         for _ in 0..10 {
-            g.acquire(0);
+            g.acquire(ServerId(0));
         }
         for _ in 0..5 {
-            g.acquire(2);
+            g.acquire(ServerId(2));
         }
         let c = counts(&picks(&mut g, 3000), 3);
         // Server 1 wins whenever it is drawn (5/9 of pairs); 2 beats 0; 0 only if drawn alone.
@@ -802,7 +802,7 @@ mod tests {
         g.reseed(11);
         for _ in 0..4000 {
             let i = pick(&mut g).unwrap();
-            g.acquire(i);
+            g.acquire(ServerId(i));
         }
         let active: Vec<u32> = g.servers().iter().map(|s| s.active).collect();
         let (lo, hi) = (active.iter().min().unwrap(), active.iter().max().unwrap());
@@ -834,7 +834,10 @@ mod tests {
         for _ in 0..2 {
             let mut g = group(Balance::IpHash, servers(4));
             let got: Vec<usize> = (1..=8)
-                .map(|k| g.pick(loopback(k), t0(), &Tried::default()).unwrap())
+                .map(|k| {
+                    g.pick_position(loopback(k), t0(), &Tried::default())
+                        .unwrap()
+                })
                 .collect();
             assert_eq!(got, expected);
         }
@@ -844,7 +847,7 @@ mod tests {
     fn ip_hash_spreads_by_weight() {
         let mut g = group(Balance::IpHash, vec![weighted(1, 3), server(2)]);
         let seq: Vec<usize> = clients()
-            .map(|ip| g.pick(ip, t0(), &Tried::default()).unwrap())
+            .map(|ip| g.pick_position(ip, t0(), &Tried::default()).unwrap())
             .collect();
         let c = counts(&seq, 2);
         assert!((7200..7800).contains(&c[0]), "{c:?}");
@@ -854,11 +857,11 @@ mod tests {
     fn ip_hash_moves_only_the_clients_of_a_down_server() {
         let mut g = group(Balance::IpHash, servers(4));
         let before: Vec<usize> = clients()
-            .map(|ip| g.pick(ip, t0(), &Tried::default()).unwrap())
+            .map(|ip| g.pick_position(ip, t0(), &Tried::default()).unwrap())
             .collect();
-        g.set_health(2, false);
+        g.set_health(ServerId(2), false);
         for (ip, &b) in clients().zip(&before) {
-            let now = g.pick(ip, t0(), &Tried::default()).unwrap();
+            let now = g.pick_position(ip, t0(), &Tried::default()).unwrap();
             assert_ne!(now, 2);
             if b != 2 {
                 assert_eq!(now, b);
@@ -868,7 +871,7 @@ mod tests {
 
     fn hash_picks(g: &mut Group) -> Vec<usize> {
         clients()
-            .map(|ip| g.pick(ip, t0(), &Tried::default()).unwrap())
+            .map(|ip| g.pick_position(ip, t0(), &Tried::default()).unwrap())
             .collect()
     }
 
@@ -878,7 +881,10 @@ mod tests {
         for _ in 0..2 {
             let mut g = group(Balance::Hash, servers(4));
             let got: Vec<usize> = (1..=8)
-                .map(|k| g.pick(loopback(k), t0(), &Tried::default()).unwrap())
+                .map(|k| {
+                    g.pick_position(loopback(k), t0(), &Tried::default())
+                        .unwrap()
+                })
                 .collect();
             assert_eq!(got, expected);
         }
@@ -926,7 +932,7 @@ mod tests {
     fn hash_down_server_goes_to_next_on_ring() {
         let mut g = group(Balance::Hash, servers(5));
         let before = hash_picks(&mut g);
-        g.set_health(3, false);
+        g.set_health(ServerId(3), false);
         let during = hash_picks(&mut g);
         for (&b, &d) in before.iter().zip(&during) {
             assert_ne!(d, 3);
@@ -935,12 +941,12 @@ mod tests {
             }
         }
         // The retry of a client moves it the same way: a tried server is skipped like a down one.
-        g.set_health(3, true);
+        g.set_health(ServerId(3), true);
         assert_eq!(hash_picks(&mut g), before);
         let mut tried = Tried::default();
-        tried.insert(3);
+        tried.insert(ServerId(3));
         for ((ip, &b), &d) in clients().zip(&before).zip(&during) {
-            let retry = g.pick(ip, t0(), &tried).unwrap();
+            let retry = g.pick_position(ip, t0(), &tried).unwrap();
             assert_eq!(retry, if b == 3 { d } else { b });
         }
     }
@@ -972,16 +978,16 @@ mod tests {
             let mut tried = Tried::default();
             let mut seen = Vec::new();
             for _ in 0..3 {
-                let i = g.pick(loopback(9), t0(), &tried).unwrap();
+                let i = g.pick_position(loopback(9), t0(), &tried).unwrap();
                 assert!(!seen.contains(&i), "{name}: {i} picked twice");
                 seen.push(i);
-                tried.insert(i);
+                tried.insert(ServerId(i));
             }
-            assert_eq!(g.pick(loopback(9), t0(), &tried), None, "{name}");
+            assert_eq!(g.pick_position(loopback(9), t0(), &tried), None, "{name}");
 
             let mut g = group(balance, servers(1));
             assert_eq!(picks(&mut g, 3), [0, 0, 0], "{name}");
-            g.set_health(0, false);
+            g.set_health(ServerId(0), false);
             assert_eq!(pick(&mut g), None, "{name}");
         }
     }
@@ -993,17 +999,17 @@ mod tests {
             conf[0].down = true;
             conf[1].max_conns = 2;
             let mut g = group(balance, conf);
-            g.acquire(1);
-            g.acquire(1);
-            assert!(g.connect_failed(2, t0()));
+            g.acquire(ServerId(1));
+            g.acquire(ServerId(1));
+            assert!(g.connect_failed(ServerId(2), t0()));
             for k in 0..200 {
                 assert_eq!(
-                    g.pick(loopback(k + 1), t0(), &Tried::default()),
+                    g.pick_position(loopback(k + 1), t0(), &Tried::default()),
                     Some(3),
                     "{name}"
                 );
             }
-            g.set_health(3, false);
+            g.set_health(ServerId(3), false);
             assert_eq!(pick(&mut g), None, "{name}");
         }
     }

@@ -17,14 +17,17 @@
 //!   Costs per method are in `balance.rs`.
 
 mod balance;
-pub mod health;
 
+pub use crate::config::{ServerId, UpstreamId};
 pub use balance::client_hash;
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{self, Balance};
+use crate::metrics::ServerShared;
 use balance::Pool;
 
 /// Run-time state of one server of a group.
@@ -49,11 +52,14 @@ pub struct ServerState {
     marked: bool,
     /// Position in the primary or backup pool.
     pool_pos: usize,
+    /// What other threads may read of this server; written on every change above.
+    pub shared: Arc<ServerShared>,
 }
 
 impl ServerState {
-    fn new(conf: &config::Server) -> ServerState {
+    fn new(conf: &config::Server, shared: Arc<ServerShared>) -> ServerState {
         ServerState {
+            shared,
             conf: conf.clone(),
             active: 0,
             connect_failures: 0,
@@ -105,7 +111,8 @@ pub struct Tried {
 const INLINE_WORDS: usize = 4;
 
 impl Tried {
-    pub fn insert(&mut self, i: usize) {
+    pub fn insert(&mut self, server: ServerId) {
+        let i = server.0;
         let (word, bit) = (i / 64, 1u64 << (i % 64));
         if let Some(w) = self.inline.get_mut(word) {
             *w |= bit;
@@ -121,7 +128,8 @@ impl Tried {
         more[at] |= bit;
     }
 
-    pub fn contains(&self, i: usize) -> bool {
+    pub fn contains(&self, server: ServerId) -> bool {
+        let i = server.0;
         let (word, bit) = (i / 64, 1u64 << (i % 64));
         let w = match self.inline.get(word) {
             Some(w) => Some(w),
@@ -146,8 +154,21 @@ pub struct Group {
 }
 
 impl Group {
-    pub fn new(conf: &config::Upstream) -> Group {
-        let mut servers: Vec<ServerState> = conf.servers.iter().map(ServerState::new).collect();
+    /// A group for `conf`; `shared` is the server table's row for it (fresh state is made for
+    /// any server it lacks).
+    pub fn new(conf: &config::Upstream, shared: &[Arc<ServerShared>]) -> Group {
+        let mut servers: Vec<ServerState> = conf
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let shared = shared
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(ServerShared::new(&conf.name, s.addr)));
+                ServerState::new(s, shared)
+            })
+            .collect();
         let (mut primary, mut backup) = (Vec::new(), Vec::new());
         for (i, s) in servers.iter_mut().enumerate() {
             let pool = if s.conf.backup {
@@ -177,6 +198,10 @@ impl Group {
         &self.servers
     }
 
+    pub fn server(&self, id: ServerId) -> Option<&ServerState> {
+        self.servers.get(id.0)
+    }
+
     /// Seeds `random`: for deterministic tests and simulations (groups seed themselves otherwise).
     pub fn reseed(&mut self, seed: u64) {
         self.primary.reseed(seed);
@@ -187,10 +212,16 @@ impl Group {
     /// only when no primary qualifies. The hash methods hash `client`; a retry (the failed server
     /// in `tried`) moves on deterministically: `hash` to the next server on the ring, `ip_hash` to
     /// a rehash (as nginx). None: nothing available (all down, full, failed or tried).
-    pub fn pick(&mut self, client: IpAddr, now: Instant, tried: &Tried) -> Option<usize> {
+    pub fn pick(&mut self, client: IpAddr, now: Instant, tried: &Tried) -> Option<ServerId> {
+        self.pick_position(client, now, tried).map(ServerId)
+    }
+
+    fn pick_position(&mut self, client: IpAddr, now: Instant, tried: &Tried) -> Option<usize> {
         self.expire_marks(now);
         let servers = &self.servers;
-        let eligible = |i: usize| !tried.contains(i) && servers[i].available(now);
+        let eligible = |i: usize| {
+            !tried.contains(ServerId(i)) && servers.get(i).is_some_and(|s| s.available(now))
+        };
         self.primary
             .pick(servers, client, &eligible)
             .or_else(|| self.backup.pick(servers, client, &eligible))
@@ -198,7 +229,8 @@ impl Group {
 
     /// A connect to server `i` succeeded: its failure count starts again (nginx). A connect that
     /// began before the server was marked leaves the mark running.
-    pub fn connected(&mut self, i: usize, now: Instant) {
+    pub fn connected(&mut self, id: ServerId, now: Instant) {
+        let i = id.0;
         let Some(s) = self.servers.get_mut(i) else {
             return;
         };
@@ -210,16 +242,19 @@ impl Group {
         s.unavailable_until = None;
         if s.marked {
             s.marked = false;
+            s.shared.marked.store(false, Ordering::Relaxed);
             self.touch(i);
         }
     }
 
     /// A connect to server `i` failed. True if this made the server unavailable (worth a log line).
-    pub fn connect_failed(&mut self, i: usize, now: Instant) -> bool {
+    pub fn connect_failed(&mut self, id: ServerId, now: Instant) -> bool {
+        let i = id.0;
         let Some(s) = self.servers.get_mut(i) else {
             return false;
         };
         s.connect_failures += 1;
+        s.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
         let (max_fails, fail_timeout) = (s.conf.max_fails, s.conf.fail_timeout);
         if max_fails == 0 {
             return false;
@@ -241,42 +276,50 @@ impl Group {
                 }
             }
         }
-        let until = crate::runtime::after(now, fail_timeout);
+        let until = crate::reactor::after(now, fail_timeout);
         s.unavailable_until = Some(until);
         s.marked = true;
+        s.shared.marked.store(true, Ordering::Relaxed);
         self.next_expiry = Some(self.next_expiry.map_or(until, |e| e.min(until)));
         self.touch(i);
         true
     }
 
     /// A connection to server `i` opened.
-    pub fn acquire(&mut self, i: usize) {
-        if let Some(s) = self.servers.get_mut(i) {
+    pub fn acquire(&mut self, id: ServerId) {
+        if let Some(s) = self.servers.get_mut(id.0) {
             s.active = s.active.saturating_add(1);
-            self.touch(i);
+            s.shared
+                .active
+                .store(u64::from(s.active), Ordering::Relaxed);
+            self.touch(id.0);
         }
     }
 
     /// A connection to server `i` closed (saturates at 0).
-    pub fn release(&mut self, i: usize) {
-        if let Some(s) = self.servers.get_mut(i) {
+    pub fn release(&mut self, id: ServerId) {
+        if let Some(s) = self.servers.get_mut(id.0) {
             s.active = s.active.saturating_sub(1);
-            self.touch(i);
+            s.shared
+                .active
+                .store(u64::from(s.active), Ordering::Relaxed);
+            self.touch(id.0);
         }
     }
 
     /// The active health checks' verdict on server `i`.
-    pub fn set_health(&mut self, i: usize, up: bool) {
-        if let Some(s) = self.servers.get_mut(i) {
+    pub fn set_health(&mut self, id: ServerId, up: bool) {
+        if let Some(s) = self.servers.get_mut(id.0) {
             if s.healthy != up {
                 s.healthy = up;
-                self.touch(i);
+                s.shared.healthy.store(up, Ordering::Relaxed);
+                self.touch(id.0);
             }
         }
     }
 
-    pub fn is_available(&self, i: usize, now: Instant) -> bool {
-        self.servers.get(i).is_some_and(|s| s.available(now))
+    pub fn is_available(&self, id: ServerId, now: Instant) -> bool {
+        self.servers.get(id.0).is_some_and(|s| s.available(now))
     }
 
     /// Clears the `marked` flag of servers whose mark ran out. One O(n) pass per expiry time,
@@ -295,6 +338,7 @@ impl Group {
                 Some(t) if now < t => next = Some(next.map_or(t, |n: Instant| n.min(t))),
                 _ => {
                     s.marked = false;
+                    s.shared.marked.store(false, Ordering::Relaxed);
                     self.touch(i);
                 }
             }
@@ -304,7 +348,9 @@ impl Group {
 
     /// Server `i` changed something `least_conn` ranks on.
     fn touch(&mut self, i: usize) {
-        let s = &self.servers[i];
+        let Some(s) = self.servers.get(i) else {
+            return;
+        };
         let pool = if s.conf.backup {
             &mut self.backup
         } else {
@@ -338,12 +384,15 @@ mod tests {
     }
 
     pub(super) fn group(balance: Balance, servers: Vec<Server>) -> Group {
-        Group::new(&Upstream {
-            name: "test".to_string(),
-            balance,
-            servers,
-            health_check: None,
-        })
+        Group::new(
+            &Upstream {
+                name: "test".to_string(),
+                balance,
+                servers,
+                health_check: None,
+            },
+            &[],
+        )
     }
 
     fn secs(s: u64) -> Instant {
@@ -361,14 +410,14 @@ mod tests {
     #[test]
     fn tried_marks_exactly_the_servers_inserted_in_any_group_size() {
         let mut t = Tried::default();
-        assert!(!t.contains(0) && !t.contains(100_000));
+        assert!(!t.contains(ServerId(0)) && !t.contains(ServerId(100_000)));
         let marked = [0, 63, 64, 200, 255, 256, 299, 511, 4096];
         for i in marked {
-            t.insert(i);
-            assert!(t.contains(i));
+            t.insert(ServerId(i));
+            assert!(t.contains(ServerId(i)));
         }
         for i in 0..5000 {
-            assert_eq!(t.contains(i), marked.contains(&i), "server {i}");
+            assert_eq!(t.contains(ServerId(i)), marked.contains(&i), "server {i}");
         }
         assert_eq!(t.clone(), t);
     }
@@ -376,29 +425,29 @@ mod tests {
     #[test]
     fn max_fails_within_fail_timeout_marks_then_recovers() {
         let mut g = group(Balance::RoundRobin, vec![fails(3, 10), server(2)]);
-        assert!(!g.connect_failed(0, secs(0)));
-        assert!(!g.connect_failed(0, secs(4)));
-        assert!(g.is_available(0, secs(5)));
-        assert!(g.connect_failed(0, secs(9)));
+        assert!(!g.connect_failed(ServerId(0), secs(0)));
+        assert!(!g.connect_failed(ServerId(0), secs(4)));
+        assert!(g.is_available(ServerId(0), secs(5)));
+        assert!(g.connect_failed(ServerId(0), secs(9)));
         assert_eq!(g.servers()[0].connect_failures, 3);
-        assert!(!g.is_available(0, secs(9)));
-        assert!(!g.is_available(0, secs(18)));
+        assert!(!g.is_available(ServerId(0), secs(9)));
+        assert!(!g.is_available(ServerId(0), secs(18)));
         let t = Tried::default();
         for s in 10..19 {
-            assert_eq!(g.pick(loopback(1), secs(s), &t), Some(1));
+            assert_eq!(g.pick_position(loopback(1), secs(s), &t), Some(1));
         }
         // Marked at 9 s for 10 s.
-        assert!(g.is_available(0, secs(19)));
-        assert_eq!(g.pick(loopback(1), secs(19), &t), Some(0));
+        assert!(g.is_available(ServerId(0), secs(19)));
+        assert_eq!(g.pick_position(loopback(1), secs(19), &t), Some(0));
     }
 
     #[test]
     fn failures_spread_beyond_fail_timeout_do_not_add_up() {
         let mut g = group(Balance::RoundRobin, vec![fails(3, 10)]);
         for s in [0, 8, 11, 19, 22, 30] {
-            assert!(!g.connect_failed(0, secs(s)), "at {s}s");
+            assert!(!g.connect_failed(ServerId(0), secs(s)), "at {s}s");
         }
-        assert!(g.is_available(0, secs(30)));
+        assert!(g.is_available(ServerId(0), secs(30)));
         assert_eq!(g.servers()[0].connect_failures, 6);
     }
 
@@ -406,59 +455,62 @@ mod tests {
     fn max_fails_zero_never_marks() {
         let mut g = group(Balance::RoundRobin, vec![fails(0, 10)]);
         for _ in 0..100 {
-            assert!(!g.connect_failed(0, secs(1)));
+            assert!(!g.connect_failed(ServerId(0), secs(1)));
         }
-        assert!(g.is_available(0, secs(1)));
-        assert_eq!(g.pick(loopback(1), secs(1), &Tried::default()), Some(0));
+        assert!(g.is_available(ServerId(0), secs(1)));
+        assert_eq!(
+            g.pick_position(loopback(1), secs(1), &Tried::default()),
+            Some(0)
+        );
         assert_eq!(g.servers()[0].connect_failures, 100);
     }
 
     #[test]
     fn a_failure_on_trial_marks_again_and_a_success_clears() {
         let mut g = group(Balance::RoundRobin, vec![fails(2, 10)]);
-        g.connect_failed(0, secs(0));
-        assert!(g.connect_failed(0, secs(1)));
+        g.connect_failed(ServerId(0), secs(0));
+        assert!(g.connect_failed(ServerId(0), secs(1)));
         // Failures while marked count for metrics only.
-        assert!(!g.connect_failed(0, secs(2)));
-        assert!(g.is_available(0, secs(11)));
+        assert!(!g.connect_failed(ServerId(0), secs(2)));
+        assert!(g.is_available(ServerId(0), secs(11)));
         assert!(
-            g.connect_failed(0, secs(12)),
+            g.connect_failed(ServerId(0), secs(12)),
             "on trial: one failure is enough"
         );
-        assert!(!g.is_available(0, secs(21)));
+        assert!(!g.is_available(ServerId(0), secs(21)));
         // A connect begun before the mark that succeeds late does not lift it.
-        g.connected(0, secs(13));
-        assert!(!g.is_available(0, secs(21)));
-        g.connected(0, secs(22));
+        g.connected(ServerId(0), secs(13));
+        assert!(!g.is_available(ServerId(0), secs(21)));
+        g.connected(ServerId(0), secs(22));
         assert!(
-            !g.connect_failed(0, secs(23)),
+            !g.connect_failed(ServerId(0), secs(23)),
             "count starts again after a success"
         );
-        assert!(g.connect_failed(0, secs(24)));
+        assert!(g.connect_failed(ServerId(0), secs(24)));
     }
 
     #[test]
     fn connected_resets_the_count() {
         let mut g = group(Balance::RoundRobin, vec![fails(2, 10)]);
-        assert!(!g.connect_failed(0, secs(0)));
-        g.connected(0, secs(1));
-        assert!(!g.connect_failed(0, secs(2)));
-        assert!(g.connect_failed(0, secs(3)));
+        assert!(!g.connect_failed(ServerId(0), secs(0)));
+        g.connected(ServerId(0), secs(1));
+        assert!(!g.connect_failed(ServerId(0), secs(2)));
+        assert!(g.connect_failed(ServerId(0), secs(3)));
     }
 
     #[test]
     fn least_conn_sees_marks_come_and_go() {
         let mut g = group(Balance::LeastConn, vec![fails(1, 10), server(2)]);
-        g.acquire(1);
+        g.acquire(ServerId(1));
         let t = Tried::default();
-        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(0));
-        assert!(g.connect_failed(0, secs(0)));
-        assert_eq!(g.pick(loopback(1), secs(5), &t), Some(1));
-        assert_eq!(g.pick(loopback(1), secs(10), &t), Some(0));
+        assert_eq!(g.pick_position(loopback(1), secs(0), &t), Some(0));
+        assert!(g.connect_failed(ServerId(0), secs(0)));
+        assert_eq!(g.pick_position(loopback(1), secs(5), &t), Some(1));
+        assert_eq!(g.pick_position(loopback(1), secs(10), &t), Some(0));
         // And a success on trial lifts the mark without waiting for a pick.
-        assert!(g.connect_failed(0, secs(11)));
-        g.connected(0, secs(21));
-        assert_eq!(g.pick(loopback(1), secs(21), &t), Some(0));
+        assert!(g.connect_failed(ServerId(0), secs(11)));
+        g.connected(ServerId(0), secs(21));
+        assert_eq!(g.pick_position(loopback(1), secs(21), &t), Some(0));
     }
 
     #[test]
@@ -470,24 +522,37 @@ mod tests {
             let mut g = group(balance, conf);
             let t = Tried::default();
             for k in 0..100 {
-                assert!(g.pick(loopback(k + 1), secs(0), &t).unwrap() < 2, "{name}");
+                assert!(
+                    g.pick_position(loopback(k + 1), secs(0), &t).unwrap() < 2,
+                    "{name}"
+                );
             }
-            g.set_health(0, false);
-            assert!(g.connect_failed(1, secs(0)));
+            g.set_health(ServerId(0), false);
+            assert!(g.connect_failed(ServerId(1), secs(0)));
             for k in 0..100 {
-                assert!(g.pick(loopback(k + 1), secs(1), &t).unwrap() >= 2, "{name}");
+                assert!(
+                    g.pick_position(loopback(k + 1), secs(1), &t).unwrap() >= 2,
+                    "{name}"
+                );
             }
             // Primaries that were tried count as unavailable for that client.
-            g.set_health(0, true);
+            g.set_health(ServerId(0), true);
             let mut tried = Tried::default();
-            tried.insert(0);
-            assert!(g.pick(loopback(1), secs(1), &tried).unwrap() >= 2, "{name}");
+            tried.insert(ServerId(0));
+            assert!(
+                g.pick_position(loopback(1), secs(1), &tried).unwrap() >= 2,
+                "{name}"
+            );
             assert_eq!(
-                g.pick(loopback(1), secs(1), &Tried::default()),
+                g.pick_position(loopback(1), secs(1), &Tried::default()),
                 Some(0),
                 "{name}"
             );
-            assert_eq!(g.pick(loopback(1), secs(10), &tried), Some(1), "{name}");
+            assert_eq!(
+                g.pick_position(loopback(1), secs(10), &tried),
+                Some(1),
+                "{name}"
+            );
         }
     }
 
@@ -498,17 +563,17 @@ mod tests {
         let mut g = group(Balance::RoundRobin, conf);
         let t = Tried::default();
         for _ in 0..10 {
-            assert_eq!(g.pick(loopback(1), secs(0), &t), Some(1));
+            assert_eq!(g.pick_position(loopback(1), secs(0), &t), Some(1));
         }
-        g.set_health(0, true);
+        g.set_health(ServerId(0), true);
         assert!(
-            !g.is_available(0, secs(0)),
+            !g.is_available(ServerId(0), secs(0)),
             "set_health does not override down"
         );
-        g.set_health(1, false);
-        assert_eq!(g.pick(loopback(1), secs(0), &t), None);
-        g.set_health(1, true);
-        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(1));
+        g.set_health(ServerId(1), false);
+        assert_eq!(g.pick_position(loopback(1), secs(0), &t), None);
+        g.set_health(ServerId(1), true);
+        assert_eq!(g.pick_position(loopback(1), secs(0), &t), Some(1));
     }
 
     #[test]
@@ -516,28 +581,28 @@ mod tests {
         let mut conf = vec![server(1), server(2)];
         conf[0].max_conns = 2;
         let mut g = group(Balance::RoundRobin, conf);
-        g.acquire(0);
-        assert!(g.is_available(0, secs(0)));
-        g.acquire(0);
-        assert!(!g.is_available(0, secs(0)));
+        g.acquire(ServerId(0));
+        assert!(g.is_available(ServerId(0), secs(0)));
+        g.acquire(ServerId(0));
+        assert!(!g.is_available(ServerId(0), secs(0)));
         let t = Tried::default();
-        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(1));
-        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(1));
-        g.release(0);
-        assert_eq!(g.pick(loopback(1), secs(0), &t), Some(0));
+        assert_eq!(g.pick_position(loopback(1), secs(0), &t), Some(1));
+        assert_eq!(g.pick_position(loopback(1), secs(0), &t), Some(1));
+        g.release(ServerId(0));
+        assert_eq!(g.pick_position(loopback(1), secs(0), &t), Some(0));
     }
 
     #[test]
     fn release_saturates_and_bad_indices_are_ignored() {
         let mut g = group(Balance::LeastConn, vec![server(1)]);
-        g.release(0);
+        g.release(ServerId(0));
         assert_eq!(g.servers()[0].active, 0);
-        g.acquire(7);
-        g.release(7);
-        g.set_health(7, false);
-        g.connected(7, secs(0));
-        assert!(!g.connect_failed(7, secs(0)));
-        assert!(!g.is_available(7, secs(0)));
+        g.acquire(ServerId(7));
+        g.release(ServerId(7));
+        g.set_health(ServerId(7), false);
+        g.connected(ServerId(7), secs(0));
+        assert!(!g.connect_failed(ServerId(7), secs(0)));
+        assert!(!g.is_available(ServerId(7), secs(0)));
     }
 
     #[test]
@@ -545,7 +610,7 @@ mod tests {
         for (name, balance) in Balance::ALL {
             let mut g = group(balance, Vec::new());
             assert_eq!(
-                g.pick(loopback(1), secs(0), &Tried::default()),
+                g.pick_position(loopback(1), secs(0), &Tried::default()),
                 None,
                 "{name}"
             );
@@ -554,10 +619,10 @@ mod tests {
             conf[2].backup = true;
             let mut g = group(balance, conf);
             for i in 0..3 {
-                assert!(g.connect_failed(i, secs(0)));
+                assert!(g.connect_failed(ServerId(i), secs(0)));
             }
             assert_eq!(
-                g.pick(loopback(1), secs(1), &Tried::default()),
+                g.pick_position(loopback(1), secs(1), &Tried::default()),
                 None,
                 "{name}"
             );
@@ -569,7 +634,7 @@ mod tests {
         let mut conf = fails(1, 0);
         conf.fail_timeout = Duration::MAX;
         let mut g = group(Balance::RoundRobin, vec![conf]);
-        assert!(g.connect_failed(0, secs(0)));
-        assert!(!g.is_available(0, secs(3600)));
+        assert!(g.connect_failed(ServerId(0), secs(0)));
+        assert!(!g.is_available(ServerId(0), secs(3600)));
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice::config::{Balance, Config, Server, Upstream};
-use sluice::runtime::timer::TimerWheel;
+use sluice::reactor::timer::TimerWheel;
 use sluice::tcp::buffer::{BufferPool, PoolStats};
 use sluice::upstream::{Group, Tried};
 
@@ -193,7 +193,7 @@ fn balancer_benches() -> Vec<Bench> {
     let mut v = Vec::new();
     for (name, balance) in Balance::ALL {
         for n in [3usize, 100] {
-            let mut group = Group::new(&upstream(balance, n));
+            let mut group = Group::new(&upstream(balance, n), &[]);
             // Connections stay open a while: release the oldest of the last 64 picks, so
             // least_conn and random see real, moving counts.
             let mut open = std::collections::VecDeque::with_capacity(64);

@@ -8,17 +8,19 @@
 //! way; each check bumps the probe's generation, so a timer or event for an earlier check is
 //! recognised and ignored.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use mio::net::TcpStream;
-use mio::Interest;
 use slab::Slab;
 
-use crate::config::{HealthCheck, Upstream};
-use crate::runtime::timer::TimerKey;
-use crate::runtime::{after, token, Ctx, Timer};
+use crate::config::{HealthCheck, ServerId, Upstream, UpstreamId};
+use crate::part::Ctx;
+use crate::reactor::timer::TimerKey;
+use crate::reactor::token::{self, Gen, Key};
+use crate::reactor::{after, retry, Readiness, Timer};
+use crate::tcp::connect::{self, Outcome as Connect};
 
 /// Consecutive results → up/down, with `rise` and `fall` thresholds. Servers start up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,13 +77,14 @@ enum Phase {
 }
 
 struct Probe {
-    group: usize,
-    server: usize,
+    upstream: UpstreamId,
+    server: ServerId,
     addr: SocketAddr,
     check: HealthCheck,
-    gen: u32,
+    gen: Gen,
     phase: Phase,
     socket: Option<TcpStream>,
+    ready: Readiness,
     started: Instant,
     timer: Option<TimerKey>,
     verdict: Verdict,
@@ -107,13 +110,14 @@ impl Prober {
             };
             for (server, conf) in up.servers.iter().enumerate().filter(|(_, s)| !s.down) {
                 let key = prober.probes.insert(Probe {
-                    group,
-                    server,
+                    upstream: UpstreamId(group),
+                    server: ServerId(server),
                     addr: conf.addr,
                     check: check.clone(),
                     gen: 0,
                     phase: Phase::Idle,
                     socket: None,
+                    ready: Readiness::default(),
                     started: ctx.now,
                     timer: None,
                     verdict: Verdict::default(),
@@ -133,25 +137,24 @@ impl Prober {
     }
 
     /// A timer for probe `key` fired: start the next check, or fail the one that timed out.
-    pub(crate) fn timer(&mut self, key: usize, gen: u32, ctx: &mut Ctx<'_>) {
-        let Some(p) = self.probes.get_mut(key) else {
+    pub(crate) fn timer(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(p) = self.probes.get_mut(key.index).filter(|p| p.gen == key.gen) else {
             return;
         };
-        if p.gen != gen {
-            return;
-        }
         p.timer = None;
         match p.phase {
-            Phase::Idle => self.begin(key, ctx),
-            _ => self.finish(key, Err("timed out".into()), ctx),
+            Phase::Idle => self.begin(key.index, ctx),
+            _ => self.finish(key.index, Err("timed out".into()), ctx),
         }
     }
 
     /// The probe's socket reported readiness.
-    pub(crate) fn ready(&mut self, key: usize, ctx: &mut Ctx<'_>) {
-        let Some(p) = self.probes.get_mut(key) else {
+    pub(crate) fn ready(&mut self, key: Key, event: &mio::event::Event, ctx: &mut Ctx<'_>) {
+        let Some(p) = self.probes.get_mut(key.index).filter(|p| p.gen == key.gen) else {
             return;
         };
+        p.ready.absorb(event);
+        let key = key.index;
         let outcome = match p.advance() {
             Ok(None) => return,
             Ok(Some(())) => Ok(()),
@@ -167,20 +170,13 @@ impl Prober {
         };
         p.gen = p.gen.wrapping_add(1);
         p.started = ctx.now;
-        let opened = TcpStream::connect(p.addr).and_then(|mut s| {
-            ctx.registry
-                .register(
-                    &mut s,
-                    token::probe(key),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .map(|()| s)
-        });
-        match opened {
+        p.ready = Readiness::default();
+        let id = Key::new(key, p.gen);
+        match connect::start(ctx.registry, p.addr, token::probe(id)) {
             Ok(socket) => {
                 p.socket = Some(socket);
                 p.phase = Phase::Connecting;
-                let timer = Timer::Probe { key, gen: p.gen };
+                let timer = Timer::Probe(id);
                 p.timer = Some(ctx.timers.insert(after(ctx.now, p.check.timeout), timer));
             }
             Err(e) => {
@@ -205,7 +201,7 @@ impl Prober {
         let flip = p
             .verdict
             .record(outcome.is_ok(), p.check.rise, p.check.fall);
-        if let (Some(up), Some(group)) = (flip, ctx.groups.get_mut(p.group)) {
+        if let (Some(up), Some(group)) = (flip, ctx.upstreams.get_mut(p.upstream.0)) {
             group.set_health(p.server, up);
             match &outcome {
                 Err(cause) => log::warn!(
@@ -229,7 +225,7 @@ impl Prober {
         p.gen = p.gen.wrapping_add(1);
         // Checks start `interval` apart, however long each took.
         let next = after(p.started, p.check.interval).max(ctx.now);
-        p.timer = Some(ctx.timers.insert(next, Timer::Probe { key, gen: p.gen }));
+        p.timer = Some(ctx.timers.insert(next, Timer::Probe(Key::new(key, p.gen))));
     }
 }
 
@@ -242,16 +238,13 @@ impl Probe {
         loop {
             match self.phase {
                 Phase::Idle => return Ok(None),
-                Phase::Connecting => {
-                    if let Ok(Some(e)) | Err(e) = socket.take_error() {
-                        return Err(format!("connect: {}", crate::sys::io_reason(&e)));
+                Phase::Connecting => match connect::outcome(socket, &self.ready) {
+                    Connect::Connected => self.phase = Phase::Sending { sent: 0 },
+                    Connect::Pending => return Ok(None),
+                    Connect::Failed(e) => {
+                        return Err(format!("connect: {}", crate::sys::io_reason(&e)))
                     }
-                    match socket.peer_addr() {
-                        Ok(_) => self.phase = Phase::Sending { sent: 0 },
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(None),
-                        Err(e) => return Err(format!("connect: {}", crate::sys::io_reason(&e))),
-                    }
-                }
+                },
                 Phase::Sending { sent } => {
                     let rest = self.check.send.get(sent..).unwrap_or_default();
                     if rest.is_empty() {
@@ -261,11 +254,10 @@ impl Probe {
                         self.phase = Phase::Expecting { matched: 0 };
                         continue;
                     }
-                    match socket.write(rest) {
-                        Ok(0) => return Err("send: connection closed".into()),
-                        Ok(n) => self.phase = Phase::Sending { sent: sent + n },
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    match retry(|| socket.write(rest)) {
+                        Ok(Some(0)) => return Err("send: connection closed".into()),
+                        Ok(Some(n)) => self.phase = Phase::Sending { sent: sent + n },
+                        Ok(None) => return Ok(None),
                         Err(e) => return Err(format!("send: {}", crate::sys::io_reason(&e))),
                     }
                 }
@@ -277,9 +269,9 @@ impl Probe {
                         .len()
                         .saturating_sub(matched)
                         .min(chunk.len());
-                    match socket.read(&mut chunk[..want]) {
-                        Ok(0) => return Err("closed before the expected reply".into()),
-                        Ok(n) => {
+                    match retry(|| socket.read(&mut chunk[..want])) {
+                        Ok(Some(0)) => return Err("closed before the expected reply".into()),
+                        Ok(Some(n)) => {
                             let expected = self
                                 .check
                                 .expect
@@ -295,8 +287,7 @@ impl Probe {
                                 matched: matched + n,
                             };
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Ok(None) => return Ok(None),
                         Err(e) => return Err(format!("reply: {}", crate::sys::io_reason(&e))),
                     }
                 }

@@ -1,0 +1,192 @@
+//! The one place where a finished pair or UDP session is settled, and where a failed connect is
+//! reported: counters in the metrics registry, the server's connection slot, passive health, and
+//! the access log line (info level, target `access`, the `key=value` shape of DESIGN.md §6, so it
+//! greps and parses without a schema).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::metrics::{ListenerId, ServerId, UpstreamId};
+use crate::part::Ctx;
+use crate::reactor::End;
+
+pub const TARGET: &str = "access";
+
+/// Everything known about a pair or session at its end.
+pub struct Settle {
+    pub listener: ListenerId,
+    /// The bound address (a configured port 0 shows the port chosen).
+    pub listen: SocketAddr,
+    pub client: SocketAddr,
+    pub upstream: UpstreamId,
+    /// The server whose connection slot this held; released here.
+    pub held: Option<ServerId>,
+    /// The server the access log names: the one held, or else the last one tried.
+    pub named: Option<ServerId>,
+    /// Client → server and server → client bytes delivered.
+    pub bytes: (u64, u64),
+    /// UDP only: datagrams each way.
+    pub datagrams: Option<(u64, u64)>,
+    pub started: Instant,
+    pub end: End,
+}
+
+/// Counts the end, gives the server its slot back and writes the access log line.
+pub fn settle(ctx: &mut Ctx<'_>, s: &Settle) {
+    ctx.metrics.closed(s.listener, s.end, s.bytes, s.datagrams);
+    let access_log = ctx.access_log;
+    let now = ctx.now;
+    let Some(group) = ctx.upstreams.get_mut(s.upstream.0) else {
+        return;
+    };
+    if let Some(held) = s.held {
+        group.release(held);
+        if let Some(server) = group.server(held) {
+            let shared = &server.shared;
+            shared
+                .bytes_up
+                .fetch_add(s.bytes.0, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .bytes_down
+                .fetch_add(s.bytes.1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    if access_log {
+        write(&Entry {
+            listen: s.listen,
+            client: s.client,
+            upstream: &group.name,
+            server: s.named.and_then(|id| group.server(id)).map(|x| x.conf.addr),
+            up_bytes: s.bytes.0,
+            down_bytes: s.bytes.1,
+            datagrams: s.datagrams,
+            duration: now.saturating_duration_since(s.started),
+            end: s.end,
+        });
+    }
+}
+
+/// A UDP client that got no session (no server available): counted and logged, nothing to release.
+pub fn refuse(
+    ctx: &mut Ctx<'_>,
+    listener: ListenerId,
+    listen: SocketAddr,
+    client: SocketAddr,
+    upstream: UpstreamId,
+    end: End,
+) {
+    ctx.metrics.refused(listener, end);
+    if !ctx.access_log {
+        return;
+    }
+    if let Some(group) = ctx.upstreams.get_mut(upstream.0) {
+        write(&Entry {
+            listen,
+            client,
+            upstream: &group.name,
+            server: None,
+            up_bytes: 0,
+            down_bytes: 0,
+            datagrams: Some((0, 0)),
+            duration: Duration::ZERO,
+            end,
+        });
+    }
+}
+
+/// A connect to `server` failed (for UDP: the server refused a datagram): counted, logged, and
+/// judged by passive health, which may mark the server unavailable (a warning says so).
+pub fn connect_failed(
+    ctx: &mut Ctx<'_>,
+    upstream: UpstreamId,
+    server: ServerId,
+    client: SocketAddr,
+    cause: &str,
+) {
+    ctx.metrics
+        .connect_failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = ctx.now;
+    let Some(group) = ctx.upstreams.get_mut(upstream.0) else {
+        return;
+    };
+    let Some((addr, fail_timeout)) = group
+        .server(server)
+        .map(|s| (s.conf.addr, s.conf.fail_timeout))
+    else {
+        return;
+    };
+    log::info!(
+        "upstream {}: connect to {} failed: {} (client {})",
+        group.name,
+        addr,
+        cause,
+        client
+    );
+    if group.connect_failed(server, now) {
+        log::warn!(
+            "upstream {}: server {} marked unavailable for {} ms after failed connects",
+            group.name,
+            addr,
+            fail_timeout.as_millis()
+        );
+    }
+}
+
+struct Entry<'a> {
+    listen: SocketAddr,
+    client: SocketAddr,
+    upstream: &'a str,
+    server: Option<SocketAddr>,
+    up_bytes: u64,
+    down_bytes: u64,
+    datagrams: Option<(u64, u64)>,
+    duration: Duration,
+    end: End,
+}
+
+fn write(entry: &Entry<'_>) {
+    if !log::log_enabled!(target: TARGET, log::Level::Info) {
+        return;
+    }
+    let server = Server(entry.server);
+    match entry.datagrams {
+        None => log::info!(
+            target: TARGET,
+            "listen={} client={} upstream={} server={} up_bytes={} down_bytes={} duration_ms={} end={}",
+            entry.listen,
+            entry.client,
+            entry.upstream,
+            server,
+            entry.up_bytes,
+            entry.down_bytes,
+            entry.duration.as_millis(),
+            entry.end.as_str()
+        ),
+        Some((up, down)) => log::info!(
+            target: TARGET,
+            "listen=udp:{} client={} upstream={} server={} up_datagrams={} down_datagrams={} up_bytes={} down_bytes={} duration_ms={} end={}",
+            entry.listen,
+            entry.client,
+            entry.upstream,
+            server,
+            up,
+            down,
+            entry.up_bytes,
+            entry.down_bytes,
+            entry.duration.as_millis(),
+            entry.end.as_str()
+        ),
+    }
+}
+
+struct Server(Option<SocketAddr>);
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{}", addr),
+            None => f.write_str("-"),
+        }
+    }
+}

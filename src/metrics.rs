@@ -1,0 +1,318 @@
+//! The registry of counters: a process table, a listener table and a server table of atomics.
+//!
+//! Workers write, anything may read: `Proxy::stats()`, tests, and later the admin endpoint. Every
+//! counter is a relaxed atomic (a plain tally, read for reporting), so updating one never takes a
+//! lock. The tables are built once from the config, in config order; a listener and a server are
+//! reached through their id, and a lookup that misses returns `None`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::config::{Config, Proto};
+use crate::reactor::End;
+
+pub use crate::config::{ListenerId, ServerId, UpstreamId};
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+fn sub(counter: &AtomicU64, n: u64) {
+    // Saturating: a counter that another path already brought to 0 stays there.
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Connections and sessions that ended, by `end=`.
+#[derive(Debug, Default)]
+pub struct Ends([AtomicU64; End::ALL.len()]);
+
+impl Ends {
+    pub fn count(&self, end: End) {
+        if let Some(c) = self.0.get(end.index()) {
+            add(c, 1);
+        }
+    }
+
+    pub fn get(&self, end: End) -> u64 {
+        self.0.get(end.index()).map_or(0, get)
+    }
+}
+
+/// The buffer pool's counters.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Buffers currently lent out.
+    pub in_use: AtomicUsize,
+    /// Most buffers lent out at once since start.
+    pub peak: AtomicUsize,
+    /// Bytes allocated by the pool (lent and cached).
+    pub allocated_bytes: AtomicUsize,
+}
+
+/// One listener's counters.
+#[derive(Debug)]
+pub struct ListenerStats {
+    pub proto: Proto,
+    /// The address as configured (port 0 stays 0 here).
+    pub addr: SocketAddr,
+    pub connections_total: AtomicU64,
+    pub connections_active: AtomicU64,
+    /// Client → server bytes, counted when a connection or session ends.
+    pub bytes_up: AtomicU64,
+    /// Server → client bytes, counted when a connection or session ends.
+    pub bytes_down: AtomicU64,
+    pub udp_sessions_active: AtomicU64,
+    pub udp_datagrams_up: AtomicU64,
+    pub udp_datagrams_down: AtomicU64,
+    /// Datagrams dropped because a socket's send buffer was full.
+    pub udp_dropped: AtomicU64,
+    pub ends: Ends,
+}
+
+impl ListenerStats {
+    fn new(proto: Proto, addr: SocketAddr) -> ListenerStats {
+        ListenerStats {
+            proto,
+            addr,
+            connections_total: AtomicU64::new(0),
+            connections_active: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            udp_sessions_active: AtomicU64::new(0),
+            udp_datagrams_up: AtomicU64::new(0),
+            udp_datagrams_down: AtomicU64::new(0),
+            udp_dropped: AtomicU64::new(0),
+            ends: Ends::default(),
+        }
+    }
+}
+
+/// State of one server that every worker (and the admin endpoint) may read. The worker that
+/// changes a server writes here; balancing reads its own per-worker copy, so picks take no
+/// atomic read-modify-write.
+#[derive(Debug)]
+pub struct ServerShared {
+    pub upstream: String,
+    pub addr: SocketAddr,
+    /// The active health checks' verdict (true while no checks run).
+    pub healthy: AtomicBool,
+    /// Passive health has marked the server unavailable for now.
+    pub marked: AtomicBool,
+    /// Connections (or UDP sessions) open to the server.
+    pub active: AtomicU64,
+    /// Failed connects (or UDP refusals) since start.
+    pub connect_failures: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+}
+
+impl ServerShared {
+    pub fn new(upstream: &str, addr: SocketAddr) -> ServerShared {
+        ServerShared {
+            upstream: upstream.to_string(),
+            addr,
+            healthy: AtomicBool::new(true),
+            marked: AtomicBool::new(false),
+            active: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The whole registry: process-wide counters (fields), and the listener and server tables.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections_total: AtomicU64,
+    pub connections_active: AtomicU64,
+    /// Bytes delivered client → server, counted when a connection or session ends.
+    pub bytes_up: AtomicU64,
+    /// Bytes delivered server → client, counted when a connection or session ends.
+    pub bytes_down: AtomicU64,
+    pub connect_failures: AtomicU64,
+    /// How often accepting paused for lack of file descriptors.
+    pub accept_backoffs: AtomicU64,
+    /// Polls that found events while `busy_poll` kept the worker awake: sleeps it saved.
+    pub busy_poll_hits: AtomicU64,
+    pub udp_sessions_total: AtomicU64,
+    pub udp_sessions_active: AtomicU64,
+    pub udp_datagrams_up: AtomicU64,
+    pub udp_datagrams_down: AtomicU64,
+    /// Datagrams dropped because a socket's send buffer was full.
+    pub udp_dropped: AtomicU64,
+    pub pool: Arc<PoolStats>,
+    ends: Ends,
+    listeners: Vec<ListenerStats>,
+    /// By upstream, then by server.
+    servers: Vec<Vec<Arc<ServerShared>>>,
+}
+
+impl Metrics {
+    /// Tables for every listener and every server of `config`, all counters at 0.
+    pub fn for_config(config: &Config) -> Metrics {
+        Metrics {
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| ListenerStats::new(l.proto, l.addr))
+                .collect(),
+            servers: config
+                .upstreams
+                .iter()
+                .map(|u| {
+                    u.servers
+                        .iter()
+                        .map(|s| Arc::new(ServerShared::new(&u.name, s.addr)))
+                        .collect()
+                })
+                .collect(),
+            ..Metrics::default()
+        }
+    }
+
+    pub fn listener(&self, id: ListenerId) -> Option<&ListenerStats> {
+        self.listeners.get(id.0)
+    }
+
+    pub fn listeners(&self) -> &[ListenerStats] {
+        &self.listeners
+    }
+
+    /// The shared state of every server of upstream `id`, in config order.
+    pub fn servers(&self, id: UpstreamId) -> &[Arc<ServerShared>] {
+        self.servers.get(id.0).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn server(&self, upstream: UpstreamId, server: ServerId) -> Option<&Arc<ServerShared>> {
+        self.servers(upstream).get(server.0)
+    }
+
+    /// Connections and sessions that finished with `end`.
+    pub fn ended(&self, end: End) -> u64 {
+        self.ends.get(end)
+    }
+
+    pub fn buffers_in_use(&self) -> usize {
+        self.pool.in_use.load(Ordering::Relaxed)
+    }
+
+    pub fn buffers_peak(&self) -> usize {
+        self.pool.peak.load(Ordering::Relaxed)
+    }
+
+    // ---- what the parts record ----------------------------------------------------------
+
+    /// A TCP client was accepted on `listener`.
+    pub fn opened(&self, listener: ListenerId) {
+        add(&self.connections_total, 1);
+        add(&self.connections_active, 1);
+        if let Some(l) = self.listener(listener) {
+            add(&l.connections_total, 1);
+            add(&l.connections_active, 1);
+        }
+    }
+
+    /// A UDP session opened on `listener`.
+    pub fn session_opened(&self, listener: ListenerId) {
+        add(&self.udp_sessions_total, 1);
+        add(&self.udp_sessions_active, 1);
+        if let Some(l) = self.listener(listener) {
+            add(&l.connections_total, 1);
+            add(&l.udp_sessions_active, 1);
+        }
+    }
+
+    /// A connection or session ended; `datagrams` is set for UDP sessions.
+    pub fn closed(
+        &self,
+        listener: ListenerId,
+        end: End,
+        bytes: (u64, u64),
+        datagrams: Option<(u64, u64)>,
+    ) {
+        let l = self.listener(listener);
+        match datagrams {
+            None => {
+                sub(&self.connections_active, 1);
+                if let Some(l) = l {
+                    sub(&l.connections_active, 1);
+                }
+            }
+            Some((up, down)) => {
+                sub(&self.udp_sessions_active, 1);
+                add(&self.udp_datagrams_up, up);
+                add(&self.udp_datagrams_down, down);
+                if let Some(l) = l {
+                    sub(&l.udp_sessions_active, 1);
+                    add(&l.udp_datagrams_up, up);
+                    add(&l.udp_datagrams_down, down);
+                }
+            }
+        }
+        add(&self.bytes_up, bytes.0);
+        add(&self.bytes_down, bytes.1);
+        self.ends.count(end);
+        if let Some(l) = l {
+            add(&l.bytes_up, bytes.0);
+            add(&l.bytes_down, bytes.1);
+            l.ends.count(end);
+        }
+    }
+
+    /// A client that never got a connection or session (no server, refused): counted by `end`.
+    pub fn refused(&self, listener: ListenerId, end: End) {
+        self.ends.count(end);
+        if let Some(l) = self.listener(listener) {
+            l.ends.count(end);
+        }
+    }
+
+    /// A datagram was dropped on `listener`.
+    pub fn dropped(&self, listener: ListenerId) {
+        add(&self.udp_dropped, 1);
+        if let Some(l) = self.listener(listener) {
+            add(&l.udp_dropped, 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_follow_the_config_and_count_per_listener() {
+        let config = Config::forward(
+            Proto::Tcp,
+            "127.0.0.1:0".parse().expect("addr"),
+            &[
+                "127.0.0.1:1".parse().expect("addr"),
+                "127.0.0.1:2".parse().expect("addr"),
+            ],
+            crate::config::Balance::RoundRobin,
+        );
+        let m = Metrics::for_config(&config);
+        assert_eq!(m.listeners().len(), 1);
+        assert_eq!(m.servers(UpstreamId(0)).len(), 2);
+        assert!(m.server(UpstreamId(0), ServerId(2)).is_none());
+        assert!(m.listener(ListenerId(1)).is_none());
+        m.opened(ListenerId(0));
+        m.closed(ListenerId(0), End::ClientClosed, (3, 4), None);
+        m.closed(ListenerId(7), End::Error, (1, 1), None);
+        let l = m.listener(ListenerId(0)).expect("listener");
+        assert_eq!(get(&l.connections_total), 1);
+        assert_eq!(get(&l.connections_active), 0);
+        assert_eq!((get(&l.bytes_up), get(&l.bytes_down)), (3, 4));
+        assert_eq!(l.ends.get(End::ClientClosed), 1);
+        assert_eq!(m.ended(End::Error), 1);
+        assert_eq!(get(&m.connections_active), 0, "never below 0");
+    }
+}

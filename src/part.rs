@@ -1,0 +1,75 @@
+//! What a worker lends each of its parts (the TCP proxy, the UDP proxy, the health probes) for one
+//! call: the poll's registry, the timer wheel, the upstream groups, the metrics and the clock.
+//!
+//! The parts own their sockets and state machines; everything they share lives in the worker and
+//! reaches them only through a `Ctx`, so no part holds a reference into another.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::config::Proto;
+use crate::metrics::Metrics;
+use crate::reactor::timer::TimerWheel;
+use crate::reactor::Timer;
+use crate::upstream::Group;
+
+pub struct Ctx<'a> {
+    pub registry: &'a mio::Registry,
+    pub timers: &'a mut TimerWheel<Timer>,
+    /// The worker's groups, by `UpstreamId` (`upstreams.get_mut(id.0)`; a miss is handled).
+    pub upstreams: &'a mut [Group],
+    pub metrics: &'a Metrics,
+    pub now: Instant,
+    pub access_log: bool,
+}
+
+/// A listener that could not be bound: names the protocol, the address and the OS reason.
+#[derive(Debug)]
+pub struct BindError {
+    pub proto: Proto,
+    pub addr: SocketAddr,
+    pub error: io::Error,
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot listen on {}{}: {}",
+            match self.proto {
+                Proto::Tcp => "",
+                Proto::Udp => "udp ",
+            },
+            self.addr,
+            crate::sys::io_reason(&self.error)
+        )
+    }
+}
+
+impl std::error::Error for BindError {}
+
+/// Binds a listening socket of either protocol with the options sluice always wants: IPv6
+/// sockets only for IPv6 (`[::]:P` and `0.0.0.0:P` are separate listeners, as in nginx),
+/// non-blocking. `prepare` sets the protocol's own options before `bind`.
+pub fn bind(
+    proto: Proto,
+    addr: SocketAddr,
+    prepare: impl FnOnce(&socket2::Socket) -> io::Result<()>,
+) -> Result<socket2::Socket, BindError> {
+    let fail = |error| BindError { proto, addr, error };
+    let (kind, protocol) = match proto {
+        Proto::Tcp => (socket2::Type::STREAM, socket2::Protocol::TCP),
+        Proto::Udp => (socket2::Type::DGRAM, socket2::Protocol::UDP),
+    };
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, Some(protocol))
+        .map_err(fail)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true).map_err(fail)?;
+    }
+    prepare(&socket).map_err(fail)?;
+    socket.set_nonblocking(true).map_err(fail)?;
+    socket.bind(&addr.into()).map_err(fail)?;
+    Ok(socket)
+}

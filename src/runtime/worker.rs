@@ -1,0 +1,243 @@
+//! One reactor thread: a `mio::Poll`, the timer wheel, the upstream groups, and the parts that
+//! own sockets (the TCP proxy, the UDP proxy, the health probes).
+//!
+//! The worker only dispatches: each event goes to the part its token names, each timer to the
+//! part its entry names, and the parts get what they share through a [`Ctx`]. Invariants: the
+//! loop never blocks except in `poll`, whose timeout is 0 while some part has pending work (a
+//! pair that yielded, a listener with clients waiting) and otherwise the time to the next timer,
+//! so an idle proxy sleeps.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Waker};
+
+use super::{Command, RuntimeError, Stats};
+use crate::config::{Config, Proto, UpstreamId};
+use crate::health::Prober;
+use crate::part::Ctx;
+use crate::reactor::timer::TimerWheel;
+use crate::reactor::token::{self, Target};
+use crate::reactor::{after, End, Timer};
+use crate::tcp::proxy::TcpProxy;
+use crate::udp::UdpProxy;
+use crate::upstream::Group;
+
+pub struct Worker {
+    poll: Poll,
+    events: Option<Events>,
+    waker: Arc<Waker>,
+    inbox: mpsc::Receiver<Command>,
+    config: Config,
+    stats: Arc<Stats>,
+    tcp: TcpProxy,
+    udp: UdpProxy,
+    probes: Prober,
+    /// Bound addresses of all listeners in config order.
+    bound: Vec<(Proto, SocketAddr)>,
+    /// By `UpstreamId`.
+    groups: Vec<Group>,
+    timers: TimerWheel<Timer>,
+    now: Instant,
+    stopping: bool,
+    /// When the last poll returned events; `busy_poll` counts from here.
+    last_event: Instant,
+}
+
+impl Worker {
+    pub fn new(
+        config: Config,
+        stats: Arc<Stats>,
+        inbox: mpsc::Receiver<Command>,
+    ) -> Result<Worker, RuntimeError> {
+        let io_err = |what| move |error| RuntimeError::Io { what, error };
+        let poll = Poll::new().map_err(io_err("cannot create the poller"))?;
+        let waker = Waker::new(poll.registry(), token::waker())
+            .map_err(io_err("cannot create the waker"))?;
+        let tcp = TcpProxy::bind(&config, poll.registry(), Arc::clone(&stats.pool))?;
+        let udp = UdpProxy::bind(&config, poll.registry())?;
+        let mut addrs: Vec<_> = tcp.local_addrs().chain(udp.local_addrs()).collect();
+        addrs.sort_by_key(|(id, _)| *id);
+        let bound = addrs
+            .into_iter()
+            .filter_map(|(id, addr)| config.listeners.get(id.0).map(|l| (l.proto, addr)))
+            .collect();
+        let groups = config
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| Group::new(u, stats.servers(UpstreamId(i))))
+            .collect();
+        let now = Instant::now();
+        Ok(Worker {
+            poll,
+            events: Some(Events::with_capacity(1024)),
+            waker: Arc::new(waker),
+            inbox,
+            groups,
+            config,
+            stats,
+            tcp,
+            udp,
+            probes: Prober::default(),
+            bound,
+            timers: TimerWheel::new(now),
+            now,
+            stopping: false,
+            last_event: now,
+        })
+    }
+
+    pub fn local_addrs(&self) -> Vec<(Proto, SocketAddr)> {
+        self.bound.clone()
+    }
+
+    pub fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
+    pub fn run(mut self) -> Result<(), RuntimeError> {
+        let name = |id: UpstreamId| self.groups.get(id.0).map_or("?", |g| g.name.as_str());
+        for (addr, upstream) in self.tcp.describe() {
+            log::info!("listening on {} for upstream {}", addr, name(upstream));
+        }
+        for (addr, upstream) in self.udp.describe() {
+            log::info!("listening on udp {} for upstream {}", addr, name(upstream));
+        }
+        let upstreams = std::mem::take(&mut self.config.upstreams);
+        let (_, _, probes, mut ctx) = self.split();
+        *probes = Prober::start(&upstreams, &mut ctx);
+        self.config.upstreams = upstreams;
+        while !self.stopping {
+            self.turn()?;
+        }
+        let (tcp, udp, _, mut ctx) = self.split();
+        tcp.close_all(End::Shutdown, &mut ctx);
+        udp.close_all(End::Shutdown, &mut ctx);
+        Ok(())
+    }
+
+    /// One loop turn: wait, handle events, fire timers, finish pending work.
+    fn turn(&mut self) -> Result<(), RuntimeError> {
+        let mut events = self
+            .events
+            .take()
+            .unwrap_or_else(|| Events::with_capacity(1024));
+        let polled = self.wait(&mut events);
+        self.now = Instant::now();
+        if !events.is_empty() {
+            self.last_event = self.now;
+        }
+        match polled {
+            Ok(()) => {
+                for event in events.iter() {
+                    self.dispatch(event);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => {
+                self.events = Some(events);
+                return Err(RuntimeError::Io {
+                    what: "poll",
+                    error,
+                });
+            }
+        }
+        self.events = Some(events);
+        self.expire_timers();
+        self.run_pending();
+        Ok(())
+    }
+
+    /// Polls for events: at once while work is pending; else, with `busy_poll` set and an event
+    /// seen within it, without sleeping until the window closes (waking a sleeping CPU costs
+    /// tens of microseconds on some machines: the `pingpong` bench scenario); then asleep until
+    /// the next timer.
+    fn wait(&mut self, events: &mut Events) -> io::Result<()> {
+        if self.tcp.has_pending_work() || self.udp.has_pending_work() {
+            return self.poll.poll(events, Some(Duration::ZERO));
+        }
+        let mut now = Instant::now();
+        let spin_until = self.last_event + self.config.busy_poll;
+        if now < spin_until {
+            let spin_until = match self.timers.poll_timeout(now) {
+                Some(timeout) => spin_until.min(after(now, timeout)),
+                None => spin_until,
+            };
+            while now < spin_until {
+                self.poll.poll(events, Some(Duration::ZERO))?;
+                if !events.is_empty() {
+                    self.stats.busy_poll_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                std::hint::spin_loop();
+                now = Instant::now();
+            }
+        }
+        self.poll.poll(events, self.timers.poll_timeout(now))
+    }
+
+    /// The parts, each with the context they share, lent for one call.
+    fn split(&mut self) -> (&mut TcpProxy, &mut UdpProxy, &mut Prober, Ctx<'_>) {
+        let ctx = Ctx {
+            registry: self.poll.registry(),
+            timers: &mut self.timers,
+            upstreams: &mut self.groups,
+            metrics: &self.stats,
+            now: self.now,
+            access_log: self.config.access_log,
+        };
+        (&mut self.tcp, &mut self.udp, &mut self.probes, ctx)
+    }
+
+    fn dispatch(&mut self, event: &mio::event::Event) {
+        let target = token::decode(event.token());
+        if target == Target::Waker {
+            self.read_inbox();
+            return;
+        }
+        let (tcp, udp, probes, mut ctx) = self.split();
+        match target {
+            Target::Listener(i) => tcp.listener_ready(crate::config::ListenerId(i), &mut ctx),
+            Target::Pair(key, half) => tcp.socket_ready(key, half, event, &mut ctx),
+            Target::UdpListener(i) => udp.listener_ready(crate::config::ListenerId(i), &mut ctx),
+            Target::UdpSession(key) => udp.session_ready(key, event, &mut ctx),
+            Target::Probe(key) => probes.ready(key, event, &mut ctx),
+            Target::Waker | Target::Unknown => {}
+        }
+    }
+
+    fn read_inbox(&mut self) {
+        while let Ok(command) = self.inbox.try_recv() {
+            match command {
+                Command::Stop => self.stopping = true,
+            }
+        }
+    }
+
+    fn expire_timers(&mut self) {
+        let now = self.now;
+        while let Some(timer) = self.timers.expire(now) {
+            let (tcp, udp, probes, mut ctx) = self.split();
+            match timer {
+                Timer::Pair(key) => tcp.timer(key, &mut ctx),
+                Timer::Session(key) => udp.timer(key, &mut ctx),
+                Timer::Probe(key) => probes.timer(key, &mut ctx),
+                Timer::AcceptResume => tcp.accept_resume(),
+            }
+        }
+    }
+
+    /// Drives what a budget cut short: pairs that yielded or waited for buffers, listeners with
+    /// clients waiting, sessions with datagrams left.
+    fn run_pending(&mut self) {
+        let (tcp, udp, _, mut ctx) = self.split();
+        tcp.run_pending(&mut ctx);
+        if udp.has_pending_work() {
+            udp.run_pending(&mut ctx);
+        }
+    }
+}

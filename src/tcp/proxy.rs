@@ -1,0 +1,654 @@
+//! The TCP part of a worker: its listeners, the slab of pairs, accepting (with the
+//! `max_connections` cap and the back-off when descriptors run out), connecting to servers with
+//! next-upstream retries, pumping bytes, timeouts, and closing with one access-log line.
+//!
+//! Every `PairState` transition is here, and each event has one `match` on the state. The worker
+//! only hands over events and timers. Invariants: a pair holds at most one server socket, and
+//! `Group::acquire`/`release` run exactly once per connect attempt (`release` through
+//! `accounting::settle` or `abandon_server`), so the per-server counts that `least_conn` and
+//! `max_conns` read stay exact. A closed pair's slot is freed at once: tokens and timers carry
+//! the pair's generation, so an event for the old owner of a reused slot is ignored.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry};
+use slab::Slab;
+
+use super::buffer::BufferPool;
+use super::connect::{self, Outcome};
+use super::listener::{self, Accept};
+use super::pipe::{Fault, Pair, PairState, Step};
+use super::Side;
+use crate::accounting::{self, Settle};
+use crate::config::{Config, Listen, ListenerId, Proto, ServerId};
+use crate::metrics::PoolStats;
+use crate::part::{BindError, Ctx};
+use crate::reactor::token::{self, Gen, Key};
+use crate::reactor::{after, End, LogLimit, Readiness, Suppressed, Timer};
+
+/// Accepts per listener per loop turn before other work gets a go.
+const ACCEPT_BUDGET: usize = 64;
+/// Pause after `EMFILE`/`ENFILE` before trying to accept again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Repeated warnings (out of descriptors, no server) are logged at most this often.
+const WARN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether the part takes new clients now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcceptState {
+    Open,
+    /// `max_connections` pairs are open; resumes when one ends.
+    AtCapacity,
+    /// Out of file descriptors; resumes when the timer fires or a pair ends.
+    BackingOff,
+}
+
+struct TcpListen {
+    socket: TcpListener,
+    conf: Listen,
+    /// The bound address (port 0 in the config shows the port chosen).
+    addr: SocketAddr,
+    ready: Readiness,
+}
+
+pub struct TcpProxy {
+    /// By `ListenerId`; the slots of UDP listeners are empty.
+    listeners: Vec<Option<TcpListen>>,
+    pairs: Slab<Pair>,
+    next_gen: Gen,
+    pool: BufferPool,
+    scratch: Box<[u8]>,
+    max_connections: usize,
+    /// Pairs that stopped with readiness left (fairness budget); driven again before sleeping.
+    ready: Vec<Key>,
+    /// Pairs waiting for the pool to lend a buffer again.
+    starved: Vec<Key>,
+    accept: AcceptState,
+    fd_warnings: LogLimit,
+    no_server_warnings: LogLimit,
+}
+
+impl TcpProxy {
+    /// Binds every `listen tcp` of `config`, registered under its `ListenerId`.
+    pub fn bind(
+        config: &Config,
+        registry: &Registry,
+        pool_stats: std::sync::Arc<PoolStats>,
+    ) -> Result<TcpProxy, BindError> {
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (i, conf) in config.listeners.iter().enumerate() {
+            if conf.proto != Proto::Tcp {
+                listeners.push(None);
+                continue;
+            }
+            let fail = |error| BindError {
+                proto: Proto::Tcp,
+                addr: conf.addr,
+                error,
+            };
+            let mut socket = listener::bind(conf.addr)?;
+            let addr = socket.local_addr().map_err(fail)?;
+            registry
+                .register(&mut socket, token::listener(i), Interest::READABLE)
+                .map_err(fail)?;
+            listeners.push(Some(TcpListen {
+                socket,
+                conf: conf.clone(),
+                addr,
+                ready: Readiness::default(),
+            }));
+        }
+        Ok(TcpProxy {
+            listeners,
+            pairs: Slab::new(),
+            next_gen: 0,
+            pool: BufferPool::new(config.buffer_size, config.buffer_memory, pool_stats),
+            scratch: vec![0u8; config.buffer_size.max(1)].into_boxed_slice(),
+            max_connections: config.max_connections,
+            ready: Vec::new(),
+            starved: Vec::new(),
+            accept: AcceptState::Open,
+            fd_warnings: LogLimit::new(WARN_INTERVAL),
+            no_server_warnings: LogLimit::new(WARN_INTERVAL),
+        })
+    }
+
+    /// The bound address of every TCP listener, by id.
+    pub fn local_addrs(&self) -> impl Iterator<Item = (ListenerId, SocketAddr)> + '_ {
+        self.listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.as_ref().map(|l| (ListenerId(i), l.addr)))
+    }
+
+    /// Each listener's bound address and the upstream it serves, for the start-up log.
+    pub fn describe(&self) -> impl Iterator<Item = (SocketAddr, crate::config::UpstreamId)> + '_ {
+        self.listeners
+            .iter()
+            .flatten()
+            .map(|l| (l.addr, l.conf.upstream))
+    }
+
+    pub fn has_pending_work(&self) -> bool {
+        !self.ready.is_empty()
+            || (!self.starved.is_empty() && self.pool.can_lend())
+            || (self.accept == AcceptState::Open
+                && self.listeners.iter().flatten().any(|l| l.ready.readable))
+    }
+
+    // ---- events ----------------------------------------------------------------------------
+
+    pub fn listener_ready(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
+        if let Some(Some(l)) = self.listeners.get_mut(id.0) {
+            l.ready.readable = true;
+            self.accept_from(id, ctx);
+        }
+    }
+
+    /// An event on one of a pair's sockets.
+    pub fn socket_ready(
+        &mut self,
+        key: Key,
+        half: usize,
+        event: &mio::event::Event,
+        ctx: &mut Ctx<'_>,
+    ) {
+        let Some(pair) = live(&mut self.pairs, key) else {
+            return;
+        };
+        pair.readiness(Side::from_half(half)).absorb(event);
+        self.drive(key, ctx);
+    }
+
+    /// A pair's timer fired. Activity deadlines are lazy: if traffic moved the deadline, re-arm
+    /// for the new one instead of closing.
+    pub fn timer(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(pair) = live(&mut self.pairs, key) else {
+            return;
+        };
+        pair.timer = None;
+        let Some(conf) = listen_conf(&self.listeners, pair.listener) else {
+            return;
+        };
+        match pair.state {
+            PairState::Unassigned => {}
+            PairState::Connecting { server, since } => {
+                if ctx.now >= after(since, conf.connect_timeout) {
+                    let error = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                    self.abandon_server(key, ctx);
+                    self.report_connect_failure(key, server, &error, ctx);
+                    self.connect_next(key, ctx);
+                } else if out_of_time(conf, pair.started, ctx.now) {
+                    // next_upstream_timeout bounds the attempt in flight too; the server had
+                    // less than its connect_timeout, so it is not blamed.
+                    log::debug!(
+                        "client {}: next_upstream_timeout reached while connecting",
+                        pair.client_addr
+                    );
+                    self.abandon_server(key, ctx);
+                    self.close(key, End::ConnectFailed, ctx);
+                } else {
+                    let deadline = connect_deadline(conf, pair.started, since);
+                    self.arm(key, deadline, ctx);
+                }
+            }
+            PairState::Streaming { .. } => {
+                let (timeout, end) = if pair.half_closed() {
+                    (conf.half_close_timeout, End::HalfCloseTimeout)
+                } else {
+                    (conf.idle_timeout, End::IdleTimeout)
+                };
+                let deadline = after(pair.last_active, timeout);
+                if ctx.now >= deadline {
+                    self.close(key, end, ctx);
+                } else {
+                    self.arm(key, deadline, ctx);
+                }
+            }
+        }
+    }
+
+    /// The descriptor back-off ran out: try accepting again.
+    pub fn accept_resume(&mut self) {
+        if self.accept == AcceptState::BackingOff {
+            self.accept = AcceptState::Open;
+        }
+        self.reopen_accepting();
+    }
+
+    /// Drives pairs that yielded or waited for buffers, and listeners with clients waiting.
+    pub fn run_pending(&mut self, ctx: &mut Ctx<'_>) {
+        if !self.starved.is_empty() && self.pool.can_lend() {
+            let mut starved = std::mem::take(&mut self.starved);
+            self.ready.append(&mut starved);
+            self.starved = starved;
+        }
+        if !self.ready.is_empty() {
+            let mut batch = std::mem::take(&mut self.ready);
+            for &key in &batch {
+                self.drive(key, ctx);
+            }
+            batch.clear();
+            // Keep the larger allocation: the list is reused every turn.
+            if batch.capacity() > self.ready.capacity() {
+                batch.append(&mut self.ready);
+                self.ready = batch;
+            }
+        }
+        if self.accept == AcceptState::Open {
+            for i in 0..self.listeners.len() {
+                if self.listeners[i].as_ref().is_some_and(|l| l.ready.readable) {
+                    self.accept_from(ListenerId(i), ctx);
+                }
+            }
+        }
+    }
+
+    pub fn close_all(&mut self, end: End, ctx: &mut Ctx<'_>) {
+        let keys: Vec<Key> = self.pairs.iter().map(|(k, p)| Key::new(k, p.gen)).collect();
+        for key in keys {
+            self.close(key, end, ctx);
+        }
+    }
+
+    // ---- accepting -------------------------------------------------------------------------
+
+    fn accept_from(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
+        for _ in 0..ACCEPT_BUDGET {
+            if self.accept != AcceptState::Open {
+                return;
+            }
+            if self.pairs.len() >= self.max_connections {
+                // Clients wait in the kernel backlog until a pair ends.
+                self.accept = AcceptState::AtCapacity;
+                return;
+            }
+            let Some(Some(l)) = self.listeners.get_mut(id.0) else {
+                return;
+            };
+            if !l.ready.readable {
+                return;
+            }
+            match listener::accept(&l.socket) {
+                Accept::Client(stream, addr) => self.admit(id, stream, addr, ctx),
+                Accept::Drained => l.ready.readable = false,
+                Accept::OutOfFds(error) => {
+                    self.back_off_accepting(&error, ctx);
+                    return;
+                }
+                Accept::Skipped(error) => {
+                    log::debug!(
+                        "accept on {} failed: {}",
+                        l.addr,
+                        crate::sys::io_reason(&error)
+                    );
+                }
+            }
+        }
+    }
+
+    fn back_off_accepting(&mut self, error: &io::Error, ctx: &mut Ctx<'_>) {
+        self.accept = AcceptState::BackingOff;
+        ctx.metrics.accept_backoffs.fetch_add(1, Ordering::Relaxed);
+        ctx.timers
+            .insert(ctx.now + ACCEPT_BACKOFF, Timer::AcceptResume);
+        if let Some(held_back) = self.fd_warnings.pass(ctx.now) {
+            log::warn!(
+                "cannot accept: {} ({} connections open); pausing accepts for {} ms{}",
+                crate::sys::io_reason(error),
+                self.pairs.len(),
+                ACCEPT_BACKOFF.as_millis(),
+                Suppressed(held_back)
+            );
+        }
+    }
+
+    /// A pair ended or a back-off expired: take clients again if there is room.
+    fn reopen_accepting(&mut self) {
+        if self.accept != AcceptState::Open && self.pairs.len() < self.max_connections {
+            self.accept = AcceptState::Open;
+        }
+    }
+
+    fn admit(
+        &mut self,
+        listener: ListenerId,
+        stream: TcpStream,
+        client_addr: SocketAddr,
+        ctx: &mut Ctx<'_>,
+    ) {
+        // Nagle would hold back small writes that the client already sent without delay.
+        if !crate::sys::ACCEPT_INHERITS_NODELAY {
+            let _ = stream.set_nodelay(true);
+        }
+        let entry = self.pairs.vacant_entry();
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let key = Key::new(entry.key(), gen);
+        let mut pair = Pair::new(gen, listener, stream, client_addr, ctx.now);
+        if let Err(e) = ctx.registry.register(
+            &mut pair.client,
+            token::pair(key, Side::Client.half()),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!(
+                "cannot register client {}: {}",
+                client_addr,
+                crate::sys::io_reason(&e)
+            );
+            return;
+        }
+        entry.insert(pair);
+        ctx.metrics.opened(listener);
+        self.connect_next(key, ctx);
+    }
+
+    // ---- connecting ------------------------------------------------------------------------
+
+    /// Starts a connect to the next server the balancer offers, or closes the client when the
+    /// tries, the time budget or the servers have run out.
+    fn connect_next(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        loop {
+            let Some(pair) = live(&mut self.pairs, key) else {
+                return;
+            };
+            let Some(conf) = listen_conf(&self.listeners, pair.listener) else {
+                return;
+            };
+            let out_of_time = pair.tries > 0 && out_of_time(conf, pair.started, ctx.now);
+            if pair.tries >= conf.next_upstream_tries || out_of_time {
+                self.close(key, End::ConnectFailed, ctx);
+                return;
+            }
+            let now = ctx.now;
+            let Some(group) = ctx.upstreams.get_mut(conf.upstream.0) else {
+                return;
+            };
+            let Some(server) = group.pick(pair.client_addr.ip(), now, &pair.tried) else {
+                let end = if pair.tries == 0 {
+                    if let Some(held_back) = self.no_server_warnings.pass(now) {
+                        log::warn!(
+                            "upstream {}: no server available for {}{}",
+                            group.name,
+                            pair.client_addr,
+                            Suppressed(held_back)
+                        );
+                    }
+                    End::NoServer
+                } else {
+                    End::ConnectFailed
+                };
+                self.close(key, end, ctx);
+                return;
+            };
+            let Some(addr) = group.server(server).map(|s| s.conf.addr) else {
+                return;
+            };
+            pair.tried.insert(server);
+            pair.tries += 1;
+            pair.last_server = Some(server);
+            let token = token::pair(key, Side::Server.half());
+            match connect::start(ctx.registry, addr, token) {
+                Ok(stream) => {
+                    group.acquire(server);
+                    pair.server = Some(stream);
+                    pair.server_ready = Readiness::default();
+                    pair.state = PairState::Connecting { server, since: now };
+                    let deadline = connect_deadline(conf, pair.started, now);
+                    self.arm(key, deadline, ctx);
+                    return;
+                }
+                Err(error) if listener::is_fd_exhaustion(&error) => {
+                    // Our shortage, not the server's fault: no passive-health mark.
+                    if let Some(held_back) = self.fd_warnings.pass(now) {
+                        log::warn!(
+                            "cannot open a server connection: {}{}",
+                            crate::sys::io_reason(&error),
+                            Suppressed(held_back)
+                        );
+                    }
+                    self.close(key, End::Error, ctx);
+                    return;
+                }
+                Err(error) => self.report_connect_failure(key, server, &error, ctx),
+            }
+        }
+    }
+
+    /// The server socket reported readiness while connecting: find out how the connect went.
+    /// True when the pair now streams.
+    fn finish_connect(&mut self, key: Key, server: ServerId, ctx: &mut Ctx<'_>) -> bool {
+        let Some(pair) = live(&mut self.pairs, key) else {
+            return false;
+        };
+        let Some(stream) = pair.server.as_ref() else {
+            return false;
+        };
+        match connect::outcome(stream, &pair.server_ready) {
+            Outcome::Pending => {
+                pair.server_ready.writable = false;
+                false
+            }
+            Outcome::Failed(error) => {
+                self.abandon_server(key, ctx);
+                self.report_connect_failure(key, server, &error, ctx);
+                self.connect_next(key, ctx);
+                false
+            }
+            Outcome::Connected => {
+                pair.state = PairState::Streaming { server };
+                pair.last_active = ctx.now;
+                let Some(conf) = listen_conf(&self.listeners, pair.listener) else {
+                    return true;
+                };
+                let (upstream, idle) = (conf.upstream, conf.idle_timeout);
+                let now = ctx.now;
+                if let Some(group) = ctx.upstreams.get_mut(upstream.0) {
+                    group.connected(server, now);
+                }
+                self.arm(key, after(now, idle), ctx);
+                true
+            }
+        }
+    }
+
+    /// Deregisters and drops the server socket of a pair whose connect failed or was given up,
+    /// and gives the server its connection slot back.
+    fn abandon_server(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(pair) = live(&mut self.pairs, key) else {
+            return;
+        };
+        if let Some(mut stream) = pair.server.take() {
+            let _ = ctx.registry.deregister(&mut stream);
+        }
+        if let PairState::Connecting { server, .. } = pair.state {
+            if let Some(conf) = listen_conf(&self.listeners, pair.listener) {
+                if let Some(group) = ctx.upstreams.get_mut(conf.upstream.0) {
+                    group.release(server);
+                }
+            }
+        }
+        pair.state = PairState::Unassigned;
+    }
+
+    fn report_connect_failure(
+        &mut self,
+        key: Key,
+        server: ServerId,
+        error: &io::Error,
+        ctx: &mut Ctx<'_>,
+    ) {
+        let Some(pair) = live(&mut self.pairs, key) else {
+            return;
+        };
+        let client = pair.client_addr;
+        if let Some(conf) = listen_conf(&self.listeners, pair.listener) {
+            let cause = crate::sys::io_reason(error);
+            accounting::connect_failed(ctx, conf.upstream, server, client, &cause);
+        }
+    }
+
+    // ---- streaming -------------------------------------------------------------------------
+
+    /// Moves the pair on after an event: finish a connect, then pump.
+    fn drive(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(pair) = live(&mut self.pairs, key) else {
+            return;
+        };
+        match pair.state {
+            PairState::Unassigned => {}
+            PairState::Connecting { .. } if pair.client_ready.error => {
+                // The client reset while we were connecting for it: nothing to blame the
+                // server for, and nobody left to wait for.
+                self.abandon_server(key, ctx);
+                self.close(key, End::ClientClosed, ctx);
+            }
+            PairState::Connecting { server, .. } => {
+                if self.finish_connect(key, server, ctx) {
+                    self.pump(key, ctx);
+                }
+            }
+            PairState::Streaming { .. } => self.pump(key, ctx),
+        }
+    }
+
+    fn pump(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(pair) = live(&mut self.pairs, key) else {
+            return;
+        };
+        let before = (pair.bytes(), pair.half_closed());
+        let step = match pair.pump(&mut self.pool, &mut self.scratch) {
+            Ok(step) => step,
+            Err(fault) => {
+                self.fail(key, fault, ctx);
+                return;
+            }
+        };
+        if pair.bytes() != before.0 || pair.half_closed() != before.1 {
+            pair.last_active = ctx.now;
+        }
+        if pair.finished() {
+            let end = match pair.first_eof {
+                Some(Side::Server) => End::ServerClosed,
+                _ => End::ClientClosed,
+            };
+            self.close(key, end, ctx);
+            return;
+        }
+        if pair.half_closed() && !before.1 {
+            // The shorter half-close timeout may now be due before the armed timer.
+            if let Some(conf) = listen_conf(&self.listeners, pair.listener) {
+                let deadline = after(pair.last_active, conf.half_close_timeout);
+                self.arm(key, deadline, ctx);
+            }
+        }
+        match step {
+            Step::Idle => {}
+            Step::Yield => self.ready.push(key),
+            Step::Starved => self.starved.push(key),
+        }
+    }
+
+    /// An I/O error on one side: the pair closes, resetting the other side too (see
+    /// `Pair::cut_short`), so its peer does not take a cut stream for a complete one.
+    fn fail(&mut self, key: Key, fault: Fault, ctx: &mut Ctx<'_>) {
+        if let Some(pair) = live(&mut self.pairs, key) {
+            log::debug!(
+                "client {}: {} side failed: {}",
+                pair.client_addr,
+                fault.side.name(),
+                crate::sys::io_reason(&fault.error)
+            );
+        }
+        self.close(key, End::Error, ctx);
+    }
+
+    /// Settles the pair (counters, server slot, access log) and frees it with its sockets.
+    fn close(&mut self, key: Key, end: End, ctx: &mut Ctx<'_>) {
+        if live(&mut self.pairs, key).is_none() {
+            return;
+        }
+        let mut pair = self.pairs.remove(key.index);
+        let held = match pair.state {
+            PairState::Unassigned => None,
+            PairState::Connecting { server, .. } | PairState::Streaming { server } => Some(server),
+        };
+        if !crate::sys::CLOSE_DEREGISTERS {
+            let _ = ctx.registry.deregister(&mut pair.client);
+            if let Some(stream) = pair.server.as_mut() {
+                let _ = ctx.registry.deregister(stream);
+            }
+        }
+        if pair.cut_short(end) {
+            pair.reset_on_close();
+        }
+        pair.release_buffers(&mut self.pool);
+        if let Some(timer) = pair.timer.take() {
+            ctx.timers.cancel(timer);
+        }
+        if let Some(l) = self.listeners.get(pair.listener.0).and_then(Option::as_ref) {
+            accounting::settle(
+                ctx,
+                &Settle {
+                    listener: pair.listener,
+                    listen: l.addr,
+                    client: pair.client_addr,
+                    upstream: l.conf.upstream,
+                    held,
+                    // A failed pair names the server it tried last.
+                    named: held.or(pair.last_server),
+                    bytes: (pair.up.bytes, pair.down.bytes),
+                    datagrams: None,
+                    started: pair.started,
+                    end,
+                },
+            );
+        }
+        self.reopen_accepting();
+    }
+
+    // ---- timers ----------------------------------------------------------------------------
+
+    /// Arms the pair's one timer for `deadline`, replacing whatever it had.
+    fn arm(&mut self, key: Key, deadline: Instant, ctx: &mut Ctx<'_>) {
+        let Some(pair) = live(&mut self.pairs, key) else {
+            return;
+        };
+        if let Some(old) = pair.timer.take() {
+            ctx.timers.cancel(old);
+        }
+        pair.timer = Some(ctx.timers.insert(deadline, Timer::Pair(key)));
+    }
+}
+
+/// The pair in `key`'s slot, if it is still the owner `key` names: the stale-event guard.
+fn live(pairs: &mut Slab<Pair>, key: Key) -> Option<&mut Pair> {
+    pairs.get_mut(key.index).filter(|p| p.gen == key.gen)
+}
+
+fn listen_conf(listeners: &[Option<TcpListen>], id: ListenerId) -> Option<&Listen> {
+    listeners
+        .get(id.0)
+        .and_then(Option::as_ref)
+        .map(|l| &l.conf)
+}
+
+/// Whether a pair that started at `started` has used up `next_upstream_timeout`.
+fn out_of_time(conf: &Listen, started: Instant, now: Instant) -> bool {
+    conf.next_upstream_timeout
+        .is_some_and(|limit| now >= after(started, limit))
+}
+
+/// When a connect begun at `since` must be given up: at `connect_timeout`, or earlier when
+/// `next_upstream_timeout` for the whole pair runs out first.
+fn connect_deadline(conf: &Listen, started: Instant, since: Instant) -> Instant {
+    let own = after(since, conf.connect_timeout);
+    match conf.next_upstream_timeout {
+        Some(limit) => own.min(after(started, limit)),
+        None => own,
+    }
+}
