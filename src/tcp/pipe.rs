@@ -31,10 +31,32 @@ pub enum DirState {
     Closed,
 }
 
-/// One way through the pair.
+/// What holds a direction's bytes between the read that took them and the write that delivers
+/// them. Today a buffer lent by the pool; a kernel pipe (splice) will be a second kind.
+pub enum Carrier {
+    /// Nothing in flight: read bytes go from the worker's scratch buffer straight on.
+    Empty,
+    /// Bytes the destination has not taken yet, in a pooled buffer.
+    Buffered(Buffer),
+}
+
+impl Carrier {
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Carrier::Empty)
+    }
+
+    /// Gives a held buffer back to the pool.
+    fn release(&mut self, pool: &mut BufferPool) {
+        if let Carrier::Buffered(buf) = std::mem::replace(self, Carrier::Empty) {
+            pool.put(buf);
+        }
+    }
+}
+
+/// One way through the pair: its state, and the carrier of its bytes in flight.
 pub struct Direction {
     pub state: DirState,
-    buf: Option<Buffer>,
+    carrier: Carrier,
     /// Bytes delivered to the destination.
     pub bytes: u64,
 }
@@ -145,20 +167,18 @@ impl Direction {
     pub fn new() -> Direction {
         Direction {
             state: DirState::Open,
-            buf: None,
+            carrier: Carrier::Empty,
             bytes: 0,
         }
     }
 
     pub fn holds_buffer(&self) -> bool {
-        self.buf.is_some()
+        !self.carrier.is_empty()
     }
 
     /// Gives the buffer back to the pool (the pair is closing).
     pub fn release(&mut self, pool: &mut BufferPool) {
-        if let Some(buf) = self.buf.take() {
-            pool.put(buf);
-        }
+        self.carrier.release(pool);
     }
 
     /// Moves bytes from `src` to `dst` until the kernel says wait, the budget runs out, or the
@@ -176,7 +196,7 @@ impl Direction {
             match self.state {
                 DirState::Open => {}
                 DirState::Draining => {
-                    if self.buf.is_none() {
+                    if self.carrier.is_empty() {
                         self.state = DirState::Closed;
                         // Both sources were read to EOF, so closing sends a FIN, not a reset.
                         if !io.last {
@@ -195,9 +215,9 @@ impl Direction {
                 return Ok(Step::Yield);
             }
             budget -= 1;
-            let got = match &mut self.buf {
+            let got = match &mut self.carrier {
                 // Bytes are waiting for the destination: read behind them, or wait if full.
-                Some(buf) => {
+                Carrier::Buffered(buf) => {
                     let spare = buf.spare();
                     if spare.is_empty() {
                         return Ok(Step::Idle);
@@ -213,7 +233,7 @@ impl Direction {
                     }
                 }
                 // The destination cannot take anything now: read straight into a pooled buffer.
-                None if !io.dst_ready.writable => {
+                Carrier::Empty if !io.dst_ready.writable => {
                     let Some(mut buf) = pool.get() else {
                         return Ok(Step::Starved);
                     };
@@ -223,7 +243,7 @@ impl Direction {
                     match got {
                         Ok(Some(n)) if n > 0 => {
                             buf.commit(n);
-                            self.buf = Some(buf);
+                            self.carrier = Carrier::Buffered(buf);
                         }
                         _ => pool.put(buf),
                     }
@@ -235,7 +255,7 @@ impl Direction {
                 }
                 // The usual case: read into the worker's scratch buffer and write on at once;
                 // only what the destination refuses moves into a pooled buffer.
-                None if pool.can_lend() => {
+                Carrier::Empty if pool.can_lend() => {
                     match read_some(io.src, scratch).map_err(|e| io.src_fault(e))? {
                         Some(0) => Got::Eof,
                         Some(n) => {
@@ -250,7 +270,7 @@ impl Direction {
                     }
                 }
                 // The pool is dry but the destination takes bytes.
-                None => self.pass_through(&mut io, scratch)?,
+                Carrier::Empty => self.pass_through(&mut io, scratch)?,
             };
             match got {
                 Got::Eof => {
@@ -311,7 +331,7 @@ impl Direction {
         ready: &mut Readiness,
         pool: &mut BufferPool,
     ) -> io::Result<()> {
-        let Some(buf) = &mut self.buf else {
+        let Carrier::Buffered(buf) = &mut self.carrier else {
             return Ok(());
         };
         if !buf.is_empty() {
@@ -320,9 +340,7 @@ impl Direction {
             self.bytes += n as u64;
         }
         if buf.is_empty() {
-            if let Some(buf) = self.buf.take() {
-                pool.put(buf);
-            }
+            self.carrier.release(pool);
         }
         Ok(())
     }
@@ -344,7 +362,7 @@ impl Direction {
                 .get()
                 .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
             buf.push(rest);
-            self.buf = Some(buf);
+            self.carrier = Carrier::Buffered(buf);
         }
         Ok(())
     }
@@ -551,5 +569,489 @@ impl Pair {
 
     pub fn buffers_held(&self) -> usize {
         usize::from(self.up.holds_buffer()) + usize::from(self.down.holds_buffer())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pump against scripted streams: every case names the rule it checks and fails when
+    //! that rule is broken.
+
+    use super::*;
+    use crate::metrics::PoolStats;
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    /// One step of what a scripted socket does when read from.
+    enum Read {
+        Data(Vec<u8>),
+        Block,
+        Interrupt,
+        Eof,
+        Fail(io::ErrorKind),
+    }
+
+    /// One step of what a scripted socket does when written to.
+    enum Write {
+        Take(usize),
+        Block,
+        Fail(io::ErrorKind),
+        Zero,
+    }
+
+    #[derive(Default)]
+    struct Script {
+        reads: VecDeque<Read>,
+        writes: VecDeque<Write>,
+        written: Vec<u8>,
+        shut: bool,
+        read_calls: usize,
+    }
+
+    impl Script {
+        fn reading(steps: Vec<Read>) -> Script {
+            Script {
+                reads: steps.into(),
+                ..Script::default()
+            }
+        }
+
+        fn writing(steps: Vec<Write>) -> Script {
+            Script {
+                writes: steps.into(),
+                ..Script::default()
+            }
+        }
+
+        fn take(&mut self, into: &mut [u8], consume: bool) -> io::Result<usize> {
+            self.read_calls += 1;
+            match self.reads.front_mut() {
+                None | Some(Read::Block) => {
+                    if consume {
+                        self.reads.pop_front();
+                    }
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+                Some(Read::Interrupt) => {
+                    self.reads.pop_front();
+                    Err(io::ErrorKind::Interrupted.into())
+                }
+                Some(Read::Eof) => Ok(0),
+                Some(Read::Fail(kind)) => Err((*kind).into()),
+                Some(Read::Data(bytes)) => {
+                    let n = bytes.len().min(into.len());
+                    into[..n].copy_from_slice(&bytes[..n]);
+                    if consume {
+                        bytes.drain(..n);
+                        if bytes.is_empty() {
+                            self.reads.pop_front();
+                        }
+                    }
+                    Ok(n)
+                }
+            }
+        }
+    }
+
+    impl Stream for Script {
+        fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
+            self.take(into, true)
+        }
+
+        fn peek(&mut self, into: &mut [u8]) -> io::Result<usize> {
+            self.take(into, false)
+        }
+
+        fn write(&mut self, from: &[u8]) -> io::Result<usize> {
+            let n = match self.writes.pop_front() {
+                None => from.len(),
+                Some(Write::Take(n)) => n.min(from.len()),
+                Some(Write::Block) => return Err(io::ErrorKind::WouldBlock.into()),
+                Some(Write::Fail(kind)) => return Err(kind.into()),
+                Some(Write::Zero) => 0,
+            };
+            self.written.extend_from_slice(&from[..n]);
+            Ok(n)
+        }
+
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            self.shut = true;
+            Ok(())
+        }
+    }
+
+    const BUF: usize = 8;
+
+    struct Rig {
+        src: Script,
+        dst: Script,
+        src_ready: Readiness,
+        dst_ready: Readiness,
+        pool: BufferPool,
+        scratch: Vec<u8>,
+        dir: Direction,
+        last: bool,
+    }
+
+    fn ready() -> Readiness {
+        Readiness {
+            readable: true,
+            writable: true,
+            ..Readiness::default()
+        }
+    }
+
+    impl Rig {
+        /// A direction with `buffers` pooled buffers of `BUF` bytes.
+        fn new(src: Script, dst: Script, buffers: usize) -> Rig {
+            Rig {
+                src,
+                dst,
+                src_ready: ready(),
+                dst_ready: ready(),
+                pool: BufferPool::new(BUF, BUF * buffers, Arc::new(PoolStats::default())),
+                scratch: vec![0; BUF],
+                dir: Direction::new(),
+                last: false,
+            }
+        }
+
+        fn pump(&mut self) -> Result<Step, Fault> {
+            self.dir.pump(
+                Ends {
+                    src: &mut self.src,
+                    src_ready: &mut self.src_ready,
+                    src_side: Side::Client,
+                    dst: &mut self.dst,
+                    dst_ready: &mut self.dst_ready,
+                    dst_side: Side::Server,
+                    last: self.last,
+                },
+                &mut self.pool,
+                &mut self.scratch,
+            )
+        }
+    }
+
+    fn data(bytes: &[u8]) -> Read {
+        Read::Data(bytes.to_vec())
+    }
+
+    #[test]
+    fn bytes_pass_through_in_order_without_a_pooled_buffer() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcdefgh"), data(b"ij")]),
+            Script::default(),
+            1,
+        );
+        assert_eq!(r.pump().ok(), Some(Step::Idle));
+        assert_eq!(r.dst.written, b"abcdefghij");
+        assert_eq!(r.dir.bytes, 10);
+        assert!(!r.dir.holds_buffer());
+        assert_eq!(r.pool.in_use(), 0);
+    }
+
+    #[test]
+    fn a_short_read_means_drained() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abc"), data(b"late")]),
+            Script::default(),
+            1,
+        );
+        assert_eq!(r.pump().ok(), Some(Step::Idle));
+        assert_eq!(r.dst.written, b"abc", "no read after a short one");
+        assert!(!r.src_ready.readable);
+        assert_eq!(r.src.read_calls, 1);
+    }
+
+    #[test]
+    fn after_a_fin_short_reads_go_on_to_eof() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abc"), data(b"de"), Read::Eof]),
+            Script::default(),
+            1,
+        );
+        r.src_ready.read_closed = true;
+        r.pump().expect("pump");
+        assert_eq!(r.dst.written, b"abcde");
+        assert_eq!(r.dir.state, DirState::Closed);
+    }
+
+    #[test]
+    fn would_block_on_read_clears_readable() {
+        let mut r = Rig::new(
+            Script::reading(vec![Read::Block, data(b"x")]),
+            Script::default(),
+            1,
+        );
+        assert_eq!(r.pump().ok(), Some(Step::Idle));
+        assert!(!r.src_ready.readable);
+        assert!(r.dst.written.is_empty());
+    }
+
+    #[test]
+    fn an_interrupted_read_is_retried() {
+        let mut r = Rig::new(
+            Script::reading(vec![Read::Interrupt, data(b"ok")]),
+            Script::default(),
+            1,
+        );
+        r.pump().expect("pump");
+        assert_eq!(r.dst.written, b"ok");
+    }
+
+    #[test]
+    fn a_short_write_keeps_the_rest_in_a_pooled_buffer() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcdefgh")]),
+            Script::writing(vec![Write::Take(3)]),
+            1,
+        );
+        r.pump().expect("pump");
+        assert_eq!(r.dst.written, b"abc");
+        assert!(r.dir.holds_buffer());
+        assert!(
+            !r.dst_ready.writable,
+            "a short write means the send buffer is full"
+        );
+        assert_eq!(r.dir.bytes, 3, "only delivered bytes count");
+    }
+
+    #[test]
+    fn writable_again_flushes_and_returns_the_buffer() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcdefgh"), Read::Block]),
+            Script::writing(vec![Write::Take(3)]),
+            1,
+        );
+        r.pump().expect("pump");
+        r.dst_ready.writable = true;
+        r.pump().expect("pump");
+        assert_eq!(r.dst.written, b"abcdefgh");
+        assert!(!r.dir.holds_buffer());
+        assert_eq!(r.pool.in_use(), 0);
+    }
+
+    #[test]
+    fn would_block_on_write_holds_the_bytes() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcd")]),
+            Script::writing(vec![Write::Block]),
+            1,
+        );
+        r.pump().expect("pump");
+        assert!(r.dst.written.is_empty());
+        assert!(r.dir.holds_buffer());
+        assert!(!r.dst_ready.writable);
+    }
+
+    #[test]
+    fn an_unwritable_destination_reads_into_a_pooled_buffer_until_it_is_full() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcdefghijkl")]),
+            Script::default(),
+            1,
+        );
+        r.dst_ready.writable = false;
+        assert_eq!(r.pump().ok(), Some(Step::Idle));
+        assert!(r.dir.holds_buffer());
+        assert!(
+            r.src_ready.readable,
+            "bytes are still waiting in the source"
+        );
+        assert_eq!(r.src.reads.len(), 1, "a full buffer stops reading");
+        r.dst_ready.writable = true;
+        r.pump().expect("pump");
+        assert_eq!(r.dst.written, b"abcdefghijkl");
+    }
+
+    #[test]
+    fn eof_shuts_the_destination_down_once_everything_is_out() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"ab"), Read::Eof]),
+            Script::default(),
+            1,
+        );
+        r.src_ready.read_closed = true;
+        r.pump().expect("pump");
+        assert_eq!(r.dir.state, DirState::Closed);
+        assert!(r.dst.shut);
+    }
+
+    #[test]
+    fn eof_with_bytes_pending_waits_before_the_shutdown() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcd"), Read::Eof]),
+            Script::writing(vec![Write::Take(1)]),
+            1,
+        );
+        r.src_ready.read_closed = true;
+        r.pump().expect("pump");
+        assert_eq!(r.dir.state, DirState::Draining);
+        assert!(!r.dst.shut, "no FIN while bytes are still owed");
+        r.dst_ready.writable = true;
+        r.pump().expect("pump");
+        assert_eq!(r.dst.written, b"abcd");
+        assert_eq!(r.dir.state, DirState::Closed);
+        assert!(r.dst.shut);
+    }
+
+    #[test]
+    fn the_last_direction_to_close_skips_the_shutdown() {
+        let mut r = Rig::new(Script::reading(vec![Read::Eof]), Script::default(), 1);
+        r.last = true;
+        r.pump().expect("pump");
+        assert_eq!(r.dir.state, DirState::Closed);
+        assert!(!r.dst.shut, "closing both sockets sends the FIN");
+    }
+
+    #[test]
+    fn a_closed_direction_moves_nothing() {
+        let mut r = Rig::new(Script::reading(vec![Read::Eof]), Script::default(), 1);
+        r.pump().expect("pump");
+        r.src = Script::reading(vec![data(b"after the end")]);
+        r.src_ready.readable = true;
+        assert_eq!(r.pump().ok(), Some(Step::Idle));
+        assert!(r.dst.written.is_empty());
+        assert_eq!(r.src.read_calls, 0);
+    }
+
+    #[test]
+    fn a_read_error_is_a_fault_of_the_source() {
+        let mut r = Rig::new(
+            Script::reading(vec![Read::Fail(io::ErrorKind::ConnectionReset)]),
+            Script::default(),
+            1,
+        );
+        let fault = r.pump().expect_err("a fault");
+        assert_eq!(fault.side, Side::Client);
+        assert_eq!(fault.error.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn a_write_error_is_a_fault_of_the_destination() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"x")]),
+            Script::writing(vec![Write::Fail(io::ErrorKind::BrokenPipe)]),
+            1,
+        );
+        let fault = r.pump().expect_err("a fault");
+        assert_eq!(fault.side, Side::Server);
+        assert_eq!(fault.error.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn a_zero_length_write_is_an_error_not_a_loop() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"x")]),
+            Script::writing(vec![Write::Zero]),
+            1,
+        );
+        let fault = r.pump().expect_err("a fault");
+        assert_eq!(fault.error.kind(), io::ErrorKind::WriteZero);
+    }
+
+    #[test]
+    fn a_reset_while_bytes_are_held_is_still_a_fault() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcd")]),
+            Script::writing(vec![
+                Write::Block,
+                Write::Fail(io::ErrorKind::ConnectionReset),
+            ]),
+            1,
+        );
+        r.pump().expect("pump");
+        r.dst_ready.writable = true;
+        let fault = r.pump().expect_err("the flush fails");
+        assert_eq!(fault.side, Side::Server);
+    }
+
+    #[test]
+    fn the_read_budget_yields_with_readiness_kept() {
+        let chunks: Vec<Read> = (0..READ_BUDGET + 4).map(|_| data(b"12345678")).collect();
+        let mut r = Rig::new(Script::reading(chunks), Script::default(), 1);
+        assert_eq!(r.pump().ok(), Some(Step::Yield));
+        assert!(r.src_ready.readable);
+        assert_eq!(r.dst.written.len(), READ_BUDGET as usize * BUF);
+    }
+
+    #[test]
+    fn a_dry_pool_with_a_writable_destination_passes_bytes_through() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcdefgh"), data(b"ij")]),
+            Script::default(),
+            1,
+        );
+        let held = r.pool.get().expect("the only buffer");
+        assert!(!r.pool.can_lend());
+        assert_eq!(r.pump().ok(), Some(Step::Idle));
+        assert_eq!(
+            r.dst.written, b"abcdefghij",
+            "the dry pool must not stop a writable pair"
+        );
+        assert!(!r.dir.holds_buffer());
+        r.pool.put(held);
+    }
+
+    #[test]
+    fn a_dry_pool_consumes_only_what_the_destination_took() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcdefgh")]),
+            Script::writing(vec![Write::Take(3), Write::Block]),
+            1,
+        );
+        let held = r.pool.get().expect("the only buffer");
+        assert_eq!(r.pump().ok(), Some(Step::Starved));
+        assert_eq!(r.dst.written, b"abc");
+        assert_eq!(r.dir.bytes, 3);
+        // The rest is still in the source, not lost and not held by the pipe.
+        let mut rest = [0u8; 8];
+        assert_eq!(r.src.read(&mut rest).ok(), Some(5));
+        assert_eq!(&rest[..5], b"defgh");
+        r.pool.put(held);
+    }
+
+    #[test]
+    fn a_dry_pool_and_a_full_destination_is_starved() {
+        let mut r = Rig::new(Script::reading(vec![data(b"abc")]), Script::default(), 1);
+        r.dst_ready.writable = false;
+        let held = r.pool.get().expect("the only buffer");
+        assert_eq!(r.pump().ok(), Some(Step::Starved));
+        assert!(r.dst.written.is_empty());
+        assert_eq!(
+            r.src.read_calls, 0,
+            "nothing is read that could not be held"
+        );
+        r.pool.put(held);
+    }
+
+    #[test]
+    fn eof_seen_through_a_peek_drains_the_direction() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"ab"), Read::Eof]),
+            Script::default(),
+            1,
+        );
+        r.src_ready.read_closed = true;
+        let held = r.pool.get().expect("the only buffer");
+        r.pump().expect("pump");
+        assert_eq!(r.dst.written, b"ab");
+        assert_eq!(r.dir.state, DirState::Closed);
+        r.pool.put(held);
+    }
+
+    #[test]
+    fn release_gives_the_buffer_back() {
+        let mut r = Rig::new(
+            Script::reading(vec![data(b"abcd")]),
+            Script::writing(vec![Write::Block]),
+            1,
+        );
+        r.pump().expect("pump");
+        assert_eq!(r.pool.in_use(), 1);
+        r.dir.release(&mut r.pool);
+        assert_eq!(r.pool.in_use(), 0);
+        assert!(!r.dir.holds_buffer());
     }
 }
