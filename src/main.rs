@@ -217,12 +217,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Mode::Check(config, path)) => {
-            println!(
-                "{}: ok ({} listeners, {} upstreams)",
-                path,
-                config.listeners.len(),
-                config.upstreams.len()
-            );
+            println!("{}: ok: {}", path, config.summary());
             ExitCode::SUCCESS
         }
         Ok(Mode::Run(config)) => run(config),

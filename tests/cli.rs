@@ -128,6 +128,18 @@ fn example_config_checks_ok() {
         out.stdout,
         out.stderr
     );
+    // Issue 9: -t says what it parsed.
+    for part in [
+        "conf/sluice.conf: ok: 1 listener, 1 upstream, 1 server",
+        "listen tcp 127.0.0.1:8080 -> ",
+        ": round_robin, 1 server: 127.0.0.1:8000",
+    ] {
+        assert!(
+            out.stdout.contains(part),
+            "stdout lacks {part:?}:\n{}",
+            out.stdout
+        );
+    }
 }
 
 // ---- forwarding ----------------------------------------------------------------------------

@@ -261,6 +261,48 @@ impl Config {
         Config::parse(text, &file)
     }
 
+    /// What `-t` prints after `FILE: ok`: the counts, then one line per listener and upstream.
+    pub fn summary(&self) -> String {
+        fn plural(n: usize, one: &str) -> String {
+            format!("{n} {one}{}", if n == 1 { "" } else { "s" })
+        }
+        let servers: usize = self.upstreams.iter().map(|u| u.servers.len()).sum();
+        let mut out = format!(
+            "{}, {}, {}",
+            plural(self.listeners.len(), "listener"),
+            plural(self.upstreams.len(), "upstream"),
+            plural(servers, "server")
+        );
+        for l in &self.listeners {
+            let upstream = self
+                .upstreams
+                .get(l.upstream.0)
+                .map_or("?", |u| u.name.as_str());
+            out.push_str(&format!(
+                "\n  listen {} {} -> {}",
+                l.proto.as_str(),
+                l.addr,
+                upstream
+            ));
+        }
+        for u in &self.upstreams {
+            let addrs: Vec<String> = u.servers.iter().map(|s| s.addr.to_string()).collect();
+            let checked = if u.health_check.is_some() {
+                ", health checked"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "\n  upstream {}: {}, {}{checked}: {}",
+                u.name,
+                u.balance.name(),
+                plural(u.servers.len(), "server"),
+                addrs.join(" ")
+            ));
+        }
+        out
+    }
+
     /// The config of a command-line forward: one listener, one implicit upstream.
     pub fn forward(
         proto: Proto,

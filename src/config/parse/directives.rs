@@ -1,0 +1,121 @@
+//! The one table of directives: which context each belongs to, whether it may repeat in a
+//! block, what it takes, and which protocol a listen directive is for. The parser's checks
+//! (unknown name, wrong context, duplicate, wrong protocol), its "did you mean" suggestions and
+//! `-t` all read it, so a new directive is one line here and one arm in its context's handler.
+
+use crate::config::Proto;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Context {
+    Main,
+    Upstream,
+    Listen,
+}
+
+impl Context {
+    pub(super) const ALL: [Context; 3] = [Context::Main, Context::Upstream, Context::Listen];
+
+    pub(super) fn place(self) -> &'static str {
+        match self {
+            Context::Main => "the main context",
+            Context::Upstream => "an upstream block",
+            Context::Listen => "a listen block",
+        }
+    }
+
+    /// The names of this context's directives, in table order.
+    pub(super) fn names(self) -> impl Iterator<Item = &'static str> {
+        DIRECTIVES
+            .iter()
+            .filter(move |d| d.context == self)
+            .map(|d| d.name)
+    }
+}
+
+pub(super) struct Directive {
+    pub(super) name: &'static str,
+    pub(super) context: Context,
+    /// May appear more than once in one block.
+    pub(super) repeatable: bool,
+    /// What its value is, as "expected X after 'name'" says it (blocks and option lists say
+    /// what they expect themselves).
+    pub(super) takes: &'static str,
+    /// A listen directive that means something to one protocol only.
+    pub(super) proto: Option<Proto>,
+}
+
+const fn once(name: &'static str, context: Context, takes: &'static str) -> Directive {
+    Directive {
+        name,
+        context,
+        repeatable: false,
+        takes,
+        proto: None,
+    }
+}
+
+const fn many(name: &'static str, context: Context) -> Directive {
+    Directive {
+        repeatable: true,
+        ..once(name, context, "")
+    }
+}
+
+const fn only(proto: Proto, d: Directive) -> Directive {
+    Directive {
+        proto: Some(proto),
+        ..d
+    }
+}
+
+use Context::{Listen, Main, Upstream};
+
+pub(super) const DIRECTIVES: &[Directive] = &[
+    once("max_connections", Main, "a number"),
+    once("buffer_size", Main, "a size"),
+    once("buffer_memory", Main, "a size"),
+    once("busy_poll", Main, "'off' or a duration"),
+    once("log_level", Main, "a log level"),
+    once("access_log", Main, "'on' or 'off'"),
+    many("upstream", Main),
+    many("listen", Main),
+    once("balance", Upstream, "a balance method"),
+    many("server", Upstream),
+    once("health_check", Upstream, ""),
+    once("proxy", Listen, "an upstream name or an address"),
+    only(Proto::Tcp, once("connect_timeout", Listen, "a duration")),
+    once("idle_timeout", Listen, "a duration"),
+    only(Proto::Tcp, once("half_close_timeout", Listen, "a duration")),
+    only(Proto::Tcp, once("next_upstream_tries", Listen, "a number")),
+    only(
+        Proto::Tcp,
+        once("next_upstream_timeout", Listen, "a duration"),
+    ),
+    only(Proto::Udp, once("udp_responses", Listen, "a number")),
+    only(Proto::Udp, once("max_sessions", Listen, "a number")),
+];
+
+/// The directive `name` of `context`.
+pub(super) fn find(context: Context, name: &str) -> Option<&'static Directive> {
+    DIRECTIVES
+        .iter()
+        .find(|d| d.context == context && d.name == name)
+}
+
+pub(super) const SERVER_OPTIONS: &[&str] = &[
+    "weight",
+    "max_conns",
+    "max_fails",
+    "fail_timeout",
+    "backup",
+    "down",
+];
+pub(super) const HEALTH_CHECK_OPTIONS: &[&str] =
+    &["interval", "timeout", "rise", "fall", "send", "expect"];
+pub(super) const LOG_LEVELS: [(&str, log::LevelFilter); 5] = [
+    ("error", log::LevelFilter::Error),
+    ("warn", log::LevelFilter::Warn),
+    ("info", log::LevelFilter::Info),
+    ("debug", log::LevelFilter::Debug),
+    ("trace", log::LevelFilter::Trace),
+];

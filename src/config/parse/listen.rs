@@ -1,0 +1,129 @@
+//! `listen` blocks: the address, `proxy`, timeouts, retries and the UDP settings.
+
+use super::directives::Context;
+use super::values::suggest;
+use super::{Item, Parser, PendingListen, Seen, Stmt};
+use crate::config::{ConfigError, Listen, Proto, UpstreamId};
+
+impl Parser<'_> {
+    pub(super) fn listen(&mut self, stmt: &Stmt) -> Result<(), ConfigError> {
+        let (proto, addr_arg) = match stmt.args.as_slice() {
+            [] => {
+                return Err(self.err(
+                    stmt.term.pos(),
+                    "expected an address after 'listen' (e.g. listen 127.0.0.1:8080 { ... })",
+                ));
+            }
+            [proto] if matches!(proto.text.as_str(), "tcp" | "udp") => {
+                return Err(self.err(
+                    stmt.term.pos(),
+                    format!("expected an address after 'listen {}'", proto.text),
+                ));
+            }
+            [addr] => (Proto::Tcp, addr),
+            [first, addr, ..] => {
+                let proto = match first.text.as_str() {
+                    "tcp" => Proto::Tcp,
+                    "udp" => Proto::Udp,
+                    _ if self.listen_addr(first).is_ok() => {
+                        return Err(self.stray(
+                            stmt,
+                            1,
+                            format!("unexpected argument '{}' after the address", addr.text),
+                        ));
+                    }
+                    _ => {
+                        let mut message = format!(
+                            "expected 'tcp' or 'udp' before the listen address, found '{}'",
+                            first.text
+                        );
+                        if let Some(s) = suggest(&first.text, ["tcp", "udp"]) {
+                            message.push_str(&format!(" (did you mean '{s}'?)"));
+                        }
+                        return Err(self.err_at(first, message));
+                    }
+                };
+                self.no_more(stmt, 2)?;
+                (proto, addr)
+            }
+        };
+        self.open(stmt)?;
+        let addr = self.listen_addr(addr_arg)?;
+        // Port 0 asks the kernel for a fresh port each time, so two of them never collide.
+        if addr.port() != 0 {
+            if let Some(first) = self.listen_lines.insert((proto, addr), stmt.name.line) {
+                return Err(self.err_at(
+                    addr_arg,
+                    format!(
+                        "duplicate listen {} {addr} (first defined at line {first})",
+                        proto.as_str()
+                    ),
+                ));
+            }
+        }
+        let mut listen = Listen::new(proto, addr, UpstreamId(0), 0);
+        let mut proxy = None;
+        let mut tries = None;
+        let mut half_close = None;
+        let mut seen = Seen::default();
+        loop {
+            let inner = match self.item()? {
+                Item::Stmt(inner) => inner,
+                Item::Close(_) => break,
+                Item::Eof(pos) => return Err(self.unclosed(pos, stmt)),
+            };
+            let d = self.directive(Context::Listen, &inner, &mut seen, Some(proto))?;
+            let name = d.name;
+            match name {
+                "proxy" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    proxy = Some(arg.clone());
+                }
+                "connect_timeout" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.connect_timeout = self.positive_duration(&arg.text, arg, name)?;
+                }
+                "idle_timeout" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.idle_timeout = self.positive_duration(&arg.text, arg, name)?;
+                }
+                "half_close_timeout" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    half_close = Some(self.positive_duration(&arg.text, arg, name)?);
+                }
+                "next_upstream_tries" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    tries = Some(self.u32_value(&arg.text, arg, name, 0, u32::MAX)?);
+                }
+                "next_upstream_timeout" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    let timeout = self.duration(&arg.text, arg)?;
+                    listen.next_upstream_timeout = Some(timeout).filter(|t| !t.is_zero());
+                }
+                "udp_responses" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.udp_responses = self.u32_value(&arg.text, arg, name, 0, u32::MAX)?;
+                }
+                "max_sessions" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.max_sessions = self.usize_value(&arg.text, arg, name, 0)?;
+                }
+                _ => return Err(self.unknown(Context::Listen, &inner.name)),
+            }
+        }
+        let Some(proxy) = proxy else {
+            return Err(self.err_at(
+                &stmt.name,
+                "listen block has no 'proxy' (add e.g. 'proxy backend;')",
+            ));
+        };
+        listen.half_close_timeout = half_close.unwrap_or(listen.idle_timeout);
+        self.listeners.push(PendingListen {
+            listen,
+            line: stmt.name.line,
+            proxy,
+            tries,
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,91 @@
+//! The main context: process-wide settings, and the `upstream` and `listen` blocks.
+
+use super::directives::{Context, LOG_LEVELS};
+use super::{Arg, Item, Parser, Seen};
+use crate::config::ConfigError;
+use std::time::Duration;
+
+const MIN_BUFFER_SIZE: usize = 1 << 10;
+const MAX_BUFFER_SIZE: usize = 16 << 20;
+/// A longer spin only burns CPU: past a few milliseconds, sleeping in the kernel costs less.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+
+impl Parser<'_> {
+    pub(super) fn main(&mut self) -> Result<(), ConfigError> {
+        let mut seen = Seen::default();
+        loop {
+            let stmt = match self.item()? {
+                Item::Stmt(stmt) => stmt,
+                Item::Eof(_) => return Ok(()),
+                Item::Close(pos) => {
+                    return Err(self.err(pos, "unexpected '}' (no block is open here)"));
+                }
+            };
+            let d = self.directive(Context::Main, &stmt, &mut seen, None)?;
+            match d.name {
+                "upstream" => self.upstream(&stmt)?,
+                "listen" => self.listen(&stmt)?,
+                "max_connections" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    self.config.max_connections =
+                        self.usize_value(&arg.text, arg, "max_connections", 1)?;
+                }
+                "buffer_size" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    let size = self.size(arg)?;
+                    if !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&size) {
+                        return Err(self.err_at(
+                            arg,
+                            format!("buffer_size must be between 1k and 16m, got '{}'", arg.text),
+                        ));
+                    }
+                    self.config.buffer_size = size;
+                }
+                "buffer_memory" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    self.config.buffer_memory = self.size(arg)?;
+                    self.buffer_memory = Some(arg.clone());
+                }
+                "busy_poll" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    self.config.busy_poll = self.busy_poll(arg)?;
+                }
+                "log_level" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    let names = LOG_LEVELS.map(|(n, _)| n);
+                    self.config.log_level = LOG_LEVELS
+                        .iter()
+                        .find(|(n, _)| *n == arg.text)
+                        .map(|(_, level)| *level)
+                        .ok_or_else(|| self.not_one_of(arg, "log level", &names))?;
+                }
+                "access_log" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    self.config.access_log = match arg.text.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(self.not_one_of(arg, "access_log value", &["on", "off"])),
+                    };
+                }
+                _ => return Err(self.unknown(Context::Main, &stmt.name)),
+            }
+        }
+    }
+
+    pub(super) fn busy_poll(&self, arg: &Arg) -> Result<Duration, ConfigError> {
+        if arg.text == "off" {
+            return Ok(Duration::ZERO);
+        }
+        let spin = self.duration(&arg.text, arg)?;
+        if spin > MAX_BUSY_POLL {
+            return Err(self.err_at(
+                arg,
+                format!(
+                    "busy_poll must be 'off' or at most 10ms, got '{}'",
+                    arg.text
+                ),
+            ));
+        }
+        Ok(spin)
+    }
+}

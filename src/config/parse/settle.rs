@@ -1,0 +1,193 @@
+//! What needs the whole file: `proxy` targets (named upstreams, forward references and the
+//! implicit upstreams of `proxy ADDR;`), the default `next_upstream_tries`, `buffer_memory`
+//! against `buffer_size`, proxy loops, and the address forms with name resolution.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use super::values::suggest;
+use super::{Arg, Parser, PendingListen};
+use crate::config::addr::{self, HostPort};
+use crate::config::{Balance, Config, ConfigError, Proto, Server, Upstream, UpstreamId};
+
+impl Parser<'_> {
+    /// Settles what needs the whole file: `proxy` targets, tries, `buffer_memory`.
+    pub(super) fn finish(mut self) -> Result<Config, ConfigError> {
+        if let Some(arg) = &self.buffer_memory {
+            if self.config.buffer_memory < self.config.buffer_size {
+                return Err(self.err_at(
+                    arg,
+                    format!(
+                        "buffer_memory '{}' must be at least buffer_size ({} bytes)",
+                        arg.text, self.config.buffer_size
+                    ),
+                ));
+            }
+        }
+        let explicit = self.config.upstreams.len();
+        let pending = std::mem::take(&mut self.listeners);
+        let own = OwnAddresses::new(&pending);
+        for pending in pending {
+            let upstream = self.proxy_target(&pending.proxy, explicit)?;
+            let servers = self
+                .config
+                .upstreams
+                .get(upstream)
+                .map_or(1, |u| u.servers.len());
+            self.no_loop(&pending, upstream, &own)?;
+            let mut listen = pending.listen;
+            listen.upstream = UpstreamId(upstream);
+            listen.next_upstream_tries = match pending.tries {
+                Some(n) if n > 0 => n,
+                _ => u32::try_from(servers.max(1)).unwrap_or(u32::MAX),
+            };
+            self.config.listeners.push(listen);
+        }
+        Ok(self.config)
+    }
+
+    /// Adds an upstream; returns its index.
+    pub(super) fn add_upstream(&mut self, upstream: Upstream) -> usize {
+        let index = self.config.upstreams.len();
+        self.upstream_names.insert(upstream.name.clone(), index);
+        self.config.upstreams.push(upstream);
+        index
+    }
+
+    /// A listener whose upstream includes one of sluice's own listen addresses would feed its
+    /// own connections back to itself until descriptors or CPU run out.
+    fn no_loop(
+        &self,
+        pending: &PendingListen,
+        upstream: usize,
+        own: &OwnAddresses,
+    ) -> Result<(), ConfigError> {
+        let proto = pending.listen.proto;
+        let Some(u) = self.config.upstreams.get(upstream) else {
+            return Ok(());
+        };
+        for server in &u.servers {
+            if let Some((addr, line)) = own.reached_by(proto, server.addr) {
+                return Err(self.err_at(
+                    &pending.proxy,
+                    format!(
+                        "proxy loop: upstream '{}' includes {}, which is sluice's own listen {} {addr} (line {line})",
+                        u.name,
+                        server.addr,
+                        proto.as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The index of the upstream `proxy ARG;` names. An argument with a ':' that names no
+    /// upstream is an address: it gets an implicit upstream named after its text, shared by every
+    /// listener that writes the same text.
+    fn proxy_target(&mut self, arg: &Arg, explicit: usize) -> Result<usize, ConfigError> {
+        if let Some(&index) = self.upstream_names.get(&arg.text) {
+            return Ok(index);
+        }
+        if arg.text.contains(':') {
+            let addr = self.host_port(arg, "proxy address")?;
+            let addrs = self.resolve_addr(addr, arg, "proxy address")?;
+            return Ok(self.add_upstream(Upstream {
+                name: arg.text.clone(),
+                balance: Balance::RoundRobin,
+                servers: addrs.into_iter().map(Server::new).collect(),
+                health_check: None,
+            }));
+        }
+        let names = self
+            .config
+            .upstreams
+            .iter()
+            .take(explicit)
+            .map(|u| u.name.as_str());
+        let mut message = format!("unknown upstream '{}'", arg.text);
+        if let Some(s) = suggest(&arg.text, names) {
+            message.push_str(&format!(" (did you mean '{s}'?)"));
+        } else if arg.text.parse::<IpAddr>().is_ok() || arg.text == "localhost" {
+            message.push_str(&format!(" (an address needs a port: {}:PORT)", arg.text));
+        }
+        Err(self.err_at(arg, message))
+    }
+
+    /// `IP:PORT`, `[IPv6]:PORT`, or `host:PORT` (resolved later); port 0 is an error.
+    pub(super) fn host_port<'s>(
+        &self,
+        arg: &'s Arg,
+        what: &str,
+    ) -> Result<HostPort<'s>, ConfigError> {
+        addr::host_port(&arg.text, what).map_err(|message| self.err_at(arg, message))
+    }
+
+    pub(super) fn resolve_addr(
+        &self,
+        addr: HostPort<'_>,
+        arg: &Arg,
+        what: &str,
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        let (host, port) = match addr {
+            HostPort::Addr(addr) => return Ok(vec![addr]),
+            HostPort::Name(host, port) => (host, port),
+        };
+        let cannot = |why: String| {
+            self.err_at(
+                arg,
+                format!("cannot resolve '{host}' in {what} '{}': {why}", arg.text),
+            )
+        };
+        let found = (self.resolve)(host, port).map_err(|e| cannot(crate::sys::io_reason(&e)))?;
+        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(found.len());
+        for addr in found {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(cannot("no addresses".to_string()));
+        }
+        Ok(addrs)
+    }
+
+    /// `IP:PORT`, `[IPv6]:PORT`, `*:PORT` or `PORT` (the last two mean 0.0.0.0:PORT).
+    pub(super) fn listen_addr(&self, arg: &Arg) -> Result<SocketAddr, ConfigError> {
+        addr::listen_addr(&arg.text).map_err(|message| self.err_at(arg, message))
+    }
+}
+
+/// The listen addresses of a file by protocol and port, to find a server that is one of them.
+struct OwnAddresses(HashMap<(Proto, u16), Vec<(SocketAddr, u32)>>);
+
+impl OwnAddresses {
+    fn new(pending: &[PendingListen]) -> OwnAddresses {
+        let mut map: HashMap<(Proto, u16), Vec<(SocketAddr, u32)>> = HashMap::new();
+        for p in pending.iter().filter(|p| p.listen.addr.port() != 0) {
+            map.entry((p.listen.proto, p.listen.addr.port()))
+                .or_default()
+                .push((p.listen.addr, p.line));
+        }
+        OwnAddresses(map)
+    }
+
+    /// The listen address (and its line) that a connection to `server` would arrive at. A
+    /// wildcard listen address takes every address of this host in its family.
+    fn reached_by(&self, proto: Proto, server: SocketAddr) -> Option<(SocketAddr, u32)> {
+        let listens = self.0.get(&(proto, server.port()))?;
+        listens.iter().copied().find(|(listen, _)| {
+            listen.ip() == server.ip()
+                || (listen.ip().is_unspecified()
+                    && listen.is_ipv4() == server.is_ipv4()
+                    && is_local(server.ip()))
+        })
+    }
+}
+
+/// Whether `ip` is one of this host's addresses: the kernel lets a socket bind only to those.
+fn is_local(ip: IpAddr) -> bool {
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
