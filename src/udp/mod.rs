@@ -366,14 +366,9 @@ impl UdpProxy {
             let replies = s.down.datagrams;
             let local = s.local;
             let datagram = self.buf.get(..n).unwrap_or_default();
-            if let Err(e) = l.reply(datagram, client, local) {
+            if !matches!(retry(|| l.reply(datagram, client, local)), Ok(Some(_))) {
                 ctx.metrics.dropped(id);
-                log::trace!(
-                    "udp {}: reply to {} dropped: {}",
-                    l.addr,
-                    client,
-                    crate::sys::io_reason(&e)
-                );
+                log::trace!("udp {}: reply to {} dropped", l.addr, client);
             }
             l.sessions.touch(slot);
             let limit = u64::from(l.conf.udp_responses);

@@ -289,9 +289,7 @@ impl Group {
     pub fn acquire(&mut self, id: ServerId) {
         if let Some(s) = self.servers.get_mut(id.0) {
             s.active = s.active.saturating_add(1);
-            s.shared
-                .active
-                .store(u64::from(s.active), Ordering::Relaxed);
+            s.shared.active.fetch_add(1, Ordering::Relaxed);
             self.touch(id.0);
         }
     }
@@ -299,10 +297,11 @@ impl Group {
     /// A connection to server `i` closed (saturates at 0).
     pub fn release(&mut self, id: ServerId) {
         if let Some(s) = self.servers.get_mut(id.0) {
-            s.active = s.active.saturating_sub(1);
-            s.shared
-                .active
-                .store(u64::from(s.active), Ordering::Relaxed);
+            if s.active > 0 {
+                s.active -= 1;
+                // Every worker takes off its own: the shared count is the process's.
+                s.shared.active.fetch_sub(1, Ordering::Relaxed);
+            }
             self.touch(id.0);
         }
     }
@@ -627,6 +626,42 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn shared_state_follows_every_change() {
+        let conf = Upstream {
+            name: "u".to_string(),
+            balance: Balance::LeastConn,
+            servers: vec![fails(1, 10), server(2)],
+            health_check: None,
+        };
+        let shared: Vec<Arc<ServerShared>> = conf
+            .servers
+            .iter()
+            .map(|s| Arc::new(ServerShared::new("u", s.addr)))
+            .collect();
+        let mut g = Group::new(&conf, &shared);
+        let load = |i: usize| shared[i].active.load(Ordering::Relaxed);
+        g.acquire(ServerId(0));
+        g.acquire(ServerId(0));
+        g.release(ServerId(0));
+        assert_eq!(load(0), 1);
+        g.release(ServerId(0));
+        g.release(ServerId(0));
+        assert_eq!(load(0), 0, "never below 0");
+        assert!(g.connect_failed(ServerId(0), secs(0)));
+        assert!(shared[0].marked.load(Ordering::Relaxed));
+        assert_eq!(shared[0].connect_failures.load(Ordering::Relaxed), 1);
+        g.connected(ServerId(0), secs(11));
+        assert!(!shared[0].marked.load(Ordering::Relaxed));
+        g.set_health(ServerId(1), false);
+        assert!(!shared[1].healthy.load(Ordering::Relaxed));
+        // A second group over the same servers (another worker) adds to the same counts.
+        let mut other = Group::new(&conf, &shared);
+        g.acquire(ServerId(1));
+        other.acquire(ServerId(1));
+        assert_eq!(load(1), 2);
     }
 
     #[test]
