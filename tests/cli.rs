@@ -174,10 +174,10 @@ fn stops_cleanly_on_sigterm() {
 
 #[test]
 fn all_servers_refusing_logs_connect_failed() {
-    let refused = refused_addr();
+    let refused = refused_tcp();
     // The first client (the connect that found sluice up) meets the refusing server; later
     // ones may meet a server that passive health already marked (end=no_server).
-    let (sluice, addr, mut c) = spawn_forward(&[refused]);
+    let (sluice, addr, mut c) = spawn_forward(&[refused.addr]);
     let me = c.local_addr().expect("local address");
     c.write_all(b"hello?").expect("write");
     assert!(
@@ -202,7 +202,7 @@ fn all_servers_refusing_logs_connect_failed() {
         "duration_ms=".to_string(),
         "end=connect_failed".to_string(),
         // Issue 17, item 14: the line names the server that failed, not `server=-`.
-        format!("server={} ", refused),
+        format!("server={} ", refused.addr),
     ] {
         assert!(
             line.contains(&field),
@@ -358,7 +358,7 @@ fn config_messages_are_safe_to_print() {
 /// goes out, the rest are counted, and the next line says how many were held back.
 #[test]
 fn no_server_warnings_are_rate_limited_with_a_count() {
-    let port = free_port();
+    let port = free_port(Transport::Tcp);
     let conf = TempFile::new(
         "down",
         &format!(

@@ -75,9 +75,9 @@ fn client_reset_closes_the_server_within_1s() {
 
 #[test]
 fn refused_first_server_falls_through_to_the_next() {
-    let refused = refused_addr();
+    let refused = refused_tcp();
     let b = Backend::name("server-b");
-    let proxy = start(forward(&[refused, b.addr()]));
+    let proxy = start(forward(&[refused.addr, b.addr()]));
     let addr = proxy.local_addr(0).expect("listener");
 
     // Every client lands on B, whichever server the balancer offers first.
@@ -103,7 +103,8 @@ fn refused_first_server_falls_through_to_the_next() {
 
 #[test]
 fn all_servers_refusing_closes_the_client_at_once() {
-    let proxy = start(forward(&[refused_addr(), refused_addr()]));
+    let (r1, r2) = (refused_tcp(), refused_tcp());
+    let proxy = start(forward(&[r1.addr, r2.addr]));
     let mut c = connect(proxy.local_addr(0).expect("listener"));
     let took = closed_within(&mut c, EVENTUALLY).expect("the client is closed");
     assert!(

@@ -198,7 +198,7 @@ struct Limited {
 
 fn spawn_limited(limit: usize, upstream: SocketAddr) -> Limited {
     for _ in 0..5 {
-        let port = free_port();
+        let port = free_port(Transport::Tcp);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut command = Command::new("sh");
         command

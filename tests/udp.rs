@@ -2,7 +2,7 @@
 //! address, idle expiry, response counting, session caps, refusing servers, bursts and the
 //! command-line forward. Real sockets on 127.0.0.1 only.
 
-mod support;
+mod common;
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::*;
 use sluice::runtime::End;
-use support::*;
 
 /// One UDP listener on a free loopback port in front of upstream `u` (`upstream` is its block
 /// body; `listen` goes into the listen block).
@@ -31,7 +31,7 @@ fn server_lines(addrs: &[SocketAddr], options: &str) -> String {
 fn request(client: u64, seq: u64) -> Vec<u8> {
     let mut out = format!("c{client:02}s{seq:03}:").into_bytes();
     let len = (client * 131 + seq * 17) % 480;
-    out.extend(pattern(client << 16 | seq, len as usize));
+    out.extend(payload(client << 16 | seq, len as usize));
     out
 }
 
@@ -40,7 +40,7 @@ fn echo_50_clients_200_datagrams_each() {
     const CLIENTS: u64 = 50;
     const DATAGRAMS: u64 = 200;
     let backend = UdpBackend::echo("echo");
-    let proxy = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let proxy = start_conf(&udp_conf(&server_lines(&[backend.addr], ""), ""));
     let addr = proxy.local_addr(0).expect("listener");
     let deadline = Instant::now() + Duration::from_secs(120);
 
@@ -94,10 +94,10 @@ fn echo_50_clients_200_datagrams_each() {
 fn datagram_sizes_arrive_whole_and_separate() {
     const SIZES: [usize; 5] = [0, 1, 1472, 8192, 65_507];
     let backend = UdpBackend::echo("echo");
-    let proxy = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let proxy = start_conf(&udp_conf(&server_lines(&[backend.addr], ""), ""));
     let addr = proxy.local_addr(0).expect("listener");
     let socket = udp_client(Duration::from_secs(1));
-    let payloads: Vec<Vec<u8>> = SIZES.iter().map(|&n| pattern(n as u64, n)).collect();
+    let payloads: Vec<Vec<u8>> = SIZES.iter().map(|&n| payload(n as u64, n)).collect();
 
     // One at a time.
     for p in &payloads {
@@ -152,7 +152,7 @@ fn datagram_sizes_arrive_whole_and_separate() {
 #[test]
 fn replies_come_from_the_listening_address() {
     let backend = UdpBackend::echo("echo");
-    let proxy = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let proxy = start_conf(&udp_conf(&server_lines(&[backend.addr], ""), ""));
     let addr = proxy.local_addr(0).expect("listener");
 
     // A connected socket accepts datagrams only from the address it is connected to.
@@ -190,7 +190,7 @@ fn each_client_gets_its_own_sticky_session() {
         .map(|n| UdpBackend::named(n, 1))
         .collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let proxy = start(&udp_conf(
+    let proxy = start_conf(&udp_conf(
         &format!("    balance round_robin;\n{}", server_lines(&addrs, "")),
         "",
     ));
@@ -228,7 +228,7 @@ fn each_client_gets_its_own_sticky_session() {
 #[test]
 fn idle_session_expires_and_a_new_one_opens() {
     let backend = UdpBackend::echo("echo");
-    let proxy = start(&udp_conf(
+    let proxy = start_conf(&udp_conf(
         &server_lines(&[backend.addr], ""),
         "    idle_timeout 300ms;",
     ));
@@ -239,9 +239,11 @@ fn idle_session_expires_and_a_new_one_opens() {
     let sent = Instant::now();
     assert_eq!(exchange(&socket, addr, b"one"), b"one");
     assert_eq!(load(&stats.udp_sessions_total), 1);
-    wait_until("the idle session to end", Duration::from_secs(10), || {
-        load(&stats.udp_sessions_active) == 0
-    });
+    assert!(
+        wait_until(Duration::from_secs(10), || load(&stats.udp_sessions_active)
+            == 0),
+        "timed out waiting for the idle session to end"
+    );
     let lived = sent.elapsed();
     assert!(
         lived >= Duration::from_millis(300),
@@ -261,7 +263,7 @@ fn idle_session_expires_and_a_new_one_opens() {
 #[test]
 fn busy_session_outlives_idle_timeout() {
     let backend = UdpBackend::echo("echo");
-    let proxy = start(&udp_conf(
+    let proxy = start_conf(&udp_conf(
         &server_lines(&[backend.addr], ""),
         "    idle_timeout 300ms;",
     ));
@@ -293,7 +295,7 @@ fn busy_session_outlives_idle_timeout() {
 fn udp_responses_ends_the_session_after_the_first_reply() {
     // The server answers every datagram twice; only the first answer may get through.
     let backend = UdpBackend::named("dns", 2);
-    let proxy = start(&udp_conf(
+    let proxy = start_conf(&udp_conf(
         &server_lines(&[backend.addr], ""),
         "    udp_responses 1;\n    idle_timeout 30s;",
     ));
@@ -302,10 +304,10 @@ fn udp_responses_ends_the_session_after_the_first_reply() {
     let socket = udp_client(Duration::from_secs(1));
 
     assert_eq!(exchange(&socket, addr, b"query"), b"dns");
-    wait_until(
-        "the session to end after one reply",
-        Duration::from_secs(5),
-        || load(&stats.udp_sessions_active) == 0,
+    assert!(
+        wait_until(Duration::from_secs(5), || load(&stats.udp_sessions_active)
+            == 0),
+        "timed out waiting for the session to end after one reply"
     );
     assert_eq!(stats.ended(End::ServerClosed), 1);
     assert_eq!(stats.ended(End::IdleTimeout), 0);
@@ -333,7 +335,7 @@ fn max_sessions_caps_live_sessions() {
     const CLIENTS: usize = 20;
     const REQUESTS: usize = 5;
     let backend = UdpBackend::echo("echo");
-    let proxy = start(&udp_conf(
+    let proxy = start_conf(&udp_conf(
         &server_lines(&[backend.addr], ""),
         "    max_sessions 10;\n    idle_timeout 30s;",
     ));
@@ -394,7 +396,7 @@ fn max_sessions_caps_live_sessions() {
 fn refusing_server_ends_its_session_and_is_skipped() {
     let dead = dead_udp();
     let healthy = UdpBackend::named("healthy", 1);
-    let proxy = start(&udp_conf(
+    let proxy = start_conf(&udp_conf(
         &format!(
             "    balance round_robin;\n    server {} max_fails=1 fail_timeout=30s;\n    server {} max_fails=1 fail_timeout=30s;",
             dead.addr, healthy.addr
@@ -454,7 +456,7 @@ fn refusing_server_ends_its_session_and_is_skipped() {
 fn burst_of_100k_datagrams_does_not_stall_the_proxy() {
     const BURST: usize = 100_000;
     let backend = UdpBackend::echo("echo");
-    let proxy = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let proxy = start_conf(&udp_conf(&server_lines(&[backend.addr], ""), ""));
     let addr = proxy.local_addr(0).expect("listener");
     let stats = proxy.stats_handle();
     let socket = udp_client(Duration::from_secs(2));
@@ -501,7 +503,7 @@ fn burst_of_100k_datagrams_does_not_stall_the_proxy() {
 fn command_line_udp_forward() {
     let backend = UdpBackend::echo("echo");
     let upstream = backend.addr.to_string();
-    let sluice = Sluice::start(Transport::Udp, |listen| {
+    let (_sluice, addr) = SluiceChild::start_listening(Transport::Udp, |listen| {
         ["--udp", "-L", listen, "-U", &upstream]
             .iter()
             .map(|s| s.to_string())
@@ -510,11 +512,11 @@ fn command_line_udp_forward() {
     let socket = udp_client(Duration::from_millis(500));
     // exchange checks that the reply comes from the listening address.
     assert_eq!(
-        exchange(&socket, sluice.addr, b"via the binary"),
+        exchange(&socket, addr, b"via the binary"),
         b"via the binary"
     );
-    let payload = pattern(7, 4000);
-    assert_eq!(exchange(&socket, sluice.addr, &payload), payload);
+    let big = payload(7, 4000);
+    assert_eq!(exchange(&socket, addr, &big), big);
     assert_eq!(backend.peers().len(), 1, "one session for one client");
 }
 
@@ -523,7 +525,7 @@ fn command_line_udp_forward() {
 #[test]
 fn a_udp_port_in_use_cannot_be_bound_twice() {
     let backend = UdpBackend::echo("a");
-    let first = start(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let first = start_conf(&udp_conf(&server_lines(&[backend.addr], ""), ""));
     let addr = first.local_addr(0).expect("listener");
     let conf =
         udp_conf(&server_lines(&[backend.addr], ""), "").replace("127.0.0.1:0", &addr.to_string());
@@ -552,7 +554,7 @@ fn a_wildcard_listener_replies_from_the_address_the_client_sent_to() {
     ] {
         let conf =
             udp_conf(&server_lines(&[backend.addr], ""), "").replace("127.0.0.1:0", wildcard);
-        let proxy = start(&conf);
+        let proxy = start_conf(&conf);
         let port = proxy.local_addr(0).expect("listener").port();
         for target in targets {
             let ip: std::net::IpAddr = target.parse().expect("ip");

@@ -2,7 +2,7 @@
 //! send/expect), passive health (`max_fails`), `max_conns`, backup servers, all servers down, and
 //! `-b` on the command line. Real TCP backends on 127.0.0.1, each answering with its own name.
 
-mod support;
+mod common;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -10,8 +10,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::*;
 use sluice::runtime::{End, Proxy};
-use support::*;
 
 /// A TCP listener on a free loopback port in front of upstream `u` (given as its block body).
 fn tcp_conf(upstream: &str) -> String {
@@ -40,12 +40,12 @@ const PACE: Duration = Duration::from_millis(20);
 
 #[test]
 fn weighted_round_robin_follows_weights() {
-    let a = TcpBackend::greet("a");
-    let b = TcpBackend::greet("b");
-    let c = TcpBackend::greet("c");
-    let proxy = start(&tcp_conf(&format!(
+    let a = Backend::greet("a");
+    let b = Backend::greet("b");
+    let c = Backend::greet("c");
+    let proxy = start_conf(&tcp_conf(&format!(
         "    balance weighted_round_robin;\n    server {} weight=3;\n    server {} weight=2;\n    server {} weight=1;",
-        a.addr, b.addr, c.addr
+        a.addr(), b.addr(), c.addr()
     )));
     let counts = tally(addr_of(&proxy), 600);
     println!("600 connections: {counts:?}");
@@ -66,13 +66,13 @@ fn active_health_check_takes_a_dead_server_out_and_back() {
     const FALL: u64 = 2;
     const RISE: u64 = 2;
     const SLACK: u64 = 500;
-    let a = TcpBackend::greet("a");
-    let mut b = TcpBackend::greet("b");
-    let c = TcpBackend::greet("c");
+    let a = Backend::greet("a");
+    let mut b = Backend::greet("b");
+    let c = Backend::greet("c");
     // max_fails=0: passive health is off, so only the probes can take `b` out.
-    let proxy = start(&tcp_conf(&format!(
+    let proxy = start_conf(&tcp_conf(&format!(
         "    balance round_robin;\n    server {} max_fails=0;\n    server {} max_fails=0;\n    server {} max_fails=0;\n    health_check interval={INTERVAL}ms timeout={TIMEOUT}ms fall={FALL} rise={RISE};",
-        a.addr, b.addr, c.addr
+        a.addr(), b.addr(), c.addr()
     )));
     let addr = addr_of(&proxy);
     let stats = proxy.stats();
@@ -133,21 +133,11 @@ fn active_health_check_takes_a_dead_server_out_and_back() {
 
 #[test]
 fn health_check_send_expect_marks_a_wrong_answer_down() {
-    let good = TcpBackend::spawn(
-        "good",
-        TcpReply::Line {
-            ping_answer: b"+PONG\r\n",
-        },
-    );
-    let bad = TcpBackend::spawn(
-        "bad",
-        TcpReply::Line {
-            ping_answer: b"-ERR wrong\r\n",
-        },
-    );
-    let proxy = start(&tcp_conf(&format!(
+    let good = Backend::line("good", b"+PONG\r\n");
+    let bad = Backend::line("bad", b"-ERR wrong\r\n");
+    let proxy = start_conf(&tcp_conf(&format!(
         "    balance round_robin;\n    server {} max_fails=0;\n    server {} max_fails=0;\n    health_check interval=200ms timeout=100ms rise=2 fall=2 send=\"PING\\r\\n\" expect=\"+PONG\";",
-        good.addr, bad.addr
+        good.addr(), bad.addr()
     )));
     let addr = addr_of(&proxy);
     let hello = b"HELLO\n";
@@ -199,10 +189,10 @@ fn tally_with(addr: SocketAddr, n: usize, hello: &[u8]) -> HashMap<String, usize
 #[test]
 fn refused_connects_count_towards_max_fails() {
     let refused = refused_tcp();
-    let a = TcpBackend::greet("a");
-    let proxy = start(&tcp_conf(&format!(
+    let a = Backend::greet("a");
+    let proxy = start_conf(&tcp_conf(&format!(
         "    balance round_robin;\n    server {} max_fails=2 fail_timeout=30s;\n    server {} max_fails=2 fail_timeout=30s;",
-        refused.addr, a.addr
+        refused.addr, a.addr()
     )));
     let addr = addr_of(&proxy);
     let stats = proxy.stats();
@@ -235,11 +225,12 @@ fn refused_connects_count_towards_max_fails() {
 
 #[test]
 fn max_conns_caps_a_server() {
-    let capped = TcpBackend::echo("capped");
-    let other = TcpBackend::echo("other");
-    let proxy = start(&tcp_conf(&format!(
+    let capped = Backend::greet_echo("capped");
+    let other = Backend::greet_echo("other");
+    let proxy = start_conf(&tcp_conf(&format!(
         "    balance round_robin;\n    server {} max_conns=2;\n    server {};",
-        capped.addr, other.addr
+        capped.addr(),
+        other.addr()
     )));
     let addr = addr_of(&proxy);
 
@@ -268,12 +259,12 @@ fn max_conns_caps_a_server() {
 
 #[test]
 fn backup_serves_only_when_the_primaries_are_down() {
-    let mut primary = TcpBackend::greet("primary");
+    let mut primary = Backend::greet("primary");
     let refused = refused_tcp();
-    let backup = TcpBackend::greet("backup");
-    let proxy = start(&tcp_conf(&format!(
+    let backup = Backend::greet("backup");
+    let proxy = start_conf(&tcp_conf(&format!(
         "    balance round_robin;\n    server {} max_fails=1 fail_timeout=30s;\n    server {} max_fails=1 fail_timeout=30s;\n    server {} backup max_fails=1 fail_timeout=30s;",
-        primary.addr, refused.addr, backup.addr
+        primary.addr(), refused.addr, backup.addr()
     )));
     let addr = addr_of(&proxy);
 
@@ -318,7 +309,7 @@ fn assert_closed_at_once(addr: SocketAddr, which: &str) {
 #[test]
 fn all_servers_down_closes_the_client_at_once() {
     let (r1, r2, r3) = (refused_tcp(), refused_tcp(), refused_tcp());
-    let proxy = start(&tcp_conf(&format!(
+    let proxy = start_conf(&tcp_conf(&format!(
         "    server {} max_fails=1 fail_timeout=30s;\n    server {} max_fails=1 fail_timeout=30s;\n    server {} backup max_fails=1 fail_timeout=30s;",
         r1.addr, r2.addr, r3.addr
     )));
@@ -328,10 +319,11 @@ fn all_servers_down_closes_the_client_at_once() {
     // The first client tries every server; the second finds them all marked.
     assert_closed_at_once(addr, "first client");
     assert_closed_at_once(addr, "second client");
-    wait_until(
-        "both clients counted as ended",
-        Duration::from_secs(5),
-        || stats.ended(End::NoServer) + stats.ended(End::ConnectFailed) == 2,
+    assert!(
+        wait_until(Duration::from_secs(5), || stats.ended(End::NoServer)
+            + stats.ended(End::ConnectFailed)
+            == 2),
+        "timed out waiting for both clients counted as ended"
     );
     println!(
         "no_server {}, connect_failed {}, connect_failures {}",
@@ -348,11 +340,12 @@ fn all_servers_down_closes_the_client_at_once() {
 
 #[test]
 fn least_conn_avoids_the_busy_server() {
-    let a = TcpBackend::echo("a");
-    let b = TcpBackend::echo("b");
-    let proxy = start(&tcp_conf(&format!(
+    let a = Backend::greet_echo("a");
+    let b = Backend::greet_echo("b");
+    let proxy = start_conf(&tcp_conf(&format!(
         "    balance least_conn;\n    server {};\n    server {};",
-        a.addr, b.addr
+        a.addr(),
+        b.addr()
     )));
     let addr = addr_of(&proxy);
 
@@ -388,15 +381,12 @@ fn least_conn_avoids_the_busy_server() {
 }
 
 fn assert_sticky(balance: &str) {
-    let backends: Vec<TcpBackend> = ["a", "b", "c"]
-        .iter()
-        .map(|n| TcpBackend::greet(n))
-        .collect();
+    let backends: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::greet(n)).collect();
     let servers: String = backends
         .iter()
-        .map(|b| format!("    server {};\n", b.addr))
+        .map(|b| format!("    server {};\n", b.addr()))
         .collect();
-    let proxy = start(&tcp_conf(&format!("    balance {balance};\n{servers}")));
+    let proxy = start_conf(&tcp_conf(&format!("    balance {balance};\n{servers}")));
     let counts = tally(addr_of(&proxy), 30);
     assert_eq!(
         counts.len(),
@@ -417,10 +407,10 @@ fn hash_keeps_a_client_on_one_server() {
 
 #[test]
 fn command_line_balance_least_conn() {
-    let a = TcpBackend::echo("a");
-    let b = TcpBackend::echo("b");
-    let (ua, ub) = (a.addr.to_string(), b.addr.to_string());
-    let sluice = Sluice::start(Transport::Tcp, |listen| {
+    let a = Backend::greet_echo("a");
+    let b = Backend::greet_echo("b");
+    let (ua, ub) = (a.addr().to_string(), b.addr().to_string());
+    let (_sluice, addr) = SluiceChild::start_listening(Transport::Tcp, |listen| {
         ["-L", listen, "-U", &ua, "-U", &ub, "-b", "least_conn"]
             .iter()
             .map(|s| s.to_string())
@@ -428,9 +418,9 @@ fn command_line_balance_least_conn() {
     });
     // One long connection on one server; round robin would still send every other new
     // connection there, least_conn sends none.
-    let busy = hold(sluice.addr).expect("first connection");
+    let busy = hold(addr).expect("first connection");
     for i in 0..6 {
-        let name = fetch_name(sluice.addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        let name = fetch_name(addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
         assert_ne!(
             name, busy.name,
             "connection {i} went to the busy server: -b least_conn not applied"
@@ -446,17 +436,17 @@ fn every_server_of_a_large_group_can_be_tried() {
     const SERVERS: usize = 300;
     const CLIENTS: usize = 20;
     let dead: Vec<RefusedTcp> = (0..SERVERS - 1).map(|_| refused_tcp()).collect();
-    let live = TcpBackend::greet("live");
+    let live = Backend::greet("live");
     let mut lines: String = dead
         .iter()
         .map(|d| format!("    server {} max_fails=0;\n", d.addr))
         .collect();
-    lines.push_str(&format!("    server {} max_fails=0;\n", live.addr));
+    lines.push_str(&format!("    server {} max_fails=0;\n", live.addr()));
     for (name, _) in sluice::config::Balance::ALL {
         let conf = format!(
             "access_log off;\nupstream u {{\n    balance {name};\n{lines}}}\nlisten 127.0.0.1:0 {{\n    proxy u;\n    next_upstream_tries {SERVERS};\n}}\n"
         );
-        let proxy = start(&conf);
+        let proxy = start_conf(&conf);
         let addr = addr_of(&proxy);
         let reached = (0..CLIENTS)
             .filter(|_| fetch_name(addr).is_ok_and(|n| n == "live"))

@@ -1,20 +1,26 @@
-//! Backends on 127.0.0.1 in std threads, one thread per connection. A backend stops when it is
-//! dropped: its acceptor is woken by a connect to itself and its connections are shut down
-//! through a duplicate descriptor, so no thread outlives the test that made it. Also the
-//! full-backlog listener that makes a connect hang, and an address that refuses.
+//! TCP backends on 127.0.0.1 in std threads, one thread per connection: data modes (echo,
+//! stream, sink, ...) for the pair tests and modes that say their name (`greet`, `greet_echo`,
+//! `line`) for the balancing tests. A backend counts its connections, can be killed (its
+//! listening socket closed, so connects are refused) and restarted on the same port, and stops
+//! when it is dropped: its acceptor is woken by a connect to itself and its connections are shut
+//! down through a duplicate descriptor, so no thread outlives the test that made it. Also the
+//! full-backlog listener that makes a connect hang, and a port that refuses.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use super::{loopback_any_port, raise_fd_limit, write_payload, Checksum, THREAD_STACK};
+use super::{
+    loopback_any_port, raise_fd_limit, wait_until, write_payload, Checksum, IO_TIMEOUT,
+    THREAD_STACK,
+};
 
 /// What a backend connection reports to its test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +36,9 @@ pub enum Event {
     },
 }
 
+/// What a backend runs for every accepted connection.
+type Handler = dyn Fn(&mut TcpStream, &Ctx) + Send + Sync;
+
 struct Shared {
     stopped: Mutex<bool>,
     stop_signal: Condvar,
@@ -37,9 +46,15 @@ struct Shared {
     /// its duplicate before its own socket closes, so close semantics (FIN, or RST after
     /// `SO_LINGER 0`) are the handler's.
     conns: Mutex<HashMap<u64, TcpStream>>,
+    /// Keys of `conns`, unique over every life of the listening socket.
+    next_id: AtomicU64,
     handlers: Mutex<Vec<JoinHandle<()>>>,
     accepted: AtomicUsize,
-    open: AtomicUsize,
+    active: AtomicUsize,
+    max_active: AtomicUsize,
+    /// Connections that got the name (clients, as opposed to `PING` probes in `line` mode).
+    served: AtomicUsize,
+    pings: AtomicUsize,
     events: Mutex<mpsc::Sender<Event>>,
 }
 
@@ -75,13 +90,32 @@ impl Ctx {
         let tx = self.shared.events.lock().unwrap_or_else(|e| e.into_inner());
         let _ = tx.send(event);
     }
+
+    /// Counts a connection that got the backend's name (see `Backend::served`).
+    pub fn count_served(&self) {
+        self.shared.served.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts a health probe answered (see `Backend::pings`).
+    pub fn count_ping(&self) {
+        self.shared.pings.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The accept thread of one life of the listening socket, which it owns.
+struct Acceptor {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
 }
 
 /// A TCP server on 127.0.0.1 with one thread per connection.
 pub struct Backend {
     addr: SocketAddr,
+    socket_buffers: Option<usize>,
+    handler: Arc<Handler>,
     shared: Arc<Shared>,
-    acceptor: Option<JoinHandle<()>>,
+    /// `None` while killed.
+    acceptor: Option<Acceptor>,
     events: Mutex<mpsc::Receiver<Event>>,
 }
 
@@ -98,42 +132,48 @@ impl Backend {
         handler: impl Fn(&mut TcpStream, &Ctx) + Send + Sync + 'static,
     ) -> Backend {
         raise_fd_limit();
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("backend socket");
-        if let Some(bytes) = socket_buffers {
-            socket.set_send_buffer_size(bytes).expect("SO_SNDBUF");
-            socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
-        }
-        socket
-            .bind(&SockAddr::from(loopback_any_port()))
-            .expect("backend bind");
-        socket.listen(1024).expect("backend listen");
-        let listener: TcpListener = socket.into();
+        let listener = listen(loopback_any_port(), socket_buffers).expect("backend listen");
         let addr = listener.local_addr().expect("backend address");
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             stopped: Mutex::new(false),
             stop_signal: Condvar::new(),
             conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
             handlers: Mutex::new(Vec::new()),
             accepted: AtomicUsize::new(0),
-            open: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            max_active: AtomicUsize::new(0),
+            served: AtomicUsize::new(0),
+            pings: AtomicUsize::new(0),
             events: Mutex::new(tx),
         });
-        let handler = Arc::new(handler);
-        let acceptor = {
-            let shared = Arc::clone(&shared);
+        let mut backend = Backend {
+            addr,
+            socket_buffers,
+            handler: Arc::new(handler),
+            shared,
+            acceptor: None,
+            events: Mutex::new(rx),
+        };
+        backend.serve(listener);
+        backend
+    }
+
+    /// Starts an acceptor on `listener`.
+    fn serve(&mut self, listener: TcpListener) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let shared = Arc::clone(&self.shared);
+            let handler = Arc::clone(&self.handler);
             std::thread::Builder::new()
-                .name(format!("backend-{}", addr.port()))
+                .name(format!("backend-{}", self.addr.port()))
                 .stack_size(THREAD_STACK)
-                .spawn(move || accept_loop(listener, shared, handler))
+                .spawn(move || accept_loop(listener, &stop, shared, handler))
                 .expect("backend acceptor thread")
         };
-        Backend {
-            addr,
-            shared,
-            acceptor: Some(acceptor),
-            events: Mutex::new(rx),
-        }
+        self.acceptor = Some(Acceptor { stop, thread });
     }
 
     /// Writes back everything it reads; on EOF shuts down its write side and closes.
@@ -143,20 +183,7 @@ impl Backend {
 
     /// An echo whose sockets have send and receive buffers of about `socket_buffers` bytes.
     pub fn echo_with_buffers(socket_buffers: Option<usize>) -> Backend {
-        Backend::spawn_with_buffers(socket_buffers, |s, _| {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if s.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = s.shutdown(Shutdown::Write);
-        })
+        Backend::spawn_with_buffers(socket_buffers, |s, _| echo_to_eof(s))
     }
 
     /// Reads until EOF (reporting what came), then writes `answer` and closes.
@@ -184,7 +211,7 @@ impl Backend {
         })
     }
 
-    /// Writes `name` on connect, then reads until EOF and closes.
+    /// Writes `name` (no newline) on connect, then reads until EOF and closes.
     pub fn name(name: &str) -> Backend {
         let name = name.as_bytes().to_vec();
         Backend::spawn(move |s, _| {
@@ -196,6 +223,51 @@ impl Backend {
                 if n == 0 {
                     break;
                 }
+            }
+        })
+    }
+
+    /// Writes `NAME\n` (counted as served) and closes at once: each whole connection tells which
+    /// backend took it.
+    pub fn greet(name: &str) -> Backend {
+        let greeting = format!("{name}\n").into_bytes();
+        Backend::spawn(move |s, ctx| {
+            ctx.count_served();
+            let _ = s.write_all(&greeting);
+        })
+    }
+
+    /// Writes `NAME\n` (counted as served), then echoes until the peer finishes: a long
+    /// connection for as long as the client keeps it open.
+    pub fn greet_echo(name: &str) -> Backend {
+        let greeting = format!("{name}\n").into_bytes();
+        Backend::spawn(move |s, ctx| {
+            ctx.count_served();
+            if s.write_all(&greeting).is_ok() {
+                echo_to_eof(s);
+            }
+        })
+    }
+
+    /// Reads one line: `PING\r\n` (a health probe, counted as a ping) gets `ping_answer`,
+    /// anything else gets `NAME\n` (counted as served); then closes.
+    pub fn line(name: &str, ping_answer: &'static [u8]) -> Backend {
+        let greeting = format!("{name}\n").into_bytes();
+        Backend::spawn(move |s, ctx| {
+            let mut line = Vec::new();
+            if BufReader::new(&mut *s)
+                .take(256)
+                .read_until(b'\n', &mut line)
+                .is_err()
+            {
+                return;
+            }
+            if line == b"PING\r\n" {
+                ctx.count_ping();
+                let _ = s.write_all(ping_answer);
+            } else {
+                ctx.count_served();
+                let _ = s.write_all(&greeting);
             }
         })
     }
@@ -225,18 +297,81 @@ impl Backend {
         })
     }
 
+    /// Closes the listening socket: from the return on, connects to `addr` are refused.
+    /// Connections already accepted carry on.
+    pub fn kill(&mut self) {
+        assert!(
+            self.stop_acceptor(),
+            "the acceptor of {} did not wake: its listener may still be open",
+            self.addr
+        );
+    }
+
+    /// Listens on the same port again (SO_REUSEADDR, so connections of the earlier life still
+    /// in TIME_WAIT do not block the bind).
+    pub fn restart(&mut self) {
+        assert!(self.acceptor.is_none(), "restart of a running backend");
+        let mut listener = None;
+        let mut failure = None;
+        wait_until(IO_TIMEOUT, || {
+            match listen(self.addr, self.socket_buffers) {
+                Ok(l) => {
+                    listener = Some(l);
+                    true
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        });
+        let listener =
+            listener.unwrap_or_else(|| panic!("cannot rebind {}: {:?}", self.addr, failure));
+        self.serve(listener);
+    }
+
+    /// Stops the acceptor, which closes the listening socket; false if it could not be woken
+    /// (then it stays detached and exits on its next accept).
+    fn stop_acceptor(&mut self) -> bool {
+        let Some(acceptor) = self.acceptor.take() else {
+            return true;
+        };
+        acceptor.stop.store(true, Ordering::SeqCst);
+        // Wakes the blocking accept; the loop sees `stop` and drops the listener.
+        let woke = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT).is_ok();
+        if woke {
+            let _ = acceptor.thread.join();
+        }
+        woke
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
-        self.shared.accepted.load(Ordering::Relaxed)
+        self.shared.accepted.load(Ordering::SeqCst)
     }
 
     /// Connections whose handler is still running.
-    pub fn open(&self) -> usize {
-        self.shared.open.load(Ordering::Relaxed)
+    pub fn active(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// The most connections whose handlers ran at once.
+    pub fn max_active(&self) -> usize {
+        self.shared.max_active.load(Ordering::SeqCst)
+    }
+
+    /// Connections that got the name (`greet`, `greet_echo`, `line`).
+    pub fn served(&self) -> usize {
+        self.shared.served.load(Ordering::SeqCst)
+    }
+
+    /// `PING` probes answered (`line`).
+    pub fn pings(&self) -> usize {
+        self.shared.pings.load(Ordering::SeqCst)
     }
 
     /// The next event a connection reported, waiting at most `within`.
@@ -257,14 +392,7 @@ impl Drop for Backend {
             *stopped = true;
             self.shared.stop_signal.notify_all();
         }
-        // Wake the blocking accept; if even that fails, leave the acceptor detached: it exits
-        // on its next accept.
-        let woke = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).is_ok();
-        if let Some(acceptor) = self.acceptor.take() {
-            if woke {
-                let _ = acceptor.join();
-            }
-        }
+        self.stop_acceptor();
         for conn in self
             .shared
             .conns
@@ -287,21 +415,42 @@ impl Drop for Backend {
     }
 }
 
-fn accept_loop<H>(listener: TcpListener, shared: Arc<Shared>, handler: Arc<H>)
-where
-    H: Fn(&mut TcpStream, &Ctx) + Send + Sync + 'static,
-{
-    let mut next_id = 0u64;
-    for incoming in listener.incoming() {
-        if shared.is_stopped() {
+/// A listening socket on `addr`. SO_REUSEADDR, so that a restart can bind the port again while
+/// connections of the earlier life linger; with `Some(bytes)`, accepted sockets inherit send
+/// and receive buffers of about that size.
+fn listen(addr: SocketAddr, socket_buffers: Option<usize>) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if let Some(bytes) = socket_buffers {
+        socket.set_send_buffer_size(bytes)?;
+        socket.set_recv_buffer_size(bytes)?;
+    }
+    socket.bind(&SockAddr::from(addr))?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    stop: &AtomicBool,
+    shared: Arc<Shared>,
+    handler: Arc<Handler>,
+) {
+    loop {
+        let incoming = listener.accept();
+        if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(mut stream) = incoming else {
-            continue;
+        let mut stream = match incoming {
+            Ok((stream, _)) => stream,
+            // Out of descriptors and the like: let the moment pass instead of spinning.
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
         };
-        shared.accepted.fetch_add(1, Ordering::Relaxed);
-        let id = next_id;
-        next_id += 1;
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
+        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
         if let Ok(dup) = stream.try_clone() {
             shared
                 .conns
@@ -309,7 +458,8 @@ where
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id, dup);
         }
-        shared.open.fetch_add(1, Ordering::Relaxed);
+        let now = shared.active.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_active.fetch_max(now, Ordering::SeqCst);
         let ctx = Ctx {
             shared: Arc::clone(&shared),
         };
@@ -326,7 +476,7 @@ where
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id);
                 drop(stream);
-                ctx.shared.open.fetch_sub(1, Ordering::Relaxed);
+                ctx.shared.active.fetch_sub(1, Ordering::SeqCst);
             });
         match spawned {
             Ok(h) => shared
@@ -340,10 +490,26 @@ where
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id);
-                shared.open.fetch_sub(1, Ordering::Relaxed);
+                shared.active.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
+}
+
+/// Writes back everything it reads; on EOF shuts down its write side.
+fn echo_to_eof(s: &mut TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
 }
 
 /// Reads until EOF or an error, reporting `Data` on the first bytes and `Ended` at the end.
@@ -436,13 +602,26 @@ impl Default for HangListener {
     }
 }
 
-/// A loopback address where nothing listens: connects to it are refused.
-pub fn refused_addr() -> SocketAddr {
-    let l = TcpListener::bind(loopback_any_port()).expect("bind");
-    l.local_addr().expect("address")
+/// A loopback TCP port where nothing listens: connects to `addr` are refused. A socket bound
+/// to it, never listening, holds the port while this lives, so a parallel test's `bind(0)` cannot
+/// pick it up and start answering there.
+pub struct RefusedTcp {
+    pub addr: SocketAddr,
+    _holder: Socket,
 }
 
-/// A loopback port that was free a moment ago (for the binary, which takes a fixed port).
-pub fn free_port() -> u16 {
-    refused_addr().port()
+pub fn refused_tcp() -> RefusedTcp {
+    let holder = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("tcp socket");
+    holder
+        .bind(&SockAddr::from(loopback_any_port()))
+        .expect("bind tcp");
+    let addr = holder
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("local addr");
+    RefusedTcp {
+        addr,
+        _holder: holder,
+    }
 }

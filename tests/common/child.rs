@@ -1,6 +1,7 @@
 //! The `sluice` binary as a child process: output collected by reader threads, exit status
-//! polled against a deadline, and the /proc views (CPU time, descriptors, listening sockets)
-//! the descriptor-limit tests need.
+//! polled against a deadline, starts on a free port (another one when it was taken in
+//! between), and the /proc views (CPU time, descriptors, listening sockets) the
+//! descriptor-limit tests need.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::{connect, free_port, wait_until, EVENTUALLY};
+use super::{connect, free_port, wait_until, Transport, EVENTUALLY};
 
 pub fn sluice_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sluice")
@@ -66,6 +67,42 @@ impl SluiceChild {
         }
     }
 
+    /// Starts the binary listening on a free loopback port of `transport`: `args` gets
+    /// `127.0.0.1:PORT` and returns the arguments. Returns the child and that address once the
+    /// log says it is listening; picks another port (at most 5 times) when that one was taken
+    /// in between.
+    pub fn start_listening(
+        transport: Transport,
+        args: impl Fn(&str) -> Vec<String>,
+    ) -> (SluiceChild, SocketAddr) {
+        for _ in 0..5 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port(transport)));
+            let args = args(&addr.to_string());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut child = SluiceChild::spawn(sluice_command(&args));
+            let settled = wait_until(Duration::from_secs(20), || {
+                child.stderr().contains("listening on") || child.exited().is_some()
+            });
+            if child.stderr().contains("listening on") {
+                return (child, addr);
+            }
+            assert!(
+                settled,
+                "sluice did not say it listens:\n{}",
+                child.stderr()
+            );
+            // It exited; a port taken in between is worth another go.
+            let out = child.finish(Duration::from_secs(2));
+            assert!(
+                out.stderr.contains("cannot listen"),
+                "sluice exited ({:?}) before listening:\n{}",
+                out.code,
+                out.stderr
+            );
+        }
+        panic!("no free port for sluice after 5 tries");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -75,6 +112,11 @@ impl SluiceChild {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The log (stderr) so far, line by line.
+    pub fn log(&self) -> Vec<String> {
+        self.stderr().lines().map(str::to_string).collect()
     }
 
     pub fn stdout(&self) -> String {
@@ -176,7 +218,7 @@ pub fn run_sluice(args: &[&str]) -> Outcome {
 pub fn spawn_forward(upstreams: &[SocketAddr]) -> (SluiceChild, SocketAddr, TcpStream) {
     let ups: Vec<String> = upstreams.iter().map(|a| a.to_string()).collect();
     for _ in 0..5 {
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Tcp)));
         let listen_arg = listen.to_string();
         let mut args = vec!["-L", listen_arg.as_str()];
         for u in &ups {
