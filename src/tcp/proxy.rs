@@ -440,6 +440,9 @@ impl TcpProxy {
                 false
             }
             Outcome::Connected => {
+                // Nagle would hold back the small writes the client sent without delay (its
+                // loss showed as 1.6x the CPU per GB in the `throughput` scenario's upload).
+                let _ = stream.set_nodelay(true);
                 pair.state = PairState::Streaming { server };
                 pair.last_active = ctx.now;
                 let Some(conf) = listen_conf(&self.listeners, pair.listener) else {
