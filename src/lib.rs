@@ -13,7 +13,7 @@
 //! 4. `upstream`: groups, balancing and health verdicts; pure, no sockets
 //! 5. `metrics`: the registry of counters every worker writes and anything may read
 //! 6. `reactor`: tokens, the timer wheel, readiness, `End`, `LogLimit`, `after`, `retry`
-//! 7. `config` `sys` `logging` `testing`: the typed config, the only `unsafe`, log output
+//! 7. `config` `sys` `logging` `testing`: the typed config, the OS calls below std, log output
 
 pub mod accounting;
 pub mod config;

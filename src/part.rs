@@ -73,3 +73,32 @@ pub fn bind(
     socket.bind(&addr.into()).map_err(fail)?;
     Ok(socket)
 }
+
+/// Binds and registers every listener of `proto` in `config`, in a table by `ListenerId` (the
+/// other protocol's slots are empty). `open` binds one address and returns the socket with the
+/// address it got (a configured port 0 shows the port chosen); `token` names a listener's token.
+pub fn bind_all<S: mio::event::Source>(
+    config: &crate::config::Config,
+    proto: Proto,
+    registry: &mio::Registry,
+    token: fn(usize) -> mio::Token,
+    open: impl Fn(SocketAddr) -> Result<(S, SocketAddr), BindError>,
+) -> Result<Vec<Option<(S, SocketAddr)>>, BindError> {
+    let mut table = Vec::with_capacity(config.listeners.len());
+    for (i, conf) in config.listeners.iter().enumerate() {
+        if conf.proto != proto {
+            table.push(None);
+            continue;
+        }
+        let (mut socket, addr) = open(conf.addr)?;
+        registry
+            .register(&mut socket, token(i), mio::Interest::READABLE)
+            .map_err(|error| BindError {
+                proto,
+                addr: conf.addr,
+                error,
+            })?;
+        table.push(Some((socket, addr)));
+    }
+    Ok(table)
+}

@@ -16,7 +16,13 @@ use crate::part::{self, BindError};
 /// Pending connections the kernel may hold for one listener (capped by `somaxconn`).
 const BACKLOG: i32 = 1024;
 
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+/// A listening socket on `addr`, and the address it got (a port 0 shows the port chosen).
+pub fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindError> {
+    let fail = |error| BindError {
+        proto: Proto::Tcp,
+        addr,
+        error,
+    };
     let socket = part::bind(Proto::Tcp, addr, |socket| {
         // A restarted proxy must be able to bind while old connections sit in TIME_WAIT; for
         // TCP this never lets two listeners share a port.
@@ -24,12 +30,10 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
         // Accepted sockets inherit it on Linux, which saves a setsockopt per client.
         socket.set_tcp_nodelay(true)
     })?;
-    socket.listen(BACKLOG).map_err(|error| BindError {
-        proto: Proto::Tcp,
-        addr,
-        error,
-    })?;
-    Ok(TcpListener::from_std(socket.into()))
+    socket.listen(BACKLOG).map_err(fail)?;
+    let listener = TcpListener::from_std(socket.into());
+    let local = listener.local_addr().map_err(fail)?;
+    Ok((listener, local))
 }
 
 /// The outcome of one accept call.
@@ -67,8 +71,7 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn accepted_sockets_have_nodelay_from_the_listener() {
-        let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
-        let addr = listener.local_addr().expect("local address");
+        let (listener, addr) = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
         let _client = std::net::TcpStream::connect(addr).expect("connect");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let stream = loop {

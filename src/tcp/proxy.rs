@@ -26,7 +26,7 @@ use super::Side;
 use crate::accounting::{self, Settle};
 use crate::config::{Config, Listen, ListenerId, Proto, ServerId};
 use crate::metrics::PoolStats;
-use crate::part::{BindError, Ctx};
+use crate::part::{self, BindError, Ctx};
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, End, LogLimit, Readiness, Suppressed, Timer};
 
@@ -79,29 +79,25 @@ impl TcpProxy {
         registry: &Registry,
         pool_stats: std::sync::Arc<PoolStats>,
     ) -> Result<TcpProxy, BindError> {
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for (i, conf) in config.listeners.iter().enumerate() {
-            if conf.proto != Proto::Tcp {
-                listeners.push(None);
-                continue;
-            }
-            let fail = |error| BindError {
-                proto: Proto::Tcp,
-                addr: conf.addr,
-                error,
-            };
-            let mut socket = listener::bind(conf.addr)?;
-            let addr = socket.local_addr().map_err(fail)?;
-            registry
-                .register(&mut socket, token::listener(i), Interest::READABLE)
-                .map_err(fail)?;
-            listeners.push(Some(TcpListen {
-                socket,
-                conf: conf.clone(),
-                addr,
-                ready: Readiness::default(),
-            }));
-        }
+        let bound = part::bind_all(
+            config,
+            Proto::Tcp,
+            registry,
+            token::listener,
+            listener::bind,
+        )?;
+        let listeners = bound
+            .into_iter()
+            .zip(&config.listeners)
+            .map(|(bound, conf)| {
+                bound.map(|(socket, addr)| TcpListen {
+                    socket,
+                    conf: conf.clone(),
+                    addr,
+                    ready: Readiness::default(),
+                })
+            })
+            .collect();
         Ok(TcpProxy {
             listeners,
             pairs: Slab::new(),

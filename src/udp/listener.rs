@@ -17,7 +17,7 @@ const LISTEN_RCVBUF: usize = 4 << 20;
 /// Binds a listening socket. No `SO_REUSEADDR`: for UDP it would let a second process bind the
 /// same port and take its datagrams. On a wildcard address the kernel is asked for each
 /// datagram's destination, so replies can leave from the address the client sent to.
-pub fn bind(addr: SocketAddr) -> Result<UdpSocket, BindError> {
+pub fn bind(addr: SocketAddr) -> Result<(UdpSocket, SocketAddr), BindError> {
     let socket = part::bind(Proto::Udp, addr, |socket| {
         if addr.ip().is_unspecified() {
             crate::sys::report_datagram_destination(socket, addr.is_ipv6())?;
@@ -26,7 +26,13 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, BindError> {
         let _ = socket.set_recv_buffer_size(LISTEN_RCVBUF);
         Ok(())
     })?;
-    Ok(UdpSocket::from_std(socket.into()))
+    let socket = UdpSocket::from_std(socket.into());
+    let local = socket.local_addr().map_err(|error| BindError {
+        proto: Proto::Udp,
+        addr,
+        error,
+    })?;
+    Ok((socket, local))
 }
 
 /// A socket on an ephemeral port connected to `server`, registered readable under `token`.

@@ -23,11 +23,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
-use mio::{Interest, Registry};
+use mio::Registry;
 
 use crate::accounting::{self, Settle};
 use crate::config::{Config, Listen, ListenerId, Proto, ServerId, UpstreamId};
-use crate::part::{BindError, Ctx};
+use crate::part::{self, BindError, Ctx};
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, retry, End, LogLimit, Readiness, Suppressed, Timer};
@@ -129,31 +129,27 @@ pub(crate) struct UdpProxy {
 impl UdpProxy {
     /// Binds every `listen udp` of `config`, registered under its `ListenerId`.
     pub(crate) fn bind(config: &Config, registry: &Registry) -> Result<UdpProxy, BindError> {
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for (i, conf) in config.listeners.iter().enumerate() {
-            if conf.proto != Proto::Udp {
-                listeners.push(None);
-                continue;
-            }
-            let fail = |error| BindError {
-                proto: Proto::Udp,
-                addr: conf.addr,
-                error,
-            };
-            let mut socket = listener::bind(conf.addr)?;
-            let addr = socket.local_addr().map_err(fail)?;
-            registry
-                .register(&mut socket, token::udp_listener(i), Interest::READABLE)
-                .map_err(fail)?;
-            listeners.push(Some(UdpListen {
-                socket,
-                conf: conf.clone(),
-                addr,
-                wildcard: addr.ip().is_unspecified(),
-                ready: Readiness::default(),
-                sessions: SessionTable::default(),
-            }));
-        }
+        let bound = part::bind_all(
+            config,
+            Proto::Udp,
+            registry,
+            token::udp_listener,
+            listener::bind,
+        )?;
+        let listeners: Vec<Option<UdpListen>> = bound
+            .into_iter()
+            .zip(&config.listeners)
+            .map(|(bound, conf)| {
+                bound.map(|(socket, addr)| UdpListen {
+                    socket,
+                    conf: conf.clone(),
+                    addr,
+                    wildcard: addr.ip().is_unspecified(),
+                    ready: Readiness::default(),
+                    sessions: SessionTable::default(),
+                })
+            })
+            .collect();
         let buf = if listeners.iter().flatten().next().is_none() {
             Box::default()
         } else {
