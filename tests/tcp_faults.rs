@@ -201,14 +201,7 @@ fn stopping_mid_stream_resets_both_peers() {
 
     proxy.stop().expect("the proxy stops");
 
-    let mut buf = vec![0u8; 64 * 1024];
-    let download_end = loop {
-        match std::io::Read::read(&mut down, &mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(_) => continue,
-            Err(e) => break Err(e.kind()),
-        }
-    };
+    let download_end = how_it_ends(&mut down);
     assert_eq!(
         download_end,
         Err(std::io::ErrorKind::ConnectionReset),
@@ -242,14 +235,7 @@ fn idle_timeout_with_bytes_pending_resets_the_reader() {
     std::io::Read::read_exact(&mut c, &mut first).expect("the download starts");
     // The reader stalls: every buffer on the way fills and nothing moves until the timeout.
     assert!(wait_until(EVENTUALLY, || stats.ended(End::IdleTimeout) == 1));
-    let mut buf = vec![0u8; 64 * 1024];
-    let end = loop {
-        match std::io::Read::read(&mut c, &mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(_) => continue,
-            Err(e) => break Err(e.kind()),
-        }
-    };
+    let end = how_it_ends(&mut c);
     assert_eq!(
         end,
         Err(std::io::ErrorKind::ConnectionReset),

@@ -59,6 +59,20 @@ pub fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
     }
 }
 
+/// Reads (discarding) until the stream ends: `Ok(())` for an EOF, else the error's kind, so a
+/// test can tell a reset from a clean close.
+pub fn how_it_ends(s: &mut TcpStream) -> Result<(), io::ErrorKind> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.kind()),
+        }
+    }
+}
+
 /// Whether `within` passes without any byte or close arriving on `s`.
 pub fn silent_for(s: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 1];
