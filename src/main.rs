@@ -140,6 +140,11 @@ fn forward_config(m: &getopts::Matches) -> Result<Config, Failure> {
             "-L needs at least one -U ADDR to forward to".into(),
         ));
     }
+    if let Some(server) = servers.iter().find(|s| config::loops_back(listen, **s)) {
+        return Err(Failure::Usage(format!(
+            "-U {server} is sluice's own -L address {listen}: a proxy loop"
+        )));
+    }
     let balance = match m.opt_str("b") {
         None => Balance::RoundRobin,
         Some(name) => Balance::from_name(&name).ok_or_else(|| {

@@ -3,9 +3,9 @@
 //! everything exported is a safe function.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 #[cfg(target_os = "linux")]
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::net::{SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
 /// Accepted TCP sockets inherit `TCP_NODELAY` from their listener, which saves a setsockopt per
@@ -121,6 +121,46 @@ impl SignalSet {
             }
         }
     }
+}
+
+/// The addresses of this host's interfaces (`getifaddrs`), for telling whether a server address
+/// is one of sluice's own.
+pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `head` is a valid out pointer; on success the list is freed below, once.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = Vec::new();
+    let mut node = head;
+    while !node.is_null() {
+        // SAFETY: `node` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*node };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: a non-null `ifa_addr` points to a sockaddr whose family tells its real
+            // type; sockaddr_in and sockaddr_in6 are read only for their own family.
+            let ip = unsafe {
+                match libc::c_int::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+                    }
+                    _ => None,
+                }
+            };
+            found.extend(ip);
+        }
+        node = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once; no reference into it outlives this.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(found)
 }
 
 /// Asks the kernel to report each datagram's destination address on a UDP socket bound to a
@@ -244,13 +284,18 @@ mod pktinfo {
                 match (header.cmsg_level, header.cmsg_type) {
                     (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
                         let info: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
+                        // The local address of the packet (ip(7)): for a datagram sent to a
+                        // broadcast or multicast address, a unicast address of the interface,
+                        // which a reply can leave from; `ipi_addr` would be the group itself.
                         to = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                            info.ipi_addr.s_addr,
+                            info.ipi_spec_dst.s_addr,
                         ))));
                     }
                     (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
                         let info: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
-                        to = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                        let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                        // A multicast group is no source; the kernel picks one then.
+                        to = (!ip.is_multicast()).then_some(IpAddr::V6(ip));
                     }
                     _ => {}
                 }

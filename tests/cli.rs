@@ -271,7 +271,13 @@ fn the_command_line_checks_what_the_config_checks() {
         "mapped",
         "listen [::ffff:127.0.0.1]:8080 {\n  proxy 127.0.0.1:1;\n}\n",
     );
-    let cases: [(&[&str], i32, &str); 8] = [
+    let cases: [(&[&str], i32, &str); 10] = [
+        (&["-L", "8080", "-U", "127.0.0.1:8080"], 2, "a proxy loop"),
+        (
+            &["-L", "127.0.0.1:8081", "-U", "[::ffff:127.0.0.1]:8081"],
+            2,
+            "a proxy loop",
+        ),
         (&["-t", "-c", mapped.path_str()], 1, "IPv4-mapped"),
         (&["-L", "127.0.0.1:0", "-U", "127.0.0.1:0"], 2, "port 0"),
         (&["-L", "127.0.0.1:0", "-U", "::1:80"], 2, "[ADDR]:PORT"),

@@ -588,3 +588,44 @@ fn a_wildcard_listener_replies_from_the_address_the_client_sent_to() {
         }
     }
 }
+
+/// At `max_sessions`, a new client pushes out the least recently active session only when it
+/// can be served itself: with no server available it is refused, and the working session stays.
+#[test]
+fn a_client_that_cannot_be_served_evicts_no_session() {
+    let backend = UdpBackend::echo("a");
+    // No TCP listener on the backend's port: the connect probes fail, so after three checks
+    // the server is down for new sessions while the one already open keeps going.
+    let conf = udp_conf(
+        &format!(
+            "    server {} max_fails=0;\n    health_check interval=200ms timeout=200ms fall=3 rise=100;",
+            backend.addr
+        ),
+        "    max_sessions 1;",
+    );
+    let proxy = start_conf(&conf);
+    let addr = proxy.local_addr(0).expect("listener");
+    let stats = proxy.stats_handle();
+    let a = udp_client(IO_TIMEOUT);
+    assert_eq!(exchange(&a, addr, b"first"), b"first");
+    let shared = &stats.servers(sluice::config::UpstreamId(0))[0];
+    assert!(
+        wait_until(EVENTUALLY, || !shared
+            .healthy
+            .load(std::sync::atomic::Ordering::Relaxed)),
+        "the health checks never marked the server down"
+    );
+    let b = udp_client(Duration::from_millis(300));
+    b.send_to(b"no server for me", addr).expect("send");
+    assert!(
+        wait_until(EVENTUALLY, || stats.ended(End::NoServer) == 1),
+        "the second client was not refused"
+    );
+    assert_eq!(
+        stats.ended(End::Limit),
+        0,
+        "a working session was evicted for nothing"
+    );
+    assert_eq!(load(&stats.udp_sessions_active), 1);
+    assert_eq!(exchange(&a, addr, b"still here"), b"still here");
+}

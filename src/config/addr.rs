@@ -118,6 +118,20 @@ pub fn listen_addr(text: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// Whether a connection to `server` would arrive at a listener on `listen`: the same address,
+/// or a wildcard listen address of the same family and a server address that is one of this
+/// host's (`local`; loopback always is). IPv4-mapped IPv6 server addresses count as IPv4.
+pub fn reaches(listen: SocketAddr, server: SocketAddr, local: &[IpAddr]) -> bool {
+    let ip = server.ip().to_canonical();
+    if listen.port() != server.port() || listen.port() == 0 || ip.is_multicast() {
+        return false;
+    }
+    listen.ip() == ip
+        || (listen.ip().is_unspecified()
+            && listen.is_ipv4() == ip.is_ipv4()
+            && (ip.is_loopback() || ip.is_unspecified() || local.contains(&ip)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +201,22 @@ mod tests {
         let err = listen_addr("[::ffff:127.0.0.1]:80").expect_err("mapped");
         assert!(err.contains("write it as 127.0.0.1:80"), "{err}");
         assert!(listen_addr("localhost:80").is_err());
+    }
+
+    #[test]
+    fn what_reaches_a_listener() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let local = [IpAddr::from([192, 0, 2, 7])];
+        assert!(reaches(a("127.0.0.1:80"), a("127.0.0.1:80"), &[]));
+        assert!(reaches(a("0.0.0.0:80"), a("127.0.0.5:80"), &[]));
+        assert!(reaches(a("0.0.0.0:80"), a("[::ffff:127.0.0.1]:80"), &[]));
+        assert!(reaches(a("0.0.0.0:80"), a("192.0.2.7:80"), &local));
+        assert!(reaches(a("[::]:53"), a("[::1]:53"), &[]));
+        // Another host, another port, another family, a multicast group, a port-0 listener.
+        assert!(!reaches(a("0.0.0.0:80"), a("192.0.2.8:80"), &local));
+        assert!(!reaches(a("0.0.0.0:80"), a("127.0.0.1:81"), &[]));
+        assert!(!reaches(a("[::]:80"), a("[::ffff:127.0.0.1]:80"), &[]));
+        assert!(!reaches(a("0.0.0.0:80"), a("239.1.1.1:80"), &[]));
+        assert!(!reaches(a("127.0.0.1:0"), a("127.0.0.1:0"), &[]));
     }
 }

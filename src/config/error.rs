@@ -70,13 +70,19 @@ fn tidy(message: &str) -> String {
             }
             continue;
         }
-        if c.is_control() {
+        if c.is_control() || is_invisible_format(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// Format characters that change how a terminal shows the text around them (bidi overrides,
+/// zero-width marks) without showing themselves.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
 impl fmt::Display for ConfigError {
@@ -103,6 +109,8 @@ mod tests {
     fn messages_escape_control_characters_and_cut_long_tokens() {
         let e = ConfigError::new("f", 1, 1, "unknown directive 'a\0b\x1b[31m'");
         assert_eq!(e.message, "unknown directive 'a\\u{0}b\\u{1b}[31m'");
+        let e = ConfigError::new("f", 1, 1, "unknown directive 'ab\u{202e}cd'");
+        assert_eq!(e.message, "unknown directive 'ab\\u{202e}cd'");
         let long = "x".repeat(10_000_000);
         let e = ConfigError::new("f", 1, 1, format!("unknown directive '{long}' here"));
         assert!(e.message.len() < 200, "{} bytes", e.message.len());

@@ -246,6 +246,16 @@ pub fn server_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
     }
 }
 
+/// Whether a connection to `server` would come back to a listener on `listen`, a proxy loop
+/// (a wildcard listen address stands for every address of this host).
+pub fn loops_back(listen: SocketAddr, server: SocketAddr) -> bool {
+    let local = match listen.ip().is_unspecified() {
+        true => crate::sys::local_addresses().unwrap_or_default(),
+        false => Vec::new(),
+    };
+    addr::reaches(listen, server, &local)
+}
+
 impl Config {
     /// Parse config text. `file` is the name used in error messages.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {

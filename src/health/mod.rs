@@ -168,7 +168,7 @@ impl Prober {
         let Some(p) = self.probes.get_mut(key) else {
             return;
         };
-        p.gen = p.gen.wrapping_add(1);
+        p.gen = token::next_gen(p.gen);
         p.started = ctx.now;
         p.ready = Readiness::default();
         let id = Key::new(key, p.gen);
@@ -222,7 +222,7 @@ impl Prober {
             log::debug!("health check of {} failed: {}", p.addr, cause);
         }
         p.phase = Phase::Idle;
-        p.gen = p.gen.wrapping_add(1);
+        p.gen = token::next_gen(p.gen);
         // Checks start `interval` apart, however long each took.
         let next = after(p.started, p.check.interval).max(ctx.now);
         p.timer = Some(ctx.timers.insert(next, Timer::Probe(Key::new(key, p.gen))));

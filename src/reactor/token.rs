@@ -1,6 +1,7 @@
 //! The mapping between `mio::Token`s and what they name.
 //!
-//! A token is `tag (4 bits) | generation (16 bits) | index (44 bits)`. The tag says what kind of
+//! A token is `tag (4 bits) | generation (16 bits) | index (44 bits)` (on 32-bit targets the
+//! generation gets 6 bits and the index 22). The tag says what kind of
 //! thing it names; the index is a slot (a TCP pair owns two tokens, `key << 1 | side`, so one slab
 //! key serves both of its sockets); the generation is the slot's owner's. This is the one
 //! stale-event guard of the worker: a part acts on an event only when the slot's current owner
@@ -10,8 +11,14 @@
 use mio::Token;
 
 const TAG_SHIFT: u32 = usize::BITS - 4;
-const GEN_SHIFT: u32 = TAG_SHIFT - 16;
+/// Fewer on 32-bit targets, where the index needs the room.
+const GEN_BITS: u32 = if usize::BITS >= 64 { 16 } else { 6 };
+const GEN_MASK: usize = (1 << GEN_BITS) - 1;
+const GEN_SHIFT: u32 = TAG_SHIFT - GEN_BITS;
 const INDEX_MASK: usize = (1 << GEN_SHIFT) - 1;
+
+/// The largest index a token can name; a part refuses a slot beyond it rather than alias one.
+pub const MAX_INDEX: usize = INDEX_MASK;
 
 const TAG_PAIR: usize = 0;
 const TAG_LISTENER: usize = 1;
@@ -20,9 +27,15 @@ const TAG_UDP_SESSION: usize = 3;
 const TAG_PROBE: usize = 4;
 const TAG_WAKER: usize = 15;
 
-/// A slot's owner's generation. It wraps; a stale event or timer would need 65,536 owners of
-/// one slot in between to be mistaken, and timers of freed owners are cancelled.
+/// A slot's owner's generation. It wraps (at 65,536, or 64 on 32-bit targets): a stale event
+/// would need that many owners of one slot within one batch of events to be mistaken, and the
+/// timers of freed owners are cancelled.
 pub type Gen = u16;
+
+/// The generation after `gen`, wrapping at what a token carries.
+pub fn next_gen(gen: Gen) -> Gen {
+    ((usize::from(gen) + 1) & GEN_MASK) as Gen
+}
 
 /// A slot and the generation of its owner: what tokens and timers name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,7 +63,7 @@ pub enum Target {
 }
 
 fn make(tag: usize, index: usize, gen: Gen) -> Token {
-    Token(tag << TAG_SHIFT | usize::from(gen) << GEN_SHIFT | (index & INDEX_MASK))
+    Token(tag << TAG_SHIFT | (usize::from(gen) & GEN_MASK) << GEN_SHIFT | (index & INDEX_MASK))
 }
 
 pub fn waker() -> Token {
@@ -80,7 +93,7 @@ pub fn probe(key: Key) -> Token {
 
 pub fn decode(token: Token) -> Target {
     let index = token.0 & INDEX_MASK;
-    let gen = ((token.0 >> GEN_SHIFT) & 0xffff) as Gen;
+    let gen = ((token.0 >> GEN_SHIFT) & GEN_MASK) as Gen;
     let key = Key::new(index, gen);
     match token.0 >> TAG_SHIFT {
         TAG_PAIR => Target::Pair(Key::new(index >> 1, gen), index & 1),
@@ -112,6 +125,17 @@ mod tests {
         }
         assert_eq!(decode(waker()), Target::Waker);
         assert_eq!(decode(Token(9 << TAG_SHIFT)), Target::Unknown);
+    }
+
+    #[test]
+    fn generations_wrap_at_what_a_token_carries() {
+        let mut gen = 0;
+        for _ in 0..=GEN_MASK {
+            gen = next_gen(gen);
+        }
+        assert_eq!(gen, 0);
+        let key = Key::new(3, next_gen(GEN_MASK as Gen - 1));
+        assert_eq!(decode(probe(key)), Target::Probe(key));
     }
 
     #[test]

@@ -445,6 +445,9 @@ pub struct Pair {
     pub timer: Option<TimerKey>,
     /// Which side sent EOF first; decides `client_closed` or `server_closed`.
     pub first_eof: Option<Side>,
+    /// On the worker's list of pairs waiting for a buffer: listed once, however many events
+    /// arrive while the pool stays dry.
+    pub starved: bool,
 }
 
 impl Pair {
@@ -473,6 +476,7 @@ impl Pair {
             last_active: now,
             timer: None,
             first_eof: None,
+            starved: false,
         }
     }
 
@@ -544,32 +548,40 @@ impl Pair {
         self.down.release(pool);
     }
 
-    /// Makes closing the sockets send a reset (`SO_LINGER 0`) to both peers, so neither takes
-    /// a stream that sluice cut short for a complete one.
-    pub fn reset_on_close(&self) {
+    /// Before the pair closes for `end`: makes closing send a reset (`SO_LINGER 0`) to each peer
+    /// whose incoming stream sluice cuts short, so it never takes a cut stream for a complete
+    /// one. A peer whose direction already finished keeps its FIN and everything before it (a
+    /// complete reply stays complete even if the other direction then failed). A pair that never
+    /// reached a server closes with a FIN, as on `connect_failed`: no stream was started to cut.
+    pub fn reset_cut_peers(&self, end: End) {
+        if !matches!(self.state, PairState::Streaming { .. }) {
+            return;
+        }
+        let cuts = match end {
+            End::Shutdown | End::Error => true,
+            // Nothing was in flight on an idle pair: closing it cuts nothing.
+            End::IdleTimeout | End::HalfCloseTimeout => self.in_flight(),
+            _ => false,
+        };
+        if !cuts {
+            return;
+        }
         let zero = Some(std::time::Duration::ZERO);
-        let _ = socket2::SockRef::from(&self.client).set_linger(zero);
-        if let Some(server) = &self.server {
+        if self.down.state != DirState::Closed {
+            let _ = socket2::SockRef::from(&self.client).set_linger(zero);
+        }
+        if let (Some(server), true) = (&self.server, self.up.state != DirState::Closed) {
             let _ = socket2::SockRef::from(server).set_linger(zero);
         }
     }
 
-    /// Whether closing now cuts a stream short: bytes flowed and either a direction still holds
-    /// some, or the pair is torn down before both sides finished. A pair that never reached a
-    /// server closes with a FIN, as on `connect_failed`: no stream was started to cut.
-    pub fn cut_short(&self, end: End) -> bool {
-        if !matches!(self.state, PairState::Streaming { .. }) {
-            return false;
-        }
-        match end {
-            End::Shutdown | End::Error => !self.finished(),
-            End::IdleTimeout | End::HalfCloseTimeout => self.buffers_held() > 0,
-            _ => false,
-        }
-    }
-
-    pub fn buffers_held(&self) -> usize {
-        usize::from(self.up.holds_buffer()) + usize::from(self.down.holds_buffer())
+    /// Bytes are on their way: held in a buffer, or waiting in a source that could not be read
+    /// (the destination was full and the pool dry).
+    fn in_flight(&self) -> bool {
+        let waiting = |dir: &Direction, src: &Readiness| {
+            dir.holds_buffer() || (dir.state == DirState::Open && src.readable)
+        };
+        waiting(&self.up, &self.client_ready) || waiting(&self.down, &self.server_ready)
     }
 }
 
@@ -1054,5 +1066,68 @@ mod tests {
         r.dir.release(&mut r.pool);
         assert_eq!(r.pool.in_use(), 0);
         assert!(!r.dir.holds_buffer());
+    }
+
+    /// A connected loopback pair of mio streams (client side of sluice, server side of sluice).
+    fn pair_of_sockets() -> (Pair, std::net::TcpStream, std::net::TcpStream) {
+        let open = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let near =
+                std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+            let (far, _) = l.accept().expect("accept");
+            (TcpStream::from_std(near), far)
+        };
+        let (client, client_peer) = open();
+        let (server, server_peer) = open();
+        let now = Instant::now();
+        let addr = "127.0.0.1:1".parse().expect("addr");
+        let mut pair = Pair::new(0, ListenerId(0), client, addr, now);
+        pair.server = Some(server);
+        pair.state = PairState::Streaming {
+            server: ServerId(0),
+        };
+        (pair, client_peer, server_peer)
+    }
+
+    fn resets(pair: &Pair) -> (bool, bool) {
+        let zero = |s: &TcpStream| {
+            socket2::SockRef::from(s).linger().ok().flatten() == Some(std::time::Duration::ZERO)
+        };
+        (zero(&pair.client), pair.server.as_ref().is_some_and(zero))
+    }
+
+    #[test]
+    fn only_peers_whose_stream_is_cut_are_reset() {
+        // Shutdown while both directions flow: both peers are cut.
+        let (pair, _c, _s) = pair_of_sockets();
+        pair.reset_cut_peers(End::Shutdown);
+        assert_eq!(resets(&pair), (true, true));
+        // The reply to the client was complete (down closed): only the server is cut.
+        let (mut pair, _c, _s) = pair_of_sockets();
+        pair.down.state = DirState::Closed;
+        pair.reset_cut_peers(End::Error);
+        assert_eq!(
+            resets(&pair),
+            (false, true),
+            "a complete reply keeps its FIN"
+        );
+        // An idle pair with nothing in flight closes with FINs.
+        let (pair, _c, _s) = pair_of_sockets();
+        pair.reset_cut_peers(End::IdleTimeout);
+        assert_eq!(resets(&pair), (false, false));
+        // Idle with bytes waiting unread in the client socket (pool dry, server full): cut.
+        let (mut pair, _c, _s) = pair_of_sockets();
+        pair.client_ready.readable = true;
+        pair.reset_cut_peers(End::HalfCloseTimeout);
+        assert_eq!(resets(&pair), (true, true));
+        // Normal ends never reset.
+        let (pair, _c, _s) = pair_of_sockets();
+        pair.reset_cut_peers(End::ClientClosed);
+        assert_eq!(resets(&pair), (false, false));
+        // A pair that never streamed closes with a FIN.
+        let (mut pair, _c, _s) = pair_of_sockets();
+        pair.state = PairState::Unassigned;
+        pair.reset_cut_peers(End::Shutdown);
+        assert_eq!(resets(&pair), (false, false));
     }
 }

@@ -219,9 +219,12 @@ impl TcpProxy {
     /// Drives pairs that yielded or waited for buffers, and listeners with clients waiting.
     pub fn run_pending(&mut self, ctx: &mut Ctx<'_>) {
         if !self.starved.is_empty() && self.pool.can_lend() {
-            let mut starved = std::mem::take(&mut self.starved);
-            self.ready.append(&mut starved);
-            self.starved = starved;
+            for key in self.starved.drain(..) {
+                if let Some(pair) = live(&mut self.pairs, key) {
+                    pair.starved = false;
+                    self.ready.push(key);
+                }
+            }
         }
         if !self.ready.is_empty() {
             let mut batch = std::mem::take(&mut self.ready);
@@ -322,8 +325,12 @@ impl TcpProxy {
             let _ = stream.set_nodelay(true);
         }
         let entry = self.pairs.vacant_entry();
+        if entry.key() > token::MAX_INDEX >> 1 {
+            // Its tokens could not name the slot (only on 32-bit targets, past 2M pairs).
+            return;
+        }
         let gen = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1);
+        self.next_gen = token::next_gen(self.next_gen);
         let key = Key::new(entry.key(), gen);
         let mut pair = Pair::new(gen, listener, stream, client_addr, ctx.now);
         if let Err(e) = ctx.registry.register(
@@ -352,7 +359,10 @@ impl TcpProxy {
             let Some(pair) = live(&mut self.pairs, key) else {
                 return;
             };
+            // A lookup that misses (a listener or upstream gone) must still end the pair, or
+            // it would sit unassigned with no timer, holding a connection slot.
             let Some(conf) = listen_conf(&self.listeners, pair.listener) else {
+                self.close(key, End::Error, ctx);
                 return;
             };
             let out_of_time = pair.tries > 0 && out_of_time(conf, pair.started, ctx.now);
@@ -362,6 +372,7 @@ impl TcpProxy {
             }
             let now = ctx.now;
             let Some(group) = ctx.upstreams.get_mut(conf.upstream.0) else {
+                self.close(key, End::Error, ctx);
                 return;
             };
             let Some(server) = group.pick(pair.client_addr.ip(), now, &pair.tried) else {
@@ -382,6 +393,7 @@ impl TcpProxy {
                 return;
             };
             let Some(addr) = group.server(server).map(|s| s.conf.addr) else {
+                self.close(key, End::Error, ctx);
                 return;
             };
             pair.tried.insert(server);
@@ -538,6 +550,8 @@ impl TcpProxy {
             self.close(key, end, ctx);
             return;
         }
+        let newly_starved = step == Step::Starved && !pair.starved;
+        pair.starved |= newly_starved;
         if pair.half_closed() && !before.1 {
             // The shorter half-close timeout may now be due before the armed timer.
             if let Some(conf) = listen_conf(&self.listeners, pair.listener) {
@@ -548,12 +562,13 @@ impl TcpProxy {
         match step {
             Step::Idle => {}
             Step::Yield => self.ready.push(key),
-            Step::Starved => self.starved.push(key),
+            Step::Starved if newly_starved => self.starved.push(key),
+            Step::Starved => {}
         }
     }
 
     /// An I/O error on one side: the pair closes, resetting the other side too (see
-    /// `Pair::cut_short`), so its peer does not take a cut stream for a complete one.
+    /// `Pair::reset_cut_peers`), so its peer does not take a cut stream for a complete one.
     fn fail(&mut self, key: Key, fault: Fault, ctx: &mut Ctx<'_>) {
         if let Some(pair) = live(&mut self.pairs, key) {
             log::debug!(
@@ -582,9 +597,7 @@ impl TcpProxy {
                 let _ = ctx.registry.deregister(stream);
             }
         }
-        if pair.cut_short(end) {
-            pair.reset_on_close();
-        }
+        pair.reset_cut_peers(end);
         pair.release_buffers(&mut self.pool);
         if let Some(timer) = pair.timer.take() {
             ctx.timers.cancel(timer);
@@ -606,6 +619,9 @@ impl TcpProxy {
                     end,
                 },
             );
+        } else {
+            ctx.metrics
+                .closed(pair.listener, end, (pair.up.bytes, pair.down.bytes), None);
         }
         self.reopen_accepting();
     }

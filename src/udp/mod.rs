@@ -38,8 +38,9 @@ use session::SessionTable;
 const DATAGRAM_BUFFER: usize = 65_536;
 /// Datagrams taken from one socket per wake-up before others get a turn.
 const RECV_BUDGET: usize = 64;
-/// A session's token index is `listener << SESSION_BITS | slot`, naming both at once.
-const SESSION_BITS: u32 = 24;
+/// A session's token index is `listener << SESSION_BITS | slot`, naming both at once (16M
+/// sessions per listener; 16K on 32-bit targets, whose tokens have less room).
+const SESSION_BITS: u32 = if usize::BITS >= 64 { 24 } else { 14 };
 const SESSION_MASK: usize = (1 << SESSION_BITS) - 1;
 /// Warnings about failing to open sessions are logged at most this often.
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
@@ -110,7 +111,12 @@ impl UdpListen {
         local: Option<IpAddr>,
     ) -> io::Result<usize> {
         match local {
-            Some(local) => crate::sys::send_to_from(&self.socket, datagram, client, local),
+            Some(local) => crate::sys::send_to_from(&self.socket, datagram, client, local)
+                // A source the route refuses (EINVAL): let the kernel pick one rather than drop.
+                .or_else(|e| match e.kind() {
+                    io::ErrorKind::InvalidInput => self.socket.send_to(datagram, client),
+                    _ => Err(e),
+                }),
             None => self.socket.send_to(datagram, client),
         }
     }
@@ -380,7 +386,16 @@ impl UdpProxy {
     /// Opens a session for a new client, evicting the least recently active one at the cap.
     fn open(&mut self, id: ListenerId, client: SocketAddr, ctx: &mut Ctx<'_>) -> Option<usize> {
         let l = self.listener_mut(id)?;
-        let max = l.conf.max_sessions;
+        let (upstream, listen, max) = (l.conf.upstream, l.addr, l.conf.max_sessions);
+        let now = ctx.now;
+        let group = ctx.upstreams.get_mut(upstream.0)?;
+        let Some(server) = group.pick(client.ip(), now, &Tried::default()) else {
+            accounting::refuse(ctx, id, listen, client, upstream, End::NoServer);
+            return None;
+        };
+        let addr = group.server(server)?.conf.addr;
+        // Room is made only for a client that can be served: with no server available, a new
+        // client must not push out a session that works.
         if max > 0 && l.sessions.len() >= max {
             let oldest = l
                 .sessions
@@ -391,17 +406,15 @@ impl UdpProxy {
             }
         }
         let l = self.listeners.get_mut(id.0).and_then(Option::as_mut)?;
-        let (upstream, listen) = (l.conf.upstream, l.addr);
-        let now = ctx.now;
         let group = ctx.upstreams.get_mut(upstream.0)?;
-        let Some(server) = group.pick(client.ip(), now, &Tried::default()) else {
-            accounting::refuse(ctx, id, listen, client, upstream, End::NoServer);
-            return None;
-        };
-        let addr = group.server(server)?.conf.addr;
         let slot = l.sessions.next_key();
+        if slot > SESSION_MASK || id.0 > token::MAX_INDEX >> SESSION_BITS {
+            // A token could not tell this session from another: refuse it instead.
+            ctx.metrics.dropped(id);
+            return None;
+        }
         let gen = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1);
+        self.next_gen = token::next_gen(self.next_gen);
         let key = session_key(id, slot, gen);
         let socket = match listener::connect(addr, ctx.registry, token::udp_session(key)) {
             Ok(socket) => socket,

@@ -159,7 +159,11 @@ impl Parser<'_> {
 }
 
 /// The listen addresses of a file by protocol and port, to find a server that is one of them.
-struct OwnAddresses(HashMap<(Proto, u16), Vec<(SocketAddr, u32)>>);
+struct OwnAddresses {
+    listens: HashMap<(Proto, u16), Vec<(SocketAddr, u32)>>,
+    /// This host's addresses, which a wildcard listen address takes.
+    local: Vec<IpAddr>,
+}
 
 impl OwnAddresses {
     fn new(pending: &[PendingListen]) -> OwnAddresses {
@@ -169,25 +173,24 @@ impl OwnAddresses {
                 .or_default()
                 .push((p.listen.addr, p.line));
         }
-        OwnAddresses(map)
+        // Only a wildcard listen address needs the interface list.
+        let wildcard = pending.iter().any(|p| p.listen.addr.ip().is_unspecified());
+        let local = match wildcard {
+            true => crate::sys::local_addresses().unwrap_or_default(),
+            false => Vec::new(),
+        };
+        OwnAddresses {
+            listens: map,
+            local,
+        }
     }
 
-    /// The listen address (and its line) that a connection to `server` would arrive at. A
-    /// wildcard listen address takes every address of this host in its family.
+    /// The listen address (and its line) that a connection to `server` would arrive at.
     fn reached_by(&self, proto: Proto, server: SocketAddr) -> Option<(SocketAddr, u32)> {
-        let listens = self.0.get(&(proto, server.port()))?;
-        listens.iter().copied().find(|(listen, _)| {
-            listen.ip() == server.ip()
-                || (listen.ip().is_unspecified()
-                    && listen.is_ipv4() == server.is_ipv4()
-                    && is_local(server.ip()))
-        })
+        let listens = self.listens.get(&(proto, server.port()))?;
+        listens
+            .iter()
+            .copied()
+            .find(|(listen, _)| addr::reaches(*listen, server, &self.local))
     }
-}
-
-/// Whether `ip` is one of this host's addresses: the kernel lets a socket bind only to those.
-fn is_local(ip: IpAddr) -> bool {
-    ip.is_loopback()
-        || ip.is_unspecified()
-        || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }

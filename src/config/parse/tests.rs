@@ -652,6 +652,20 @@ fn a_listener_that_proxies_to_sluice_itself_is_refused() {
 }
 
 #[test]
+fn mapped_ipv4_servers_count_as_ipv4_in_the_loop_check() {
+    assert_err(
+        "listen 0.0.0.0:80 {\n  proxy [::ffff:127.0.0.1]:80;\n}",
+        2,
+        9,
+        "proxy loop",
+    );
+    // An IPv6-only wildcard never gets connections to an IPv4 address.
+    ok("listen [::]:80 {\n  proxy [::ffff:127.0.0.1]:80;\n}");
+    // Multicast is never one of our own addresses.
+    ok("listen udp 0.0.0.0:5353 {\n  proxy 239.1.1.1:5353;\n}");
+}
+
+#[test]
 fn server_addresses_must_be_strict_dotted_quads() {
     for (text, col) in [
         ("0177.0.0.1:80", 10),
