@@ -11,16 +11,17 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Registry};
+use mio::net::TcpListener;
+use mio::Registry;
 use slab::Slab;
+
+mod accept;
 
 use super::buffer::BufferPool;
 use super::connect::{self, Outcome};
-use super::listener::{self, Accept};
+use super::listener;
 use super::pipe::{Fault, Pair, PairState, Step};
 use super::Side;
 use crate::accounting::{self, Settle};
@@ -29,23 +30,10 @@ use crate::metrics::PoolStats;
 use crate::part::{self, BindError, Ctx};
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, End, LogLimit, Readiness, Suppressed, Timer};
+use accept::AcceptState;
 
-/// Accepts per listener per loop turn before other work gets a go.
-const ACCEPT_BUDGET: usize = 64;
-/// Pause after `EMFILE`/`ENFILE` before trying to accept again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Repeated warnings (out of descriptors, no server) are logged at most this often.
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Whether the part takes new clients now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AcceptState {
-    Open,
-    /// `max_connections` pairs are open; resumes when one ends.
-    AtCapacity,
-    /// Out of file descriptors; resumes when the timer fires or a pair ends.
-    BackingOff,
-}
 
 struct TcpListen {
     socket: TcpListener,
@@ -138,13 +126,6 @@ impl TcpProxy {
 
     // ---- events ----------------------------------------------------------------------------
 
-    pub fn listener_ready(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
-        if let Some(Some(l)) = self.listeners.get_mut(id.0) {
-            l.ready.readable = true;
-            self.accept_from(id, ctx);
-        }
-    }
-
     /// An event on one of a pair's sockets.
     pub fn socket_ready(
         &mut self,
@@ -208,14 +189,6 @@ impl TcpProxy {
         }
     }
 
-    /// The descriptor back-off ran out: try accepting again.
-    pub fn accept_resume(&mut self) {
-        if self.accept == AcceptState::BackingOff {
-            self.accept = AcceptState::Open;
-        }
-        self.reopen_accepting();
-    }
-
     /// Drives pairs that yielded or waited for buffers, and listeners with clients waiting.
     pub fn run_pending(&mut self, ctx: &mut Ctx<'_>) {
         if !self.starved.is_empty() && self.pool.can_lend() {
@@ -252,102 +225,6 @@ impl TcpProxy {
         for key in keys {
             self.close(key, end, ctx);
         }
-    }
-
-    // ---- accepting -------------------------------------------------------------------------
-
-    fn accept_from(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
-        for _ in 0..ACCEPT_BUDGET {
-            if self.accept != AcceptState::Open {
-                return;
-            }
-            if self.pairs.len() >= self.max_connections {
-                // Clients wait in the kernel backlog until a pair ends.
-                self.accept = AcceptState::AtCapacity;
-                return;
-            }
-            let Some(Some(l)) = self.listeners.get_mut(id.0) else {
-                return;
-            };
-            if !l.ready.readable {
-                return;
-            }
-            match listener::accept(&l.socket) {
-                Accept::Client(stream, addr) => self.admit(id, stream, addr, ctx),
-                Accept::Drained => l.ready.readable = false,
-                Accept::OutOfFds(error) => {
-                    self.back_off_accepting(&error, ctx);
-                    return;
-                }
-                Accept::Skipped(error) => {
-                    log::debug!(
-                        "accept on {} failed: {}",
-                        l.addr,
-                        crate::sys::io_reason(&error)
-                    );
-                }
-            }
-        }
-    }
-
-    fn back_off_accepting(&mut self, error: &io::Error, ctx: &mut Ctx<'_>) {
-        self.accept = AcceptState::BackingOff;
-        ctx.metrics.accept_backoffs.fetch_add(1, Ordering::Relaxed);
-        ctx.timers
-            .insert(ctx.now + ACCEPT_BACKOFF, Timer::AcceptResume);
-        if let Some(held_back) = self.fd_warnings.pass(ctx.now) {
-            log::warn!(
-                "cannot accept: {} ({} connections open); pausing accepts for {} ms{}",
-                crate::sys::io_reason(error),
-                self.pairs.len(),
-                ACCEPT_BACKOFF.as_millis(),
-                Suppressed(held_back)
-            );
-        }
-    }
-
-    /// A pair ended or a back-off expired: take clients again if there is room.
-    fn reopen_accepting(&mut self) {
-        if self.accept != AcceptState::Open && self.pairs.len() < self.max_connections {
-            self.accept = AcceptState::Open;
-        }
-    }
-
-    fn admit(
-        &mut self,
-        listener: ListenerId,
-        stream: TcpStream,
-        client_addr: SocketAddr,
-        ctx: &mut Ctx<'_>,
-    ) {
-        // Nagle would hold back small writes that the client already sent without delay.
-        if !crate::sys::ACCEPT_INHERITS_NODELAY {
-            let _ = stream.set_nodelay(true);
-        }
-        let entry = self.pairs.vacant_entry();
-        if entry.key() > token::MAX_INDEX >> 1 {
-            // Its tokens could not name the slot (only on 32-bit targets, past 2M pairs).
-            return;
-        }
-        let gen = self.next_gen;
-        self.next_gen = token::next_gen(self.next_gen);
-        let key = Key::new(entry.key(), gen);
-        let mut pair = Pair::new(gen, listener, stream, client_addr, ctx.now);
-        if let Err(e) = ctx.registry.register(
-            &mut pair.client,
-            token::pair(key, Side::Client.half()),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            log::warn!(
-                "cannot register client {}: {}",
-                client_addr,
-                crate::sys::io_reason(&e)
-            );
-            return;
-        }
-        entry.insert(pair);
-        ctx.metrics.opened(listener);
-        self.connect_next(key, ctx);
     }
 
     // ---- connecting ------------------------------------------------------------------------

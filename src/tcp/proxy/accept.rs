@@ -1,0 +1,146 @@
+//! Taking clients: accepting from the TCP listeners within a per-turn budget, the
+//! `max_connections` cap (clients wait in the kernel backlog), and the back-off when
+//! descriptors run out (a timer, never a busy loop).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use mio::net::TcpStream;
+use mio::Interest;
+
+use super::TcpProxy;
+use crate::config::ListenerId;
+use crate::part::Ctx;
+use crate::reactor::token::{self, Key};
+use crate::reactor::{Suppressed, Timer};
+use crate::tcp::listener::{self, Accept};
+use crate::tcp::pipe::Pair;
+use crate::tcp::Side;
+
+/// Accepts per listener per loop turn before other work gets a go.
+const ACCEPT_BUDGET: usize = 64;
+/// Pause after `EMFILE`/`ENFILE` before trying to accept again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Whether the part takes new clients now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AcceptState {
+    Open,
+    /// `max_connections` pairs are open; resumes when one ends.
+    AtCapacity,
+    /// Out of file descriptors; resumes when the timer fires or a pair ends.
+    BackingOff,
+}
+
+impl TcpProxy {
+    pub fn listener_ready(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
+        if let Some(Some(l)) = self.listeners.get_mut(id.0) {
+            l.ready.readable = true;
+            self.accept_from(id, ctx);
+        }
+    }
+
+    /// The descriptor back-off ran out: try accepting again.
+    pub fn accept_resume(&mut self) {
+        if self.accept == AcceptState::BackingOff {
+            self.accept = AcceptState::Open;
+        }
+        self.reopen_accepting();
+    }
+
+    pub(super) fn accept_from(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
+        for _ in 0..ACCEPT_BUDGET {
+            if self.accept != AcceptState::Open {
+                return;
+            }
+            if self.pairs.len() >= self.max_connections {
+                // Clients wait in the kernel backlog until a pair ends.
+                self.accept = AcceptState::AtCapacity;
+                return;
+            }
+            let Some(Some(l)) = self.listeners.get_mut(id.0) else {
+                return;
+            };
+            if !l.ready.readable {
+                return;
+            }
+            match listener::accept(&l.socket) {
+                Accept::Client(stream, addr) => self.admit(id, stream, addr, ctx),
+                Accept::Drained => l.ready.readable = false,
+                Accept::OutOfFds(error) => {
+                    self.back_off_accepting(&error, ctx);
+                    return;
+                }
+                Accept::Skipped(error) => {
+                    log::debug!(
+                        "accept on {} failed: {}",
+                        l.addr,
+                        crate::sys::io_reason(&error)
+                    );
+                }
+            }
+        }
+    }
+
+    fn back_off_accepting(&mut self, error: &io::Error, ctx: &mut Ctx<'_>) {
+        self.accept = AcceptState::BackingOff;
+        ctx.metrics.accept_backoffs.fetch_add(1, Ordering::Relaxed);
+        ctx.timers
+            .insert(ctx.now + ACCEPT_BACKOFF, Timer::AcceptResume);
+        if let Some(held_back) = self.fd_warnings.pass(ctx.now) {
+            log::warn!(
+                "cannot accept: {} ({} connections open); pausing accepts for {} ms{}",
+                crate::sys::io_reason(error),
+                self.pairs.len(),
+                ACCEPT_BACKOFF.as_millis(),
+                Suppressed(held_back)
+            );
+        }
+    }
+
+    /// A pair ended or a back-off expired: take clients again if there is room.
+    pub(super) fn reopen_accepting(&mut self) {
+        if self.accept != AcceptState::Open && self.pairs.len() < self.max_connections {
+            self.accept = AcceptState::Open;
+        }
+    }
+
+    fn admit(
+        &mut self,
+        listener: ListenerId,
+        stream: TcpStream,
+        client_addr: SocketAddr,
+        ctx: &mut Ctx<'_>,
+    ) {
+        // Nagle would hold back small writes that the client already sent without delay.
+        if !crate::sys::ACCEPT_INHERITS_NODELAY {
+            let _ = stream.set_nodelay(true);
+        }
+        let entry = self.pairs.vacant_entry();
+        if entry.key() > token::MAX_INDEX >> 1 {
+            // Its tokens could not name the slot (only on 32-bit targets, past 2M pairs).
+            return;
+        }
+        let gen = self.next_gen;
+        self.next_gen = token::next_gen(self.next_gen);
+        let key = Key::new(entry.key(), gen);
+        let mut pair = Pair::new(gen, listener, stream, client_addr, ctx.now);
+        if let Err(e) = ctx.registry.register(
+            &mut pair.client,
+            token::pair(key, Side::Client.half()),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!(
+                "cannot register client {}: {}",
+                client_addr,
+                crate::sys::io_reason(&e)
+            );
+            return;
+        }
+        entry.insert(pair);
+        ctx.metrics.opened(listener);
+        self.connect_next(key, ctx);
+    }
+}
