@@ -6,8 +6,9 @@
 //! reached through their id, and a lookup that misses returns `None`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::config::{Config, Proto};
 use crate::reactor::End;
@@ -94,6 +95,41 @@ impl ListenerStats {
     }
 }
 
+/// What an operator set for a server: `Drain` takes no new connections while the open ones go
+/// on, `Down` is never picked. Health checks and passive health still apply under `Up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    Up,
+    Drain,
+    Down,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Up => "up",
+            AdminState::Drain => "drain",
+            AdminState::Down => "down",
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            AdminState::Up => 0,
+            AdminState::Drain => 1,
+            AdminState::Down => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> AdminState {
+        match v {
+            1 => AdminState::Drain,
+            2 => AdminState::Down,
+            _ => AdminState::Up,
+        }
+    }
+}
+
 /// State of one server that every worker (and the admin endpoint) may read. The worker that
 /// changes a server writes here; balancing reads its own per-worker copy, so picks take no
 /// atomic read-modify-write.
@@ -105,6 +141,12 @@ pub struct ServerShared {
     pub healthy: AtomicBool,
     /// Passive health has marked the server unavailable for now.
     pub marked: AtomicBool,
+    /// Failed connects counted in the current passive-health window.
+    pub fails: AtomicU64,
+    /// When the passive mark ends, in milliseconds after `epoch` (0: no mark).
+    unavailable_until_ms: AtomicU64,
+    epoch: Instant,
+    admin: AtomicU8,
     /// Connections (or UDP sessions) open to the server.
     pub active: AtomicU64,
     /// Failed connects (or UDP refusals) since start.
@@ -120,11 +162,43 @@ impl ServerShared {
             addr,
             healthy: AtomicBool::new(true),
             marked: AtomicBool::new(false),
+            fails: AtomicU64::new(0),
+            unavailable_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            admin: AtomicU8::new(AdminState::Up.to_u8()),
             active: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
         }
+    }
+}
+
+impl ServerShared {
+    pub fn admin(&self) -> AdminState {
+        AdminState::from_u8(self.admin.load(Ordering::Relaxed))
+    }
+
+    pub fn set_admin(&self, state: AdminState) {
+        self.admin.store(state.to_u8(), Ordering::Relaxed);
+    }
+
+    /// When the last passive-health mark ends (or ended).
+    pub fn unavailable_until(&self) -> Option<Instant> {
+        match self.unavailable_until_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => self.epoch.checked_add(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Records the passive-health window: `fails` counted, marked until `until`.
+    pub fn set_passive(&self, fails: u32, until: Option<Instant>) {
+        self.fails.store(u64::from(fails), Ordering::Relaxed);
+        let ms = until.map_or(0, |t| {
+            let ms = t.saturating_duration_since(self.epoch).as_millis();
+            u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+        });
+        self.unavailable_until_ms.store(ms, Ordering::Relaxed);
     }
 }
 

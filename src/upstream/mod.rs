@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{self, Balance};
-use crate::metrics::ServerShared;
+use crate::metrics::{AdminState, ServerShared};
 use balance::Pool;
 
 /// Run-time state of one server of a group.
@@ -93,6 +93,9 @@ impl ServerState {
 
     fn available(&self, now: Instant) -> bool {
         !self.conf.down
+            // An operator's drain or down, set from any thread; `least_conn` ranks without it and
+            // its search steps over such a server like a tried one.
+            && self.shared.admin() == AdminState::Up
             && self.healthy
             && !self.full()
             && self.unavailable_until.map_or(true, |t| now >= t)
@@ -240,6 +243,7 @@ impl Group {
         s.fails = 0;
         s.window_start = None;
         s.unavailable_until = None;
+        s.shared.set_passive(0, None);
         if s.marked {
             s.marked = false;
             s.shared.marked.store(false, Ordering::Relaxed);
@@ -272,12 +276,14 @@ impl Group {
                 }
                 s.fails = s.fails.saturating_add(1);
                 if s.fails < max_fails {
+                    s.shared.set_passive(s.fails, s.unavailable_until);
                     return false;
                 }
             }
         }
         let until = crate::reactor::after(now, fail_timeout);
         s.unavailable_until = Some(until);
+        s.shared.set_passive(s.fails, Some(until));
         s.marked = true;
         s.shared.marked.store(true, Ordering::Relaxed);
         self.next_expiry = Some(self.next_expiry.map_or(until, |e| e.min(until)));
@@ -662,6 +668,67 @@ mod tests {
         g.acquire(ServerId(1));
         other.acquire(ServerId(1));
         assert_eq!(load(1), 2);
+    }
+
+    #[test]
+    fn an_operator_drain_or_down_takes_a_server_out_of_every_method() {
+        for (name, balance) in Balance::ALL {
+            let conf = Upstream {
+                name: "u".to_string(),
+                balance,
+                servers: vec![server(1), server(2), server(3)],
+                health_check: None,
+            };
+            let shared: Vec<Arc<ServerShared>> = conf
+                .servers
+                .iter()
+                .map(|s| Arc::new(ServerShared::new("u", s.addr)))
+                .collect();
+            let mut g = Group::new(&conf, &shared);
+            shared[0].set_admin(AdminState::Drain);
+            shared[1].set_admin(AdminState::Down);
+            for k in 0..50 {
+                let got = g.pick(loopback(k + 1), secs(0), &Tried::default());
+                assert_eq!(got, Some(ServerId(2)), "{name}");
+            }
+            shared[2].set_admin(AdminState::Drain);
+            assert_eq!(
+                g.pick(loopback(1), secs(0), &Tried::default()),
+                None,
+                "{name}"
+            );
+            shared[0].set_admin(AdminState::Up);
+            assert_eq!(
+                g.pick(loopback(1), secs(0), &Tried::default()),
+                Some(ServerId(0)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_passive_window_is_readable_from_other_threads() {
+        let conf = Upstream {
+            name: "u".to_string(),
+            balance: Balance::RoundRobin,
+            servers: vec![fails(2, 10)],
+            health_check: None,
+        };
+        let shared = vec![Arc::new(ServerShared::new("u", conf.servers[0].addr))];
+        let mut g = Group::new(&conf, &shared);
+        assert!(!g.connect_failed(ServerId(0), secs(0)));
+        assert_eq!(shared[0].fails.load(Ordering::Relaxed), 1);
+        assert_eq!(shared[0].unavailable_until(), None);
+        assert!(g.connect_failed(ServerId(0), secs(1)));
+        let until = shared[0].unavailable_until().expect("marked");
+        let due = secs(11);
+        assert!(
+            until.max(due) - until.min(due) <= Duration::from_millis(1),
+            "{until:?}"
+        );
+        g.connected(ServerId(0), secs(12));
+        assert_eq!(shared[0].unavailable_until(), None);
+        assert_eq!(shared[0].fails.load(Ordering::Relaxed), 0);
     }
 
     #[test]
