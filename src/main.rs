@@ -180,6 +180,7 @@ fn run(config: Config) -> ExitCode {
             sluice::sys::io_reason(&e)
         ),
     }
+    let shutdown_timeout = config.shutdown_timeout;
     let proxy = match Proxy::start(config) {
         Ok(p) => p,
         Err(e) => {
@@ -189,10 +190,16 @@ fn run(config: Config) -> ExitCode {
         }
     };
     let stopper = proxy.stopper();
+    let mut draining = false;
     std::thread::spawn(move || loop {
         match signals.wait() {
+            // The first stop lets connections finish; a second one does not wait.
+            Ok(Signal::Interrupt | Signal::Terminate) if !draining => {
+                draining = true;
+                stopper.drain(shutdown_timeout);
+            }
             Ok(Signal::Interrupt | Signal::Terminate) => {
-                log::info!("stopping on signal");
+                log::info!("second stop signal: closing every connection now");
                 stopper.stop();
             }
             Ok(Signal::Hangup) => {

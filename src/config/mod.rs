@@ -47,6 +47,8 @@ pub struct Config {
     /// How long the worker keeps polling without sleeping after its last event (`busy_poll`);
     /// zero means off, the default.
     pub busy_poll: Duration,
+    /// How long a stop waits for open connections to finish (`shutdown_timeout`).
+    pub shutdown_timeout: Duration,
     pub log_level: log::LevelFilter,
     pub access_log: bool,
     pub upstreams: Vec<Upstream>,
@@ -185,6 +187,7 @@ impl Default for HealthCheck {
     }
 }
 
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -197,6 +200,7 @@ impl Default for Config {
             buffer_size: 16 * 1024,
             buffer_memory: 64 * 1024 * 1024,
             busy_poll: Duration::ZERO,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             log_level: log::LevelFilter::Info,
             access_log: true,
             upstreams: Vec::new(),

@@ -145,6 +145,8 @@ pub enum Timer {
     Session(token::Key),
     Probe(token::Key),
     AcceptResume,
+    /// A drain's `shutdown_timeout` ran out.
+    DrainDeadline,
 }
 
 #[cfg(test)]

@@ -55,7 +55,10 @@ impl From<BindError> for RuntimeError {
 }
 
 enum Command {
+    /// Close everything now (a reset for every open pair) and exit.
     Stop,
+    /// Stop listening, let open connections finish for at most this long, then stop.
+    Drain(std::time::Duration),
 }
 
 /// What a `Proxy` handle keeps to reach its worker.
@@ -70,6 +73,14 @@ impl Stopper {
     pub fn stop(&self) {
         // A worker that already exited has dropped its receiver; nothing is left to stop.
         let _ = self.commands.send(Command::Stop);
+        let _ = self.waker.wake();
+    }
+
+    /// Asks the worker to close its listening sockets at once and to exit when its open
+    /// connections have finished, or after `timeout`, closing the rest (`end=shutdown`). UDP
+    /// sessions end at once. Returns at once; a `stop` during the drain ends it.
+    pub fn drain(&self, timeout: std::time::Duration) {
+        let _ = self.commands.send(Command::Drain(timeout));
         let _ = self.waker.wake();
     }
 }

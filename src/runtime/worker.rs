@@ -26,6 +26,18 @@ use crate::tcp::proxy::TcpProxy;
 use crate::udp::UdpProxy;
 use crate::upstream::Group;
 
+/// Where the worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Listening sockets closed; open pairs finish until `until`.
+    Draining {
+        until: Instant,
+    },
+    /// Close what is left and exit.
+    Stopping,
+}
+
 pub struct Worker {
     poll: Poll,
     events: Option<Events>,
@@ -42,7 +54,7 @@ pub struct Worker {
     groups: Vec<Group>,
     timers: TimerWheel<Timer>,
     now: Instant,
-    stopping: bool,
+    phase: Phase,
     /// When the last poll returned events; `busy_poll` counts from here.
     last_event: Instant,
 }
@@ -86,7 +98,7 @@ impl Worker {
             bound,
             timers: TimerWheel::new(now),
             now,
-            stopping: false,
+            phase: Phase::Running,
             last_event: now,
         })
     }
@@ -111,12 +123,23 @@ impl Worker {
         let (_, _, probes, mut ctx) = self.split();
         *probes = Prober::start(&upstreams, &mut ctx);
         self.config.upstreams = upstreams;
-        while !self.stopping {
+        while self.phase != Phase::Stopping {
             self.turn()?;
+            if let Phase::Draining { until } = self.phase {
+                if self.tcp.open_pairs() == 0 || self.now >= until {
+                    self.phase = Phase::Stopping;
+                }
+            }
         }
         let (tcp, udp, _, mut ctx) = self.split();
+        let left = tcp.open_pairs();
         tcp.close_all(End::Shutdown, &mut ctx);
         udp.close_all(End::Shutdown, &mut ctx);
+        if left > 0 {
+            log::info!("stopped; {} connections closed unfinished", left);
+        } else {
+            log::info!("stopped");
+        }
         Ok(())
     }
 
@@ -213,9 +236,26 @@ impl Worker {
     fn read_inbox(&mut self) {
         while let Ok(command) = self.inbox.try_recv() {
             match command {
-                Command::Stop => self.stopping = true,
+                Command::Stop => self.phase = Phase::Stopping,
+                Command::Drain(timeout) if self.phase == Phase::Running => self.drain(timeout),
+                Command::Drain(_) => {}
             }
         }
+    }
+
+    /// Closes the listening sockets and lets open pairs run until `timeout` has passed.
+    fn drain(&mut self, timeout: Duration) {
+        let until = after(self.now, timeout);
+        self.phase = Phase::Draining { until };
+        self.timers.insert(until, Timer::DrainDeadline);
+        let (tcp, udp, _, mut ctx) = self.split();
+        tcp.stop_listening(&mut ctx);
+        udp.shut(&mut ctx);
+        let limit = match timeout.as_millis() {
+            ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+            ms => format!("{ms}ms"),
+        };
+        log::info!("draining {} connections (up to {limit})", tcp.open_pairs());
     }
 
     fn expire_timers(&mut self) {
@@ -227,6 +267,8 @@ impl Worker {
                 Timer::Session(key) => udp.timer(key, &mut ctx),
                 Timer::Probe(key) => probes.timer(key, &mut ctx),
                 Timer::AcceptResume => tcp.accept_resume(),
+                // The loop sees the deadline once this turn ends.
+                Timer::DrainDeadline => {}
             }
         }
     }

@@ -249,6 +249,18 @@ impl UdpProxy {
         }
     }
 
+    /// Ends every session and closes every listening socket. UDP has no connection to let
+    /// finish, and replies leave through the listening socket, so a drain ends sessions at once.
+    pub(crate) fn shut(&mut self, ctx: &mut Ctx<'_>) {
+        self.close_all(End::Shutdown, ctx);
+        for slot in &mut self.listeners {
+            if let Some(mut l) = slot.take() {
+                let _ = ctx.registry.deregister(&mut l.socket);
+            }
+        }
+        self.ready.clear();
+    }
+
     fn listener_mut(&mut self, id: ListenerId) -> Option<&mut UdpListen> {
         self.listeners.get_mut(id.0).and_then(Option::as_mut)
     }

@@ -75,6 +75,7 @@ pub(super) const DIRECTIVES: &[Directive] = &[
     once("buffer_size", Main, "a size"),
     once("buffer_memory", Main, "a size"),
     once("busy_poll", Main, "'off' or a duration"),
+    once("shutdown_timeout", Main, "a duration"),
     once("log_level", Main, "a log level"),
     once("access_log", Main, "'on' or 'off'"),
     many("upstream", Main),

@@ -46,6 +46,10 @@ impl Parser<'_> {
                     self.config.buffer_memory = self.size(arg)?;
                     self.buffer_memory = Some(arg.clone());
                 }
+                "shutdown_timeout" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    self.config.shutdown_timeout = self.duration(&arg.text, arg)?;
+                }
                 "busy_poll" => {
                     let arg = self.single(&stmt, d.takes)?;
                     self.config.busy_poll = self.busy_poll(arg)?;

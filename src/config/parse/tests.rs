@@ -288,6 +288,23 @@ fn main_context_values() {
 }
 
 #[test]
+fn shutdown_timeout_is_a_duration_with_a_default() {
+    assert_eq!(ok("").shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(
+        ok("shutdown_timeout 1500ms;").shutdown_timeout,
+        Duration::from_millis(1500)
+    );
+    assert_eq!(ok("shutdown_timeout 0;").shutdown_timeout, Duration::ZERO);
+    assert_err("shutdown_timeout soon;", 1, 18, "bad duration 'soon'");
+    assert_err(
+        "shutdown_timeout 1s;\nshutdown_timeout 2s;",
+        2,
+        1,
+        "duplicate 'shutdown_timeout' (first set at line 1)",
+    );
+}
+
+#[test]
 fn empty_and_comment_only_files_are_default() {
     assert_eq!(ok(""), Config::default());
     assert_eq!(ok("\n  # nothing here { ; }\n\t\n"), Config::default());

@@ -66,7 +66,10 @@ impl TcpProxy {
             if !l.ready.readable {
                 return;
             }
-            match listener::accept(&l.socket) {
+            let Some(socket) = &l.socket else {
+                return;
+            };
+            match listener::accept(socket) {
                 Accept::Client(stream, addr) => self.admit(id, stream, addr, ctx),
                 Accept::Drained => l.ready.readable = false,
                 Accept::OutOfFds(error) => {

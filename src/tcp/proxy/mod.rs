@@ -36,7 +36,8 @@ use accept::AcceptState;
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
 struct TcpListen {
-    socket: TcpListener,
+    /// `None` once the part stopped listening (a drain); the settings stay for open pairs.
+    socket: Option<TcpListener>,
     conf: Listen,
     /// The bound address (port 0 in the config shows the port chosen).
     addr: SocketAddr,
@@ -79,7 +80,7 @@ impl TcpProxy {
             .zip(&config.listeners)
             .map(|(bound, conf)| {
                 bound.map(|(socket, addr)| TcpListen {
-                    socket,
+                    socket: Some(socket),
                     conf: conf.clone(),
                     addr,
                     ready: Readiness::default(),
@@ -218,6 +219,22 @@ impl TcpProxy {
                 }
             }
         }
+    }
+
+    /// Closes every listening socket (a new instance can bind the ports at once); open pairs go
+    /// on with their listener's settings.
+    pub fn stop_listening(&mut self, ctx: &mut Ctx<'_>) {
+        for l in self.listeners.iter_mut().flatten() {
+            if let Some(mut socket) = l.socket.take() {
+                let _ = ctx.registry.deregister(&mut socket);
+            }
+            l.ready.readable = false;
+        }
+    }
+
+    /// Pairs open now.
+    pub fn open_pairs(&self) -> usize {
+        self.pairs.len()
     }
 
     pub fn close_all(&mut self, end: End, ctx: &mut Ctx<'_>) {
