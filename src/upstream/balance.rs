@@ -21,8 +21,11 @@
 //! - `random`: two choices drawn by weight (binary search over cumulative weights, O(log n)), the
 //!   one with fewer active connections relative to weight wins. If `RANDOM_DRAWS` draws find no
 //!   eligible server, one O(n) scan for the least loaded.
-//! - `ip_hash`: `client_hash` mapped onto the cumulative weights, O(log n); a client whose server is
-//!   not eligible is rehashed (up to `IP_HASH_REHASHES` times), then an O(n) scan from its slot.
+//! - `ip_hash`: weighted rendezvous hashing, O(n): each eligible server scores the client from the
+//!   client's hash and the server's own address, the best score wins. Nothing depends on the order
+//!   of the `server` lines (two instances that list the same servers in any order agree on every
+//!   client), and adding or removing one of N servers moves only the clients it wins or won,
+//!   about 1/N of them, none between two servers that stay.
 //! - `hash`: consistent hashing on a ring of (point, server) sorted by point, binary search
 //!   O(log P) with P points; an ineligible server's clients walk on to the next point, expected
 //!   O(1) steps. After `RING_CHECK_AFTER` fruitless steps an O(n) test decides between None and
@@ -46,8 +49,6 @@ const SCHEDULE_MAX: u64 = 16_384;
 const SCHEDULE_SKIPS: usize = 8;
 /// Draws `random` makes looking for two distinct eligible servers.
 const RANDOM_DRAWS: usize = 8;
-/// Rehashes `ip_hash` tries for a client whose server is ineligible (nginx uses 20 too).
-const IP_HASH_REHASHES: u32 = 20;
 /// Ring points per unit of weight: 160 points give each server a share within about 8% of its due.
 const RING_POINTS_PER_WEIGHT: u64 = 160;
 /// Most points on one ring (8 bytes each: 320 KB). Up to 250 units of weight in a pool every server
@@ -163,7 +164,7 @@ enum Method {
     Weighted(Smooth),
     LeastConn(Tournament),
     Random { weights: Weights, rng: Rng },
-    IpHash(Weights),
+    IpHash(Rendezvous),
     Hash(Ring),
 }
 
@@ -183,7 +184,7 @@ impl Pool {
                 weights: Weights::new(&weights),
                 rng: Rng(seed),
             },
-            Balance::IpHash => Method::IpHash(Weights::new(&weights)),
+            Balance::IpHash => Method::IpHash(Rendezvous::new(&members, servers, &weights)),
             Balance::Hash => Method::Hash(Ring::new(&members, servers, &weights)),
         };
         Pool { members, method }
@@ -209,7 +210,7 @@ impl Pool {
             Method::Weighted(smooth) => smooth.pick(members, servers, eligible),
             Method::LeastConn(tree) => tree.pick(members, servers, eligible),
             Method::Random { weights, rng } => random(members, servers, weights, rng, eligible),
-            Method::IpHash(weights) => ip_hash(members, weights, client, eligible),
+            Method::IpHash(rendezvous) => rendezvous.pick(members, client, eligible),
             Method::Hash(ring) => ring.pick(members, client, eligible),
         }?;
         Some(members[pos])
@@ -514,22 +515,67 @@ fn random<F: Fn(usize) -> bool>(
     best
 }
 
-fn ip_hash<F: Fn(usize) -> bool>(
-    members: &[usize],
-    weights: &Weights,
-    client: IpAddr,
-    eligible: &F,
-) -> Option<usize> {
-    let mut h = client_hash(client);
-    let mut pos = weights.locate(h);
-    for _ in 0..IP_HASH_REHASHES {
-        if eligible(members[pos]) {
-            return Some(pos);
+/// The key of a server for hashing: its address alone, never its position.
+fn server_key(addr: SocketAddr) -> u64 {
+    fnv1a(fnv_ip(FNV_OFFSET, addr.ip()), &addr.port().to_be_bytes())
+}
+
+/// Weighted rendezvous (highest random weight) hashing for `ip_hash`.
+struct Rendezvous {
+    /// `server_key` of each pool position.
+    keys: Vec<u64>,
+    weights: Vec<f64>,
+    /// All weights are equal: scores compare as integers, exactly alike on every platform.
+    plain: bool,
+}
+
+impl Rendezvous {
+    fn new(members: &[usize], servers: &[ServerState], weights: &[u64]) -> Rendezvous {
+        Rendezvous {
+            keys: members
+                .iter()
+                .map(|&i| server_key(servers[i].conf.addr))
+                .collect(),
+            weights: weights.iter().map(|&w| w as f64).collect(),
+            plain: weights.windows(2).all(|w| w[0] == w[1]),
         }
-        h = mix64(h.wrapping_add(GOLDEN));
-        pos = weights.locate(h);
     }
-    scan(members, pos, eligible)
+
+    /// The score of position `pos` for a client hashed to `h`. With weights, `-w / ln(u)` for a
+    /// uniform `u` in (0, 1) gives each server a share of clients in proportion to its weight.
+    fn score(&self, h: u64, pos: usize) -> (f64, u64) {
+        let key = self.keys.get(pos).copied().unwrap_or(0);
+        let x = mix64(h ^ key);
+        if self.plain {
+            return (0.0, x);
+        }
+        let u = ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let w = self.weights.get(pos).copied().unwrap_or(1.0);
+        (-w / u.ln(), x)
+    }
+
+    fn pick<F: Fn(usize) -> bool>(
+        &self,
+        members: &[usize],
+        client: IpAddr,
+        eligible: &F,
+    ) -> Option<usize> {
+        let h = client_hash(client);
+        let mut best: Option<(usize, (f64, u64))> = None;
+        for (pos, &i) in members.iter().enumerate() {
+            if !eligible(i) {
+                continue;
+            }
+            let score = self.score(h, pos);
+            let wins = best.map_or(true, |(_, b)| {
+                score.0 > b.0 || (score.0 == b.0 && score.1 > b.1)
+            });
+            if wins {
+                best = Some((pos, score));
+            }
+        }
+        best.map(|(pos, _)| pos)
+    }
 }
 
 /// Consistent-hash ring. A ring rather than Maglev because a ring guarantees that removing a server
@@ -830,7 +876,9 @@ mod tests {
 
     #[test]
     fn ip_hash_is_stable_across_instances() {
-        let expected = [2, 2, 0, 2, 0, 1, 0, 0];
+        // Rendezvous picks (issue 10), computed by an independent Python model of fnv1a, the
+        // splitmix64 finaliser, client_hash and server_key: [2, 0, 3, 0, 2, 1, 1, 0].
+        let expected = [2, 0, 3, 0, 2, 1, 1, 0];
         for _ in 0..2 {
             let mut g = group(Balance::IpHash, servers(4));
             let got: Vec<usize> = (1..=8)
@@ -840,6 +888,53 @@ mod tests {
                 })
                 .collect();
             assert_eq!(got, expected);
+        }
+    }
+
+    /// The server address each of the 10,000 clients gets.
+    fn ip_hash_addresses(servers: Vec<Server>) -> Vec<SocketAddr> {
+        let mut g = group(Balance::IpHash, servers);
+        clients()
+            .map(|ip| {
+                let pos = g.pick_position(ip, t0(), &Tried::default()).unwrap();
+                g.servers()[pos].conf.addr
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ip_hash_ignores_the_order_of_servers_and_moves_few_clients_on_change() {
+        for weights in [[1, 1, 1, 1, 1], [1, 2, 3, 1, 5]] {
+            let five: Vec<Server> = (0..5)
+                .map(|k| weighted(20_000 + k as u16, weights[k]))
+                .collect();
+            let mut reversed = five.clone();
+            reversed.reverse();
+            let picks = ip_hash_addresses(five.clone());
+            assert_eq!(
+                picks,
+                ip_hash_addresses(reversed),
+                "{weights:?}: order matters"
+            );
+            // Remove the third server: only its clients move, and not many.
+            let removed = five[2].addr;
+            let four: Vec<Server> = five.iter().filter(|s| s.addr != removed).cloned().collect();
+            let after = ip_hash_addresses(four);
+            let mut moved = 0;
+            for (before, now) in picks.iter().zip(&after) {
+                if before != now {
+                    moved += 1;
+                    assert_eq!(
+                        *before, removed,
+                        "{weights:?}: a client moved between two servers that stay"
+                    );
+                }
+            }
+            assert!(
+                moved * 5 <= 10_000 * 3 / 2,
+                "{weights:?}: {moved} of 10,000 moved"
+            );
+            assert!(moved > 0);
         }
     }
 

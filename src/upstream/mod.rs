@@ -214,7 +214,7 @@ impl Group {
     /// An available server not in `tried` for a client from `client`, primaries first, backups
     /// only when no primary qualifies. The hash methods hash `client`; a retry (the failed server
     /// in `tried`) moves on deterministically: `hash` to the next server on the ring, `ip_hash` to
-    /// a rehash (as nginx). None: nothing available (all down, full, failed or tried).
+    /// the next best score. None: nothing available (all down, full, failed or tried).
     pub fn pick(&mut self, client: IpAddr, now: Instant, tried: &Tried) -> Option<ServerId> {
         self.pick_position(client, now, tried).map(ServerId)
     }
