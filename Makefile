@@ -30,9 +30,11 @@ static:
 	@file $(STATIC) 2>/dev/null || true
 
 install: build
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/sluice
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/sluice $(DESTDIR)$(PREFIX)/lib/systemd/system
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/sluice
 	test -e $(DESTDIR)/etc/sluice/sluice.conf || install -m 0644 conf/sluice.conf $(DESTDIR)/etc/sluice/sluice.conf
+	sed 's|/usr/local/bin/sluice|$(PREFIX)/bin/sluice|g' conf/sluice.service > $(DESTDIR)$(PREFIX)/lib/systemd/system/sluice.service
+	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/sluice.service
 
 clean:
 	$(CARGO) clean

@@ -401,3 +401,36 @@ fn no_server_warnings_are_rate_limited_with_a_count() {
         head(&stderr, 20)
     );
 }
+
+/// The shipped systemd unit passes `systemd-analyze verify` (with the path of this build's
+/// binary, as `make install` writes it).
+#[test]
+fn the_systemd_unit_verifies() {
+    let Ok(found) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    };
+    assert!(found.status.success());
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/sluice.service"))
+        .expect("conf/sluice.service");
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    assert!(unit.contains("KillSignal=SIGTERM"));
+    let dir = std::env::temp_dir().join(format!("sluice-unit-{}", unique()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("sluice.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/sluice", sluice_bin())).expect("write");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("run systemd-analyze");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+}
