@@ -141,11 +141,12 @@ pub struct ServerShared {
     pub healthy: AtomicBool,
     /// Passive health has marked the server unavailable for now.
     pub marked: AtomicBool,
-    /// Failed connects counted in the current passive-health window.
+    /// Failed connects counted in the current passive-health window, by every worker.
     pub fails: AtomicU64,
-    /// When the passive mark ends, in milliseconds after `epoch` (0: no mark).
-    unavailable_until_ms: AtomicU64,
-    epoch: Instant,
+    /// When the current window opened, in microseconds after the epoch (0: no window).
+    window_start_us: AtomicU64,
+    /// When the passive mark ends, in microseconds after the epoch (0: no mark).
+    unavailable_until_us: AtomicU64,
     admin: AtomicU8,
     /// Connections (or UDP sessions) open to the server.
     pub active: AtomicU64,
@@ -163,8 +164,8 @@ impl ServerShared {
             healthy: AtomicBool::new(true),
             marked: AtomicBool::new(false),
             fails: AtomicU64::new(0),
-            unavailable_until_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            window_start_us: AtomicU64::new(0),
+            unavailable_until_us: AtomicU64::new(0),
             admin: AtomicU8::new(AdminState::Up.to_u8()),
             active: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
@@ -185,21 +186,59 @@ impl ServerShared {
 
     /// When the last passive-health mark ends (or ended).
     pub fn unavailable_until(&self) -> Option<Instant> {
-        match self.unavailable_until_ms.load(Ordering::Relaxed) {
+        self.instant(&self.unavailable_until_us)
+    }
+
+    pub fn set_unavailable_until(&self, until: Option<Instant>) {
+        self.store_instant(&self.unavailable_until_us, until);
+    }
+
+    /// When the current passive-health window opened.
+    pub fn window_start(&self) -> Option<Instant> {
+        self.instant(&self.window_start_us)
+    }
+
+    pub fn set_window_start(&self, start: Option<Instant>) {
+        self.store_instant(&self.window_start_us, start);
+    }
+
+    fn instant(&self, at: &AtomicU64) -> Option<Instant> {
+        match at.load(Ordering::Relaxed) {
             0 => None,
-            ms => self.epoch.checked_add(Duration::from_millis(ms)),
+            us => epoch().checked_add(Duration::from_micros(us)),
         }
     }
 
-    /// Records the passive-health window: `fails` counted, marked until `until`.
-    pub fn set_passive(&self, fails: u32, until: Option<Instant>) {
-        self.fails.store(u64::from(fails), Ordering::Relaxed);
-        let ms = until.map_or(0, |t| {
-            let ms = t.saturating_duration_since(self.epoch).as_millis();
-            u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+    /// Instants as microseconds after the process's epoch, at least 1 (0 means none): an
+    /// atomic holds them, so any worker can read what another wrote.
+    fn store_instant(&self, at: &AtomicU64, when: Option<Instant>) {
+        let us = when.map_or(0, |t| {
+            let us = t.saturating_duration_since(epoch()).as_micros();
+            u64::try_from(us).unwrap_or(u64::MAX).max(1)
         });
-        self.unavailable_until_ms.store(ms, Ordering::Relaxed);
+        at.store(us, Ordering::Relaxed);
     }
+}
+
+/// The origin of the instants the shared state stores: a little before the first use, so that
+/// instants taken just before it (a test's clock, a worker that started first) still fit.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        [3600, 60, 1]
+            .iter()
+            .find_map(|&s| now.checked_sub(Duration::from_secs(s)))
+            .unwrap_or(now)
+    })
+}
+
+/// What every worker's copy of one upstream group watches: a count of changes to its servers'
+/// health and passive marks. A group that sees it move reads its servers' shared state again,
+/// so a verdict reached in one worker reaches the balancers of all.
+#[derive(Debug, Default)]
+pub struct UpstreamShared {
+    pub changes: AtomicU64,
 }
 
 /// The whole registry: process-wide counters (fields), and the listener and server tables.
@@ -227,6 +266,8 @@ pub struct Metrics {
     listeners: Vec<ListenerStats>,
     /// By upstream, then by server.
     servers: Vec<Vec<Arc<ServerShared>>>,
+    /// By upstream.
+    upstreams: Vec<Arc<UpstreamShared>>,
 }
 
 impl Metrics {
@@ -248,8 +289,18 @@ impl Metrics {
                         .collect()
                 })
                 .collect(),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(|_| Arc::new(UpstreamShared::default()))
+                .collect(),
             ..Metrics::default()
         }
+    }
+
+    /// What the groups of upstream `id` in every worker share.
+    pub fn upstream(&self, id: UpstreamId) -> Arc<UpstreamShared> {
+        self.upstreams.get(id.0).cloned().unwrap_or_default()
     }
 
     pub fn listener(&self, id: ListenerId) -> Option<&ListenerStats> {

@@ -81,7 +81,10 @@ impl Worker {
             .upstreams
             .iter()
             .enumerate()
-            .map(|(i, u)| Group::new(u, stats.servers(UpstreamId(i))))
+            .map(|(i, u)| {
+                let id = UpstreamId(i);
+                Group::new(u, stats.servers(id), stats.upstream(id))
+            })
             .collect();
         let now = Instant::now();
         Ok(Worker {

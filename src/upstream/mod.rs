@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{self, Balance};
-use crate::metrics::{AdminState, ServerShared};
+use crate::metrics::{AdminState, ServerShared, UpstreamShared};
 use balance::Pool;
 
 /// Run-time state of one server of a group.
@@ -37,22 +37,18 @@ pub struct ServerState {
     /// Connections (or UDP sessions) open to this server now. Change it through
     /// `Group::acquire`/`Group::release`, which keep `least_conn` in step.
     pub active: u32,
-    /// Failed connects since start, for `sluice_connect_failures_total`.
+    /// Failed connects this worker saw since start.
     pub connect_failures: u64,
-    /// Failures counted in the current window (passive health).
-    fails: u32,
-    /// When the current failure window opened; None while `fails` is 0.
-    window_start: Option<Instant>,
-    /// Set when passive health marked the server; unavailable until then, on trial after it.
-    unavailable_until: Option<Instant>,
-    /// The active health checks' verdict; servers start up.
+    /// The active health checks' verdict as this group last read it from `shared`; servers
+    /// start up. `least_conn` ranks on it.
     healthy: bool,
     /// Passive mark as `least_conn` ranks it; cleared by `Group::expire_marks` once the mark ran
     /// out, so the ranking never needs the clock.
     marked: bool,
     /// Position in the primary or backup pool.
     pool_pos: usize,
-    /// What other threads may read of this server; written on every change above.
+    /// The server's state that every worker shares: the health verdict, the passive-health
+    /// window (failures from any worker count toward the same `max_fails`), the admin state.
     pub shared: Arc<ServerShared>,
 }
 
@@ -63,9 +59,6 @@ impl ServerState {
             conf: conf.clone(),
             active: 0,
             connect_failures: 0,
-            fails: 0,
-            window_start: None,
-            unavailable_until: None,
             healthy: true,
             marked: false,
             pool_pos: 0,
@@ -79,7 +72,7 @@ impl ServerState {
 
     /// When the last passive-health mark ends (or ended, while the server is on trial).
     pub fn unavailable_until(&self) -> Option<Instant> {
-        self.unavailable_until
+        self.shared.unavailable_until()
     }
 
     fn full(&self) -> bool {
@@ -98,7 +91,7 @@ impl ServerState {
             && self.shared.admin() == AdminState::Up
             && self.healthy
             && !self.full()
-            && self.unavailable_until.map_or(true, |t| now >= t)
+            && self.unavailable_until().map_or(true, |t| now >= t)
     }
 }
 
@@ -154,12 +147,20 @@ pub struct Group {
     backup: Pool,
     /// The earliest end of a passive mark that `least_conn` still ranks as marked.
     next_expiry: Option<Instant>,
+    /// Changes to the servers' shared state, by any worker.
+    changes: Arc<UpstreamShared>,
+    /// `changes` when this group last read its servers' shared state.
+    seen: u64,
 }
 
 impl Group {
     /// A group for `conf`; `shared` is the server table's row for it (fresh state is made for
     /// any server it lacks).
-    pub fn new(conf: &config::Upstream, shared: &[Arc<ServerShared>]) -> Group {
+    pub fn new(
+        conf: &config::Upstream,
+        shared: &[Arc<ServerShared>],
+        changes: Arc<UpstreamShared>,
+    ) -> Group {
         let mut servers: Vec<ServerState> = conf
             .servers
             .iter()
@@ -190,6 +191,8 @@ impl Group {
             backup: Pool::new(conf.balance, backup, &servers, !seed),
             servers,
             next_expiry: None,
+            seen: changes.changes.load(Ordering::Relaxed),
+            changes,
         }
     }
 
@@ -220,6 +223,7 @@ impl Group {
     }
 
     fn pick_position(&mut self, client: IpAddr, now: Instant, tried: &Tried) -> Option<usize> {
+        self.sync(now);
         self.expire_marks(now);
         let servers = &self.servers;
         let eligible = |i: usize| {
@@ -237,55 +241,72 @@ impl Group {
         let Some(s) = self.servers.get_mut(i) else {
             return;
         };
-        if s.unavailable_until.is_some_and(|t| now < t) {
+        let shared = &s.shared;
+        let until = shared.unavailable_until();
+        if until.is_some_and(|t| now < t) {
             return;
         }
-        s.fails = 0;
-        s.window_start = None;
-        s.unavailable_until = None;
-        s.shared.set_passive(0, None);
-        if s.marked {
-            s.marked = false;
-            s.shared.marked.store(false, Ordering::Relaxed);
-            self.touch(i);
+        let counted = shared.fails.load(Ordering::Relaxed) > 0 || shared.window_start().is_some();
+        if !counted && until.is_none() && !s.marked {
+            return;
+        }
+        shared.fails.store(0, Ordering::Relaxed);
+        shared.set_window_start(None);
+        shared.set_unavailable_until(None);
+        shared.marked.store(false, Ordering::Relaxed);
+        self.changed();
+        if let Some(s) = self.servers.get_mut(i) {
+            if s.marked {
+                s.marked = false;
+                self.touch(i);
+            }
         }
     }
 
-    /// A connect to server `i` failed. True if this made the server unavailable (worth a log line).
+    /// A connect to server `i` failed. True if this made the server unavailable (worth a log
+    /// line). The window and the count are shared, so failures seen by every worker add up.
     pub fn connect_failed(&mut self, id: ServerId, now: Instant) -> bool {
         let i = id.0;
         let Some(s) = self.servers.get_mut(i) else {
             return false;
         };
         s.connect_failures += 1;
-        s.shared.connect_failures.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::clone(&s.shared);
+        shared.connect_failures.fetch_add(1, Ordering::Relaxed);
         let (max_fails, fail_timeout) = (s.conf.max_fails, s.conf.fail_timeout);
         if max_fails == 0 {
             return false;
         }
-        match s.unavailable_until {
+        match shared.unavailable_until() {
             Some(t) if now < t => return false,
             // On trial after a mark: one failure marks it again (nginx keeps `fails` at the limit).
             Some(_) => {}
             None => {
-                if s.window_start
-                    .map_or(true, |w| now.saturating_duration_since(w) >= fail_timeout)
-                {
-                    s.fails = 0;
-                    s.window_start = Some(now);
+                let expired = shared
+                    .window_start()
+                    .map_or(true, |w| now.saturating_duration_since(w) >= fail_timeout);
+                if expired {
+                    shared.fails.store(0, Ordering::Relaxed);
+                    shared.set_window_start(Some(now));
                 }
-                s.fails = s.fails.saturating_add(1);
-                if s.fails < max_fails {
-                    s.shared.set_passive(s.fails, s.unavailable_until);
+                let fails = shared
+                    .fails
+                    .fetch_add(1, Ordering::Relaxed)
+                    .saturating_add(1);
+                // The failure that reaches the limit marks; later ones in the same window (from
+                // other workers) find the mark.
+                if fails != u64::from(max_fails) {
                     return false;
                 }
             }
         }
         let until = crate::reactor::after(now, fail_timeout);
-        s.unavailable_until = Some(until);
-        s.shared.set_passive(s.fails, Some(until));
-        s.marked = true;
-        s.shared.marked.store(true, Ordering::Relaxed);
+        shared.set_unavailable_until(Some(until));
+        shared.marked.store(true, Ordering::Relaxed);
+        self.changed();
+        if let Some(s) = self.servers.get_mut(i) {
+            s.marked = true;
+        }
         self.next_expiry = Some(self.next_expiry.map_or(until, |e| e.min(until)));
         self.touch(i);
         true
@@ -314,13 +335,49 @@ impl Group {
 
     /// The active health checks' verdict on server `i`.
     pub fn set_health(&mut self, id: ServerId, up: bool) {
+        let Some(s) = self.servers.get_mut(id.0) else {
+            return;
+        };
+        if s.shared.healthy.swap(up, Ordering::Relaxed) != up {
+            self.changed();
+        }
         if let Some(s) = self.servers.get_mut(id.0) {
             if s.healthy != up {
                 s.healthy = up;
-                s.shared.healthy.store(up, Ordering::Relaxed);
                 self.touch(id.0);
             }
         }
+    }
+
+    /// This group changed its servers' shared state: the other workers' groups read it again.
+    fn changed(&mut self) {
+        self.seen = self.changes.changes.fetch_add(1, Ordering::Relaxed) + 1;
+    }
+
+    /// Reads the servers' shared verdicts again when another worker changed one (one atomic load
+    /// per pick otherwise), so `least_conn`'s ranking and the marks' expiry follow them.
+    fn sync(&mut self, now: Instant) {
+        let current = self.changes.changes.load(Ordering::Relaxed);
+        if current == self.seen {
+            return;
+        }
+        self.seen = current;
+        let mut next = None;
+        for i in 0..self.servers.len() {
+            let s = &mut self.servers[i];
+            let healthy = s.shared.healthy.load(Ordering::Relaxed);
+            let until = s.shared.unavailable_until().filter(|&t| now < t);
+            if let Some(t) = until {
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            }
+            let marked = until.is_some();
+            if (healthy, marked) != (s.healthy, s.marked) {
+                s.healthy = healthy;
+                s.marked = marked;
+                self.touch(i);
+            }
+        }
+        self.next_expiry = next;
     }
 
     pub fn is_available(&self, id: ServerId, now: Instant) -> bool {
@@ -339,7 +396,7 @@ impl Group {
             if !s.marked {
                 continue;
             }
-            match s.unavailable_until {
+            match s.shared.unavailable_until() {
                 Some(t) if now < t => next = Some(next.map_or(t, |n: Instant| n.min(t))),
                 _ => {
                     s.marked = false;
@@ -397,6 +454,7 @@ mod tests {
                 health_check: None,
             },
             &[],
+            Arc::default(),
         )
     }
 
@@ -647,7 +705,7 @@ mod tests {
             .iter()
             .map(|s| Arc::new(ServerShared::new("u", s.addr)))
             .collect();
-        let mut g = Group::new(&conf, &shared);
+        let mut g = Group::new(&conf, &shared, Arc::default());
         let load = |i: usize| shared[i].active.load(Ordering::Relaxed);
         g.acquire(ServerId(0));
         g.acquire(ServerId(0));
@@ -664,10 +722,56 @@ mod tests {
         g.set_health(ServerId(1), false);
         assert!(!shared[1].healthy.load(Ordering::Relaxed));
         // A second group over the same servers (another worker) adds to the same counts.
-        let mut other = Group::new(&conf, &shared);
+        let mut other = Group::new(&conf, &shared, Arc::default());
         g.acquire(ServerId(1));
         other.acquire(ServerId(1));
         assert_eq!(load(1), 2);
+    }
+
+    #[test]
+    fn workers_share_failures_marks_and_health_verdicts() {
+        for (name, balance) in Balance::ALL {
+            let conf = Upstream {
+                name: "u".to_string(),
+                balance,
+                servers: vec![fails(2, 10), server(2)],
+                health_check: None,
+            };
+            let shared: Vec<Arc<ServerShared>> = conf
+                .servers
+                .iter()
+                .map(|s| Arc::new(ServerShared::new("u", s.addr)))
+                .collect();
+            let changes = Arc::new(UpstreamShared::default());
+            let mut a = Group::new(&conf, &shared, Arc::clone(&changes));
+            let mut b = Group::new(&conf, &shared, Arc::clone(&changes));
+            // One failure in each worker reaches max_fails=2 together.
+            assert!(!a.connect_failed(ServerId(0), secs(0)), "{name}");
+            assert!(b.connect_failed(ServerId(0), secs(1)), "{name}");
+            for k in 0..20 {
+                assert_eq!(
+                    a.pick(loopback(k + 1), secs(2), &Tried::default()),
+                    Some(ServerId(1)),
+                    "{name}"
+                );
+            }
+            // The mark runs out for both; a success in one clears the count for both.
+            assert!(a.is_available(ServerId(0), secs(11)), "{name}");
+            b.connected(ServerId(0), secs(12));
+            assert!(
+                !a.connect_failed(ServerId(0), secs(13)),
+                "{name}: the count started again"
+            );
+            // A health verdict reached in one worker (the probes run in one) reaches the other.
+            a.set_health(ServerId(1), false);
+            for k in 0..20 {
+                assert_eq!(
+                    b.pick(loopback(k + 1), secs(14), &Tried::default()),
+                    Some(ServerId(0)),
+                    "{name}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -684,7 +788,7 @@ mod tests {
                 .iter()
                 .map(|s| Arc::new(ServerShared::new("u", s.addr)))
                 .collect();
-            let mut g = Group::new(&conf, &shared);
+            let mut g = Group::new(&conf, &shared, Arc::default());
             shared[0].set_admin(AdminState::Drain);
             shared[1].set_admin(AdminState::Down);
             for k in 0..50 {
@@ -715,7 +819,7 @@ mod tests {
             health_check: None,
         };
         let shared = vec![Arc::new(ServerShared::new("u", conf.servers[0].addr))];
-        let mut g = Group::new(&conf, &shared);
+        let mut g = Group::new(&conf, &shared, Arc::default());
         assert!(!g.connect_failed(ServerId(0), secs(0)));
         assert_eq!(shared[0].fails.load(Ordering::Relaxed), 1);
         assert_eq!(shared[0].unavailable_until(), None);

@@ -193,7 +193,7 @@ fn balancer_benches() -> Vec<Bench> {
     let mut v = Vec::new();
     for (name, balance) in Balance::ALL {
         for n in [3usize, 100] {
-            let mut group = Group::new(&upstream(balance, n), &[]);
+            let mut group = Group::new(&upstream(balance, n), &[], Default::default());
             // Connections stay open a while: release the oldest of the last 64 picks, so
             // least_conn and random see real, moving counts.
             let mut open = std::collections::VecDeque::with_capacity(64);
