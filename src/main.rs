@@ -10,7 +10,7 @@ use sluice::sys::{Signal, SignalSet};
 
 const USAGE: &str = "\
 Usage:
-  sluice [-c FILE] [-t] [-l LEVEL]                     run from a config file
+  sluice [-c FILE] [-t] [-w N] [-l LEVEL]              run from a config file
   sluice -L ADDR -U ADDR [-U ADDR]... [--udp] [-b BALANCE]   forward without a file
 
 Examples:
@@ -49,6 +49,12 @@ fn options() -> getopts::Options {
         "log-level",
         "error, warn, info, debug or trace (RUST_LOG wins)",
         "LEVEL",
+    );
+    o.optopt(
+        "w",
+        "workers",
+        "worker threads: a number (1-256) or auto, one per CPU (default: the config's, else 1)",
+        "N",
     );
     o.optopt(
         "L",
@@ -98,6 +104,20 @@ fn parse_args(args: &[String]) -> Result<Mode, Failure> {
             ))
         })?),
     };
+    let workers = match m.opt_str("w") {
+        None => None,
+        Some(text) if text == "auto" => Some(config::auto_workers()),
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=config::MAX_WORKERS).contains(&n) => Some(n),
+            _ => {
+                return Err(Failure::Usage(format!(
+                    "-w takes a number of workers from 1 to {} or 'auto', not '{}'",
+                    config::MAX_WORKERS,
+                    text
+                )))
+            }
+        },
+    };
     let forward = m.opt_present("L") || !m.opt_strs("U").is_empty();
     let mut config = if forward {
         if m.opt_present("c") || m.opt_present("t") {
@@ -122,6 +142,9 @@ fn parse_args(args: &[String]) -> Result<Mode, Failure> {
     };
     if let Some(level) = log_level {
         config.log_level = level;
+    }
+    if let Some(n) = workers {
+        config.workers = n;
     }
     Ok(Mode::Run(config))
 }

@@ -241,6 +241,13 @@ pub struct UpstreamShared {
     pub changes: AtomicU64,
 }
 
+/// One worker's share of the work.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// TCP clients this worker accepted.
+    pub connections_total: AtomicU64,
+}
+
 /// The whole registry: process-wide counters (fields), and the listener and server tables.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -268,6 +275,8 @@ pub struct Metrics {
     servers: Vec<Vec<Arc<ServerShared>>>,
     /// By upstream.
     upstreams: Vec<Arc<UpstreamShared>>,
+    /// By worker.
+    workers: Vec<WorkerStats>,
 }
 
 impl Metrics {
@@ -294,6 +303,9 @@ impl Metrics {
                 .iter()
                 .map(|_| Arc::new(UpstreamShared::default()))
                 .collect(),
+            workers: (0..config.workers.max(1))
+                .map(|_| WorkerStats::default())
+                .collect(),
             ..Metrics::default()
         }
     }
@@ -309,6 +321,11 @@ impl Metrics {
 
     pub fn listeners(&self) -> &[ListenerStats] {
         &self.listeners
+    }
+
+    /// Each worker's counters, by worker number.
+    pub fn workers(&self) -> &[WorkerStats] {
+        &self.workers
     }
 
     /// The shared state of every server of upstream `id`, in config order.
@@ -335,13 +352,32 @@ impl Metrics {
 
     // ---- what the parts record ----------------------------------------------------------
 
-    /// A TCP client was accepted on `listener`.
-    pub fn opened(&self, listener: ListenerId) {
+    /// Takes one of the process's `max` connection slots before an accept, so that every
+    /// worker together keeps `max_connections` (a compare-and-swap, no lock). False at the cap:
+    /// the client waits in the kernel backlog.
+    pub fn reserve(&self, max: usize) -> bool {
+        let max = u64::try_from(max).unwrap_or(u64::MAX);
+        self.connections_active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                (v < max).then_some(v + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back a slot that `reserve` took for an accept that brought no client.
+    pub fn unreserve(&self) {
+        sub(&self.connections_active, 1);
+    }
+
+    /// A TCP client was accepted on `listener` by `worker`, in a slot `reserve` took.
+    pub fn opened(&self, listener: ListenerId, worker: usize) {
         add(&self.connections_total, 1);
-        add(&self.connections_active, 1);
         if let Some(l) = self.listener(listener) {
             add(&l.connections_total, 1);
             add(&l.connections_active, 1);
+        }
+        if let Some(w) = self.workers.get(worker) {
+            add(&w.connections_total, 1);
         }
     }
 
@@ -429,7 +465,9 @@ mod tests {
         assert_eq!(m.servers(UpstreamId(0)).len(), 2);
         assert!(m.server(UpstreamId(0), ServerId(2)).is_none());
         assert!(m.listener(ListenerId(1)).is_none());
-        m.opened(ListenerId(0));
+        assert!(m.reserve(1));
+        assert!(!m.reserve(1), "one slot in all");
+        m.opened(ListenerId(0), 0);
         m.closed(ListenerId(0), End::ClientClosed, (3, 4), None);
         m.closed(ListenerId(7), End::Error, (1, 1), None);
         let l = m.listener(ListenerId(0)).expect("listener");

@@ -50,14 +50,33 @@ impl fmt::Display for BindError {
 
 impl std::error::Error for BindError {}
 
+/// Whether a listening socket shares its port with the other workers' (`SO_REUSEPORT`, the
+/// kernel spreading connections and UDP flows between them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// One worker: the port is this socket's alone.
+    Alone,
+    /// The first of several workers: it checks that no other process holds the port (a bind
+    /// without `SO_REUSEPORT`, released at once) before it binds with it.
+    First,
+    /// Another worker, binding the address the first one got.
+    Another,
+}
+
 /// Binds a listening socket of either protocol with the options sluice always wants: IPv6
 /// sockets only for IPv6 (`[::]:P` and `0.0.0.0:P` are separate listeners, as in nginx),
 /// non-blocking. `prepare` sets the protocol's own options before `bind`.
 pub fn bind(
     proto: Proto,
     addr: SocketAddr,
-    prepare: impl FnOnce(&socket2::Socket) -> io::Result<()>,
+    sharing: Sharing,
+    prepare: &dyn Fn(&socket2::Socket) -> io::Result<()>,
 ) -> Result<socket2::Socket, BindError> {
+    if sharing == Sharing::First && addr.port() != 0 {
+        // SO_REUSEPORT would let this bind succeed beside another process of the same user
+        // holding the port (and share its traffic): find that out first.
+        drop(bind(proto, addr, Sharing::Alone, prepare)?);
+    }
     let fail = |error| BindError { proto, addr, error };
     let (kind, protocol) = match proto {
         Proto::Tcp => (socket2::Type::STREAM, socket2::Protocol::TCP),
@@ -69,9 +88,21 @@ pub fn bind(
         socket.set_only_v6(true).map_err(fail)?;
     }
     prepare(&socket).map_err(fail)?;
+    if sharing != Sharing::Alone {
+        socket.set_reuse_port(true).map_err(fail)?;
+    }
     socket.set_nonblocking(true).map_err(fail)?;
     socket.bind(&addr.into()).map_err(fail)?;
     Ok(socket)
+}
+
+/// Where one worker binds: for each listener (by `ListenerId`), the address (the config's for
+/// the first worker; the one the first worker got for the others, so a port 0 is the same
+/// port in all), and how the socket shares its port.
+#[derive(Debug, Clone, Copy)]
+pub struct BindPlan<'a> {
+    pub addrs: &'a [SocketAddr],
+    pub sharing: Sharing,
 }
 
 /// Binds and registers every listener of `proto` in `config`, in a table by `ListenerId` (the
@@ -82,7 +113,8 @@ pub fn bind_all<S: mio::event::Source>(
     proto: Proto,
     registry: &mio::Registry,
     token: fn(usize) -> mio::Token,
-    open: impl Fn(SocketAddr) -> Result<(S, SocketAddr), BindError>,
+    plan: BindPlan<'_>,
+    open: impl Fn(SocketAddr, Sharing) -> Result<(S, SocketAddr), BindError>,
 ) -> Result<Vec<Option<(S, SocketAddr)>>, BindError> {
     let mut table = Vec::with_capacity(config.listeners.len());
     for (i, conf) in config.listeners.iter().enumerate() {
@@ -90,7 +122,8 @@ pub fn bind_all<S: mio::event::Source>(
             table.push(None);
             continue;
         }
-        let (mut socket, addr) = open(conf.addr)?;
+        let at = plan.addrs.get(i).copied().unwrap_or(conf.addr);
+        let (mut socket, addr) = open(at, plan.sharing)?;
         registry
             .register(&mut socket, token(i), mio::Interest::READABLE)
             .map_err(|error| BindError {

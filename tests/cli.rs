@@ -434,3 +434,44 @@ fn the_systemd_unit_verifies() {
         "systemd-analyze verify: {stderr}"
     );
 }
+
+/// `-w N` runs N workers (both answer), and a bad `-w` is a usage error.
+#[test]
+fn the_workers_option() {
+    let out = run_sluice(&["-w", "0", "-L", "127.0.0.1:0", "-U", "127.0.0.1:1"]);
+    assert_eq!(out.code, Some(2), "stderr:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains("-w takes a number of workers"),
+        "{}",
+        out.stderr
+    );
+    let echo = Backend::echo();
+    let port = free_port(Transport::Tcp);
+    let listen = format!("127.0.0.1:{port}");
+    let upstream = echo.addr().to_string();
+    let mut sluice =
+        SluiceChild::spawn(sluice_command(&["-w", "2", "-L", &listen, "-U", &upstream]));
+    assert!(
+        wait_listening(&mut sluice, port),
+        "stderr:\n{}",
+        sluice.stderr()
+    );
+    let listening = sluice.stderr().matches("listening on").count();
+    assert_eq!(
+        listening,
+        1,
+        "one start-up line per listener, not per worker:\n{}",
+        sluice.stderr()
+    );
+    for k in 0..20 {
+        let mut c = connect(SocketAddr::from(([127, 0, 0, 1], port)));
+        round_trip(&mut c, format!("ping {k}").as_bytes()).expect("echo through two workers");
+    }
+    let threads = std::fs::read_dir(format!("/proc/{}/task", sluice.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(
+        threads >= 3,
+        "{threads} threads: main and two workers expected"
+    );
+}

@@ -47,6 +47,8 @@ pub struct Config {
     /// How long the worker keeps polling without sleeping after its last event (`busy_poll`);
     /// zero means off, the default.
     pub busy_poll: Duration,
+    /// Worker threads (`workers N|auto`; `auto` is resolved to the CPUs the process may use).
+    pub workers: usize,
     /// How long a stop waits for open connections to finish (`shutdown_timeout`).
     pub shutdown_timeout: Duration,
     pub log_level: log::LevelFilter,
@@ -187,6 +189,16 @@ impl Default for HealthCheck {
     }
 }
 
+/// Most worker threads: far more than the CPUs of any box sluice is for.
+pub const MAX_WORKERS: usize = 256;
+
+/// `auto` workers: one per CPU the process may run on.
+pub fn auto_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WORKERS)
+}
+
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -200,6 +212,7 @@ impl Default for Config {
             buffer_size: 16 * 1024,
             buffer_memory: 64 * 1024 * 1024,
             busy_poll: Duration::ZERO,
+            workers: 1,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             log_level: log::LevelFilter::Info,
             access_log: true,

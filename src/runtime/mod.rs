@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::config::{Config, Proto};
-use crate::part::BindError;
+use crate::part::{BindError, BindPlan, Sharing};
 
 pub use crate::metrics::Metrics;
 pub use crate::reactor::End;
@@ -54,6 +54,7 @@ impl From<BindError> for RuntimeError {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Command {
     /// Close everything now (a reset for every open pair) and exit.
     Stop,
@@ -64,24 +65,29 @@ enum Command {
 /// What a `Proxy` handle keeps to reach its worker.
 #[derive(Clone)]
 pub struct Stopper {
-    commands: mpsc::Sender<Command>,
-    waker: Arc<mio::Waker>,
+    /// Each worker's inbox and the waker of its poll.
+    workers: Vec<(mpsc::Sender<Command>, Arc<mio::Waker>)>,
 }
 
 impl Stopper {
-    /// Asks the worker to close everything and exit; returns at once.
-    pub fn stop(&self) {
-        // A worker that already exited has dropped its receiver; nothing is left to stop.
-        let _ = self.commands.send(Command::Stop);
-        let _ = self.waker.wake();
+    fn send(&self, command: Command) {
+        for (commands, waker) in &self.workers {
+            // A worker that already exited has dropped its receiver; nothing is left to tell.
+            let _ = commands.send(command);
+            let _ = waker.wake();
+        }
     }
 
-    /// Asks the worker to close its listening sockets at once and to exit when its open
+    /// Asks every worker to close everything and exit; returns at once.
+    pub fn stop(&self) {
+        self.send(Command::Stop);
+    }
+
+    /// Asks every worker to close its listening sockets at once and to exit when its open
     /// connections have finished, or after `timeout`, closing the rest (`end=shutdown`). UDP
     /// sessions end at once. Returns at once; a `stop` during the drain ends it.
     pub fn drain(&self, timeout: std::time::Duration) {
-        let _ = self.commands.send(Command::Drain(timeout));
-        let _ = self.waker.wake();
+        self.send(Command::Drain(timeout));
     }
 }
 
@@ -90,7 +96,7 @@ pub struct Proxy {
     addrs: Vec<(Proto, SocketAddr)>,
     stats: Arc<Stats>,
     stopper: Stopper,
-    thread: Option<JoinHandle<Result<(), RuntimeError>>>,
+    threads: Vec<JoinHandle<Result<(), RuntimeError>>>,
 }
 
 impl Proxy {
@@ -100,25 +106,68 @@ impl Proxy {
             return Err(RuntimeError::NoListeners);
         }
         let stats = Arc::new(Metrics::for_config(&config));
-        let (commands, inbox) = mpsc::channel();
-        let worker = worker::Worker::new(config, Arc::clone(&stats), inbox)?;
-        let addrs = worker.local_addrs();
-        let stopper = Stopper {
-            commands,
-            waker: worker.waker(),
+        let count = config.workers.clamp(1, crate::config::MAX_WORKERS);
+        // Every worker binds before any runs, so a listener that cannot bind fails the start
+        // (the workers built so far close their sockets as they drop). The first binds the
+        // config's addresses; the others bind the addresses it got, so a port 0 is one port.
+        let configured: Vec<SocketAddr> = config.listeners.iter().map(|l| l.addr).collect();
+        let first = match count {
+            1 => Sharing::Alone,
+            _ => Sharing::First,
         };
-        let thread = std::thread::Builder::new()
-            .name("sluice-worker".into())
-            .spawn(move || worker.run())
-            .map_err(|error| RuntimeError::Io {
-                what: "cannot start the worker thread",
-                error,
-            })?;
+        let mut workers = Vec::with_capacity(count);
+        let mut addrs = Vec::new();
+        let mut stopper = Stopper {
+            workers: Vec::with_capacity(count),
+        };
+        for index in 0..count {
+            let (commands, inbox) = mpsc::channel();
+            let bound: Vec<SocketAddr> = addrs.iter().map(|(_, a)| *a).collect();
+            let plan = match index {
+                0 => BindPlan {
+                    addrs: &configured,
+                    sharing: first,
+                },
+                _ => BindPlan {
+                    addrs: &bound,
+                    sharing: Sharing::Another,
+                },
+            };
+            let worker =
+                worker::Worker::new(config.clone(), Arc::clone(&stats), inbox, index, plan)?;
+            if index == 0 {
+                addrs = worker.local_addrs();
+            }
+            stopper.workers.push((commands, worker.waker()));
+            workers.push(worker);
+        }
+        let mut threads = Vec::with_capacity(count);
+        for (index, worker) in workers.into_iter().enumerate() {
+            let spawned = std::thread::Builder::new()
+                .name(format!("sluice-worker-{index}"))
+                .spawn(move || worker.run());
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(error) => {
+                    let started = Proxy {
+                        addrs,
+                        stats,
+                        stopper,
+                        threads,
+                    };
+                    drop(started);
+                    return Err(RuntimeError::Io {
+                        what: "cannot start a worker thread",
+                        error,
+                    });
+                }
+            }
+        }
         Ok(Proxy {
             addrs,
             stats,
             stopper,
-            thread: Some(thread),
+            threads,
         })
     }
 
@@ -160,22 +209,29 @@ impl Proxy {
         self.join()
     }
 
+    /// Waits for every worker; the first failure is the result (a worker that fails stops the
+    /// others, so the process does not run on with part of its listeners).
     fn join(&mut self) -> Result<(), RuntimeError> {
-        match self.thread.take() {
-            Some(thread) => thread.join().unwrap_or_else(|_| {
+        let mut result = Ok(());
+        for thread in std::mem::take(&mut self.threads) {
+            let ended = thread.join().unwrap_or_else(|_| {
                 Err(RuntimeError::Io {
                     what: "worker thread",
                     error: io::Error::other("panicked"),
                 })
-            }),
-            None => Ok(()),
+            });
+            if ended.is_err() && result.is_ok() {
+                self.stopper.stop();
+                result = ended;
+            }
         }
+        result
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if !self.threads.is_empty() {
             self.stopper.stop();
             let _ = self.join();
         }

@@ -18,7 +18,7 @@ use mio::{Events, Poll, Waker};
 use super::{Command, RuntimeError, Stats};
 use crate::config::{Config, Proto, UpstreamId};
 use crate::health::Prober;
-use crate::part::Ctx;
+use crate::part::{BindPlan, Ctx};
 use crate::reactor::timer::TimerWheel;
 use crate::reactor::token::{self, Target};
 use crate::reactor::{after, End, Timer};
@@ -50,6 +50,8 @@ pub struct Worker {
     probes: Prober,
     /// Bound addresses of all listeners in config order.
     bound: Vec<(Proto, SocketAddr)>,
+    /// This worker's number; worker 0 also runs the health probes.
+    index: usize,
     /// By `UpstreamId`.
     groups: Vec<Group>,
     timers: TimerWheel<Timer>,
@@ -60,17 +62,26 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Worker number `index`, binding its listeners as `plan` says.
     pub fn new(
         config: Config,
         stats: Arc<Stats>,
         inbox: mpsc::Receiver<Command>,
+        index: usize,
+        plan: BindPlan<'_>,
     ) -> Result<Worker, RuntimeError> {
         let io_err = |what| move |error| RuntimeError::Io { what, error };
         let poll = Poll::new().map_err(io_err("cannot create the poller"))?;
         let waker = Waker::new(poll.registry(), token::waker())
             .map_err(io_err("cannot create the waker"))?;
-        let tcp = TcpProxy::bind(&config, poll.registry(), Arc::clone(&stats.pool))?;
-        let udp = UdpProxy::bind(&config, poll.registry())?;
+        let tcp = TcpProxy::bind(
+            &config,
+            poll.registry(),
+            Arc::clone(&stats.pool),
+            index,
+            plan,
+        )?;
+        let udp = UdpProxy::bind(&config, poll.registry(), plan)?;
         let mut addrs: Vec<_> = tcp.local_addrs().chain(udp.local_addrs()).collect();
         addrs.sort_by_key(|(id, _)| *id);
         let bound = addrs
@@ -99,6 +110,7 @@ impl Worker {
             udp,
             probes: Prober::default(),
             bound,
+            index,
             timers: TimerWheel::new(now),
             now,
             phase: Phase::Running,
@@ -115,17 +127,26 @@ impl Worker {
     }
 
     pub fn run(mut self) -> Result<(), RuntimeError> {
-        let name = |id: UpstreamId| self.groups.get(id.0).map_or("?", |g| g.name.as_str());
-        for (addr, upstream) in self.tcp.describe() {
-            log::info!("listening on {} for upstream {}", addr, name(upstream));
+        if self.index == 0 {
+            // Every worker listens on the same addresses: one line each is enough.
+            let name = |id: UpstreamId| self.groups.get(id.0).map_or("?", |g| g.name.as_str());
+            for (addr, upstream) in self.tcp.describe() {
+                log::info!("listening on {} for upstream {}", addr, name(upstream));
+            }
+            for (addr, upstream) in self.udp.describe() {
+                log::info!("listening on udp {} for upstream {}", addr, name(upstream));
+            }
+            if self.config.workers > 1 {
+                log::info!("{} workers", self.config.workers);
+            }
         }
-        for (addr, upstream) in self.udp.describe() {
-            log::info!("listening on udp {} for upstream {}", addr, name(upstream));
+        if self.index == 0 {
+            // One worker probes; the verdicts reach the others through the shared server state.
+            let upstreams = std::mem::take(&mut self.config.upstreams);
+            let (_, _, probes, mut ctx) = self.split();
+            *probes = Prober::start(&upstreams, &mut ctx);
+            self.config.upstreams = upstreams;
         }
-        let upstreams = std::mem::take(&mut self.config.upstreams);
-        let (_, _, probes, mut ctx) = self.split();
-        *probes = Prober::start(&upstreams, &mut ctx);
-        self.config.upstreams = upstreams;
         while self.phase != Phase::Stopping {
             self.turn()?;
             if let Phase::Draining { until } = self.phase {

@@ -109,16 +109,17 @@ impl BufferPool {
             Some(data) => data,
             None if self.allocated < self.max_buffers => {
                 self.allocated += 1;
+                // The counters are the process's: every worker's pool adds its own.
                 self.stats
                     .allocated_bytes
-                    .store(self.allocated * self.size, Ordering::Relaxed);
+                    .fetch_add(self.size, Ordering::Relaxed);
                 vec![0u8; self.size].into_boxed_slice()
             }
             None => return None,
         };
         self.lent += 1;
-        self.stats.in_use.store(self.lent, Ordering::Relaxed);
-        self.stats.peak.fetch_max(self.lent, Ordering::Relaxed);
+        let in_use = self.stats.in_use.fetch_add(1, Ordering::Relaxed) + 1;
+        self.stats.peak.fetch_max(in_use, Ordering::Relaxed);
         Some(Buffer {
             data,
             start: 0,
@@ -127,15 +128,17 @@ impl BufferPool {
     }
 
     pub fn put(&mut self, buffer: Buffer) {
-        self.lent = self.lent.saturating_sub(1);
-        self.stats.in_use.store(self.lent, Ordering::Relaxed);
+        if self.lent > 0 {
+            self.lent -= 1;
+            self.stats.in_use.fetch_sub(1, Ordering::Relaxed);
+        }
         if self.free.len() < CACHE_LIMIT {
             self.free.push(buffer.data);
-        } else {
-            self.allocated = self.allocated.saturating_sub(1);
+        } else if self.allocated > 0 {
+            self.allocated -= 1;
             self.stats
                 .allocated_bytes
-                .store(self.allocated * self.size, Ordering::Relaxed);
+                .fetch_sub(self.size, Ordering::Relaxed);
         }
     }
 }

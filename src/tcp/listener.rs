@@ -11,19 +11,19 @@ use std::net::SocketAddr;
 use mio::net::{TcpListener, TcpStream};
 
 use crate::config::Proto;
-use crate::part::{self, BindError};
+use crate::part::{self, BindError, Sharing};
 
 /// Pending connections the kernel may hold for one listener (capped by `somaxconn`).
 const BACKLOG: i32 = 1024;
 
 /// A listening socket on `addr`, and the address it got (a port 0 shows the port chosen).
-pub fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindError> {
+pub fn bind(addr: SocketAddr, sharing: Sharing) -> Result<(TcpListener, SocketAddr), BindError> {
     let fail = |error| BindError {
         proto: Proto::Tcp,
         addr,
         error,
     };
-    let socket = part::bind(Proto::Tcp, addr, |socket| {
+    let socket = part::bind(Proto::Tcp, addr, sharing, &|socket| {
         // A restarted proxy must be able to bind while old connections sit in TIME_WAIT; for
         // TCP this never lets two listeners share a port.
         socket.set_reuse_address(true)?;
@@ -71,7 +71,8 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn accepted_sockets_have_nodelay_from_the_listener() {
-        let (listener, addr) = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let (listener, addr) =
+            bind("127.0.0.1:0".parse().expect("address"), Sharing::Alone).expect("bind");
         let _client = std::net::TcpStream::connect(addr).expect("connect");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let stream = loop {

@@ -8,7 +8,7 @@ use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 
 use crate::config::Proto;
-use crate::part::{self, BindError};
+use crate::part::{self, BindError, Sharing};
 
 /// Receive buffer asked for on listening sockets: a burst from many clients waits here while
 /// the worker is busy (the kernel caps it at `net.core.rmem_max`).
@@ -17,8 +17,8 @@ const LISTEN_RCVBUF: usize = 4 << 20;
 /// Binds a listening socket. No `SO_REUSEADDR`: for UDP it would let a second process bind the
 /// same port and take its datagrams. On a wildcard address the kernel is asked for each
 /// datagram's destination, so replies can leave from the address the client sent to.
-pub fn bind(addr: SocketAddr) -> Result<(UdpSocket, SocketAddr), BindError> {
-    let socket = part::bind(Proto::Udp, addr, |socket| {
+pub fn bind(addr: SocketAddr, sharing: Sharing) -> Result<(UdpSocket, SocketAddr), BindError> {
+    let socket = part::bind(Proto::Udp, addr, sharing, &|socket| {
         if addr.ip().is_unspecified() {
             crate::sys::report_datagram_destination(socket, addr.is_ipv6())?;
         }

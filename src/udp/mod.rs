@@ -27,7 +27,7 @@ use mio::Registry;
 
 use crate::accounting::{self, Settle};
 use crate::config::{Config, Listen, ListenerId, Proto, ServerId, UpstreamId};
-use crate::part::{self, BindError, Ctx};
+use crate::part::{self, BindError, BindPlan, Ctx};
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, retry, End, LogLimit, Readiness, Suppressed, Timer};
@@ -134,12 +134,17 @@ pub(crate) struct UdpProxy {
 
 impl UdpProxy {
     /// Binds every `listen udp` of `config`, registered under its `ListenerId`.
-    pub(crate) fn bind(config: &Config, registry: &Registry) -> Result<UdpProxy, BindError> {
+    pub(crate) fn bind(
+        config: &Config,
+        registry: &Registry,
+        plan: BindPlan<'_>,
+    ) -> Result<UdpProxy, BindError> {
         let bound = part::bind_all(
             config,
             Proto::Udp,
             registry,
             token::udp_listener,
+            plan,
             listener::bind,
         )?;
         let listeners: Vec<Option<UdpListen>> = bound

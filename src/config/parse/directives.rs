@@ -71,6 +71,7 @@ const fn only(proto: Proto, d: Directive) -> Directive {
 use Context::{Listen, Main, Upstream};
 
 pub(super) const DIRECTIVES: &[Directive] = &[
+    once("workers", Main, "a number or 'auto'"),
     once("max_connections", Main, "a number"),
     once("buffer_size", Main, "a size"),
     once("buffer_memory", Main, "a size"),

@@ -46,6 +46,16 @@ impl Parser<'_> {
                     self.config.buffer_memory = self.size(arg)?;
                     self.buffer_memory = Some(arg.clone());
                 }
+                "workers" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    self.config.workers = match arg.text.as_str() {
+                        "auto" => crate::config::auto_workers(),
+                        text => {
+                            let max = u32::try_from(crate::config::MAX_WORKERS).unwrap_or(256);
+                            self.u32_value(text, arg, "workers", 1, max)? as usize
+                        }
+                    };
+                }
                 "shutdown_timeout" => {
                     let arg = self.single(&stmt, d.takes)?;
                     self.config.shutdown_timeout = self.duration(&arg.text, arg)?;

@@ -559,7 +559,23 @@ fn unknown_directives_suggest_from_their_context() {
     let e = fail("listen 80 {\n  servr 127.0.0.1:1;\n}");
     assert_eq!(e.message, "unknown directive 'servr'");
     // Directives of DESIGN.md this build does not know yet.
-    assert_err("workers 4;", 1, 1, "unknown directive 'workers'");
+    assert_err("admin 127.0.0.1:9901;", 1, 1, "unknown directive 'admin'");
+}
+
+#[test]
+fn workers_is_a_count_or_auto() {
+    assert_eq!(ok("").workers, 1);
+    assert_eq!(ok("workers 4;").workers, 4);
+    let auto = ok("workers auto;").workers;
+    assert!((1..=crate::config::MAX_WORKERS).contains(&auto));
+    assert_err(
+        "workers 0;",
+        1,
+        9,
+        "'workers' must be between 1 and 256, got '0'",
+    );
+    assert_err("workers 257;", 1, 9, "'workers' must be between 1 and 256");
+    assert_err("workers many;", 1, 9, "bad number 'many' for 'workers'");
 }
 
 #[test]

@@ -21,6 +21,9 @@ use crate::tcp::Side;
 
 /// Accepts per listener per loop turn before other work gets a go.
 const ACCEPT_BUDGET: usize = 64;
+/// At `max_connections`, how soon to look again for a slot another worker freed (this worker's
+/// own pairs reopen accepting the moment they end).
+const CAPACITY_RECHECK: Duration = Duration::from_millis(50);
 /// Pause after `EMFILE`/`ENFILE` before trying to accept again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -44,20 +47,12 @@ impl TcpProxy {
 
     /// The descriptor back-off ran out: try accepting again.
     pub fn accept_resume(&mut self) {
-        if self.accept == AcceptState::BackingOff {
-            self.accept = AcceptState::Open;
-        }
         self.reopen_accepting();
     }
 
     pub(super) fn accept_from(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
         for _ in 0..ACCEPT_BUDGET {
             if self.accept != AcceptState::Open {
-                return;
-            }
-            if self.pairs.len() >= self.max_connections {
-                // Clients wait in the kernel backlog until a pair ends.
-                self.accept = AcceptState::AtCapacity;
                 return;
             }
             let Some(Some(l)) = self.listeners.get_mut(id.0) else {
@@ -69,7 +64,20 @@ impl TcpProxy {
             let Some(socket) = &l.socket else {
                 return;
             };
-            match listener::accept(socket) {
+            // A slot of the process's max_connections, shared by every worker, before the
+            // accept: at the cap, clients wait in the kernel backlog.
+            if !ctx.metrics.reserve(self.max_connections) {
+                self.accept = AcceptState::AtCapacity;
+                // A pair of another worker may end first; look again then.
+                ctx.timers
+                    .insert(ctx.now + CAPACITY_RECHECK, Timer::AcceptResume);
+                return;
+            }
+            let accepted = listener::accept(socket);
+            if !matches!(accepted, Accept::Client(..)) {
+                ctx.metrics.unreserve();
+            }
+            match accepted {
                 Accept::Client(stream, addr) => self.admit(id, stream, addr, ctx),
                 Accept::Drained => l.ready.readable = false,
                 Accept::OutOfFds(error) => {
@@ -103,11 +111,9 @@ impl TcpProxy {
         }
     }
 
-    /// A pair ended or a back-off expired: take clients again if there is room.
+    /// A pair ended or a wait ran out: take clients again (the next accept checks the cap).
     pub(super) fn reopen_accepting(&mut self) {
-        if self.accept != AcceptState::Open && self.pairs.len() < self.max_connections {
-            self.accept = AcceptState::Open;
-        }
+        self.accept = AcceptState::Open;
     }
 
     fn admit(
@@ -124,6 +130,7 @@ impl TcpProxy {
         let entry = self.pairs.vacant_entry();
         if entry.key() > token::MAX_INDEX >> 1 {
             // Its tokens could not name the slot (only on 32-bit targets, past 2M pairs).
+            ctx.metrics.unreserve();
             return;
         }
         let gen = self.next_gen;
@@ -140,10 +147,11 @@ impl TcpProxy {
                 client_addr,
                 crate::sys::io_reason(&e)
             );
+            ctx.metrics.unreserve();
             return;
         }
         entry.insert(pair);
-        ctx.metrics.opened(listener);
+        ctx.metrics.opened(listener, self.worker);
         self.connect_next(key, ctx);
     }
 }

@@ -27,7 +27,7 @@ use super::Side;
 use crate::accounting::{self, Settle};
 use crate::config::{Config, Listen, ListenerId, Proto, ServerId};
 use crate::metrics::PoolStats;
-use crate::part::{self, BindError, Ctx};
+use crate::part::{self, BindError, BindPlan, Ctx};
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, End, LogLimit, Readiness, Suppressed, Timer};
 use accept::AcceptState;
@@ -51,7 +51,10 @@ pub struct TcpProxy {
     next_gen: Gen,
     pool: BufferPool,
     scratch: Box<[u8]>,
+    /// The process's cap, kept by every worker together through `Metrics::reserve`.
     max_connections: usize,
+    /// Which worker this part belongs to (for the per-worker counters).
+    worker: usize,
     /// Pairs that stopped with readiness left (fairness budget); driven again before sleeping.
     ready: Vec<Key>,
     /// Pairs waiting for the pool to lend a buffer again.
@@ -67,12 +70,15 @@ impl TcpProxy {
         config: &Config,
         registry: &Registry,
         pool_stats: std::sync::Arc<PoolStats>,
+        worker: usize,
+        plan: BindPlan<'_>,
     ) -> Result<TcpProxy, BindError> {
         let bound = part::bind_all(
             config,
             Proto::Tcp,
             registry,
             token::listener,
+            plan,
             listener::bind,
         )?;
         let listeners = bound
@@ -94,6 +100,7 @@ impl TcpProxy {
             pool: BufferPool::new(config.buffer_size, config.buffer_memory, pool_stats),
             scratch: vec![0u8; config.buffer_size.max(1)].into_boxed_slice(),
             max_connections: config.max_connections,
+            worker,
             ready: Vec::new(),
             starved: Vec::new(),
             accept: AcceptState::Open,
