@@ -33,6 +33,8 @@ pub enum Kind {
     Direct,
     Sluice,
     SluiceBusy,
+    /// sluice with `-w 2`: two workers sharing the listening ports.
+    SluiceWorkers,
     Haproxy,
     HaproxyBusy,
     Nginx,
@@ -40,10 +42,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Direct,
         Kind::Sluice,
         Kind::SluiceBusy,
+        Kind::SluiceWorkers,
         Kind::Haproxy,
         Kind::HaproxyBusy,
         Kind::Nginx,
@@ -55,6 +58,7 @@ impl Kind {
             Kind::Direct => "direct",
             Kind::Sluice => "sluice",
             Kind::SluiceBusy => "sluice-bp",
+            Kind::SluiceWorkers => "sluice-w2",
             Kind::Haproxy => "haproxy",
             Kind::HaproxyBusy => "haproxy-bp",
             Kind::Nginx => "nginx",
@@ -110,8 +114,8 @@ pub fn which(name: &str) -> Option<PathBuf> {
 pub fn available(kind: Kind, env: &Env) -> Result<(), String> {
     match kind {
         Kind::Direct => Ok(()),
-        Kind::Sluice | Kind::SluiceBusy if env.sluice.is_file() => Ok(()),
-        Kind::Sluice | Kind::SluiceBusy => Err(format!(
+        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers if env.sluice.is_file() => Ok(()),
+        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers => Err(format!(
             "{} not found (cargo build --release)",
             env.sluice.display()
         )),
@@ -302,7 +306,7 @@ fn command(
     let conf_arg = conf.display().to_string();
     match kind {
         Kind::Direct => Err("direct has no process".to_string()),
-        Kind::Sluice | Kind::SluiceBusy => {
+        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers => {
             write(sluice_config(
                 proto,
                 port,
@@ -310,7 +314,11 @@ fn command(
                 env.max_conns,
                 kind.busy(),
             ))?;
-            Ok((env.sluice.clone(), vec!["-c".into(), conf_arg]))
+            let mut args = vec!["-c".into(), conf_arg];
+            if kind == Kind::SluiceWorkers {
+                args.extend(["-w".into(), "2".into()]);
+            }
+            Ok((env.sluice.clone(), args))
         }
         Kind::Haproxy | Kind::HaproxyBusy => {
             write(haproxy_config(
