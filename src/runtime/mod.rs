@@ -91,6 +91,18 @@ impl Stopper {
     }
 }
 
+/// Stops every worker when the worker that holds it fails or panics, so the process does not
+/// run on with part of its listeners.
+struct StopOnFailure(Option<Stopper>);
+
+impl Drop for StopOnFailure {
+    fn drop(&mut self) {
+        if let Some(stopper) = self.0.take() {
+            stopper.stop();
+        }
+    }
+}
+
 /// A running proxy.
 pub struct Proxy {
     addrs: Vec<(Proto, SocketAddr)>,
@@ -143,9 +155,17 @@ impl Proxy {
         }
         let mut threads = Vec::with_capacity(count);
         for (index, worker) in workers.into_iter().enumerate() {
+            let others = StopOnFailure(Some(stopper.clone()));
             let spawned = std::thread::Builder::new()
                 .name(format!("sluice-worker-{index}"))
-                .spawn(move || worker.run());
+                .spawn(move || {
+                    let mut others = others;
+                    let ended = worker.run();
+                    if ended.is_ok() {
+                        others.0 = None;
+                    }
+                    ended
+                });
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(error) => {

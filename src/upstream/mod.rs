@@ -351,13 +351,19 @@ impl Group {
 
     /// This group changed its servers' shared state: the other workers' groups read it again.
     fn changed(&mut self) {
-        self.seen = self.changes.changes.fetch_add(1, Ordering::Relaxed) + 1;
+        // Release: a group that sees the new count also sees the state written before it.
+        let before = self.changes.changes.fetch_add(1, Ordering::Release);
+        // Only this change is known to be read: one another worker made since the last sync
+        // must still be read at the next pick.
+        if before == self.seen {
+            self.seen = before + 1;
+        }
     }
 
     /// Reads the servers' shared verdicts again when another worker changed one (one atomic load
     /// per pick otherwise), so `least_conn`'s ranking and the marks' expiry follow them.
     fn sync(&mut self, now: Instant) {
-        let current = self.changes.changes.load(Ordering::Relaxed);
+        let current = self.changes.changes.load(Ordering::Acquire);
         if current == self.seen {
             return;
         }

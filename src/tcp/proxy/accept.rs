@@ -40,14 +40,27 @@ pub(super) enum AcceptState {
 impl TcpProxy {
     pub fn listener_ready(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
         if let Some(Some(l)) = self.listeners.get_mut(id.0) {
+            // A late event for a socket a drain closed: nothing to accept from.
+            if l.socket.is_none() {
+                return;
+            }
             l.ready.readable = true;
             self.accept_from(id, ctx);
         }
     }
 
-    /// The descriptor back-off ran out: try accepting again.
+    /// The wait for descriptors or for a free slot ran out: try accepting again.
     pub fn accept_resume(&mut self) {
+        self.resume_timer = None;
         self.reopen_accepting();
+    }
+
+    /// Looks again at `at`; one such timer at a time, however often the cap or a shortage of
+    /// descriptors is met.
+    fn resume_at(&mut self, at: std::time::Instant, ctx: &mut Ctx<'_>) {
+        if self.resume_timer.is_none() {
+            self.resume_timer = Some(ctx.timers.insert(at, Timer::AcceptResume));
+        }
     }
 
     pub(super) fn accept_from(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
@@ -69,8 +82,7 @@ impl TcpProxy {
             if !ctx.metrics.reserve(self.max_connections) {
                 self.accept = AcceptState::AtCapacity;
                 // A pair of another worker may end first; look again then.
-                ctx.timers
-                    .insert(ctx.now + CAPACITY_RECHECK, Timer::AcceptResume);
+                self.resume_at(ctx.now + CAPACITY_RECHECK, ctx);
                 return;
             }
             let accepted = listener::accept(socket);
@@ -98,8 +110,7 @@ impl TcpProxy {
     fn back_off_accepting(&mut self, error: &io::Error, ctx: &mut Ctx<'_>) {
         self.accept = AcceptState::BackingOff;
         ctx.metrics.accept_backoffs.fetch_add(1, Ordering::Relaxed);
-        ctx.timers
-            .insert(ctx.now + ACCEPT_BACKOFF, Timer::AcceptResume);
+        self.resume_at(ctx.now + ACCEPT_BACKOFF, ctx);
         if let Some(held_back) = self.fd_warnings.pass(ctx.now) {
             log::warn!(
                 "cannot accept: {} ({} connections open); pausing accepts for {} ms{}",

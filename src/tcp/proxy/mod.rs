@@ -28,6 +28,7 @@ use crate::accounting::{self, Settle};
 use crate::config::{Config, Listen, ListenerId, Proto, ServerId};
 use crate::metrics::PoolStats;
 use crate::part::{self, BindError, BindPlan, Ctx};
+use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, End, LogLimit, Readiness, Suppressed, Timer};
 use accept::AcceptState;
@@ -55,6 +56,8 @@ pub struct TcpProxy {
     max_connections: usize,
     /// Which worker this part belongs to (for the per-worker counters).
     worker: usize,
+    /// The armed `AcceptResume` timer, if any.
+    resume_timer: Option<TimerKey>,
     /// Pairs that stopped with readiness left (fairness budget); driven again before sleeping.
     ready: Vec<Key>,
     /// Pairs waiting for the pool to lend a buffer again.
@@ -101,6 +104,7 @@ impl TcpProxy {
             scratch: vec![0u8; config.buffer_size.max(1)].into_boxed_slice(),
             max_connections: config.max_connections,
             worker,
+            resume_timer: None,
             ready: Vec::new(),
             starved: Vec::new(),
             accept: AcceptState::Open,
@@ -129,7 +133,11 @@ impl TcpProxy {
         !self.ready.is_empty()
             || (!self.starved.is_empty() && self.pool.can_lend())
             || (self.accept == AcceptState::Open
-                && self.listeners.iter().flatten().any(|l| l.ready.readable))
+                && self
+                    .listeners
+                    .iter()
+                    .flatten()
+                    .any(|l| l.ready.readable && l.socket.is_some()))
     }
 
     // ---- events ----------------------------------------------------------------------------
@@ -221,7 +229,10 @@ impl TcpProxy {
         }
         if self.accept == AcceptState::Open {
             for i in 0..self.listeners.len() {
-                if self.listeners[i].as_ref().is_some_and(|l| l.ready.readable) {
+                if self.listeners[i]
+                    .as_ref()
+                    .is_some_and(|l| l.ready.readable && l.socket.is_some())
+                {
                     self.accept_from(ListenerId(i), ctx);
                 }
             }
