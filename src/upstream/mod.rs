@@ -464,6 +464,24 @@ mod tests {
         )
     }
 
+    /// An upstream "u" and a fresh shared state for each of its servers, as a worker gets them.
+    fn shared_servers(
+        balance: Balance,
+        servers: Vec<Server>,
+    ) -> (Upstream, Vec<Arc<ServerShared>>) {
+        let shared = servers
+            .iter()
+            .map(|s| Arc::new(ServerShared::new("u", s.addr)))
+            .collect();
+        let conf = Upstream {
+            name: "u".to_string(),
+            balance,
+            servers,
+            health_check: None,
+        };
+        (conf, shared)
+    }
+
     fn secs(s: u64) -> Instant {
         t0() + Duration::from_secs(s)
     }
@@ -700,17 +718,7 @@ mod tests {
 
     #[test]
     fn shared_state_follows_every_change() {
-        let conf = Upstream {
-            name: "u".to_string(),
-            balance: Balance::LeastConn,
-            servers: vec![fails(1, 10), server(2)],
-            health_check: None,
-        };
-        let shared: Vec<Arc<ServerShared>> = conf
-            .servers
-            .iter()
-            .map(|s| Arc::new(ServerShared::new("u", s.addr)))
-            .collect();
+        let (conf, shared) = shared_servers(Balance::LeastConn, vec![fails(1, 10), server(2)]);
         let mut g = Group::new(&conf, &shared, Arc::default());
         let load = |i: usize| shared[i].active.load(Ordering::Relaxed);
         g.acquire(ServerId(0));
@@ -737,17 +745,7 @@ mod tests {
     #[test]
     fn workers_share_failures_marks_and_health_verdicts() {
         for (name, balance) in Balance::ALL {
-            let conf = Upstream {
-                name: "u".to_string(),
-                balance,
-                servers: vec![fails(2, 10), server(2)],
-                health_check: None,
-            };
-            let shared: Vec<Arc<ServerShared>> = conf
-                .servers
-                .iter()
-                .map(|s| Arc::new(ServerShared::new("u", s.addr)))
-                .collect();
+            let (conf, shared) = shared_servers(balance, vec![fails(2, 10), server(2)]);
             let changes = Arc::new(UpstreamShared::default());
             let mut a = Group::new(&conf, &shared, Arc::clone(&changes));
             let mut b = Group::new(&conf, &shared, Arc::clone(&changes));
@@ -783,17 +781,7 @@ mod tests {
     #[test]
     fn an_operator_drain_or_down_takes_a_server_out_of_every_method() {
         for (name, balance) in Balance::ALL {
-            let conf = Upstream {
-                name: "u".to_string(),
-                balance,
-                servers: vec![server(1), server(2), server(3)],
-                health_check: None,
-            };
-            let shared: Vec<Arc<ServerShared>> = conf
-                .servers
-                .iter()
-                .map(|s| Arc::new(ServerShared::new("u", s.addr)))
-                .collect();
+            let (conf, shared) = shared_servers(balance, vec![server(1), server(2), server(3)]);
             let mut g = Group::new(&conf, &shared, Arc::default());
             shared[0].set_admin(AdminState::Drain);
             shared[1].set_admin(AdminState::Down);
@@ -818,13 +806,7 @@ mod tests {
 
     #[test]
     fn the_passive_window_is_readable_from_other_threads() {
-        let conf = Upstream {
-            name: "u".to_string(),
-            balance: Balance::RoundRobin,
-            servers: vec![fails(2, 10)],
-            health_check: None,
-        };
-        let shared = vec![Arc::new(ServerShared::new("u", conf.servers[0].addr))];
+        let (conf, shared) = shared_servers(Balance::RoundRobin, vec![fails(2, 10)]);
         let mut g = Group::new(&conf, &shared, Arc::default());
         assert!(!g.connect_failed(ServerId(0), secs(0)));
         assert_eq!(shared[0].fails.load(Ordering::Relaxed), 1);
