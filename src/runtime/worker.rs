@@ -139,8 +139,6 @@ impl Worker {
             if self.config.workers > 1 {
                 log::info!("{} workers", self.config.workers);
             }
-        }
-        if self.index == 0 {
             // One worker probes; the verdicts reach the others through the shared server state.
             let upstreams = std::mem::take(&mut self.config.upstreams);
             let (_, _, probes, mut ctx) = self.split();
