@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -85,13 +85,20 @@ fn a_transfer_under_way_finishes_intact_and_the_port_is_free_at_once() {
     );
 }
 
+/// A sluice whose one pair stays open: a client that sent a little to a server that never
+/// answers nor closes.
+fn held_pair(shutdown_timeout: &str) -> (SluiceChild, TcpStream, Backend, TempFile) {
+    let server = Backend::sink();
+    let (sluice, addr, conf) = sluice_with(server.addr(), shutdown_timeout);
+    let mut c = connect(addr);
+    c.write_all(b"held open").expect("write");
+    assert_eq!(server.next_event(EVENTUALLY), Some(Event::Data));
+    (sluice, c, server, conf)
+}
+
 #[test]
 fn a_pair_that_never_ends_is_closed_at_shutdown_timeout() {
-    let server = Backend::sink();
-    let (mut sluice, addr, _conf) = sluice_with(server.addr(), "1s");
-    let mut c = connect(addr);
-    c.write_all(b"never finished").expect("write");
-    assert_eq!(server.next_event(EVENTUALLY), Some(Event::Data));
+    let (mut sluice, mut c, _server, _conf) = held_pair("1s");
     let me = c.local_addr().expect("address");
     let signalled = Instant::now();
     sluice.signal("TERM");
@@ -117,11 +124,7 @@ fn a_pair_that_never_ends_is_closed_at_shutdown_timeout() {
 
 #[test]
 fn a_second_sigterm_exits_at_once() {
-    let server = Backend::sink();
-    let (mut sluice, addr, _conf) = sluice_with(server.addr(), "60s");
-    let mut c = connect(addr);
-    c.write_all(b"held open").expect("write");
-    assert_eq!(server.next_event(EVENTUALLY), Some(Event::Data));
+    let (mut sluice, mut c, _server, _conf) = held_pair("60s");
     sluice.signal("TERM");
     assert!(sluice
         .wait_for_stderr_line(EVENTUALLY, |l| l

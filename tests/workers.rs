@@ -129,8 +129,19 @@ fn a_udp_client_stays_in_one_session() {
 
 #[test]
 fn a_port_held_by_another_process_fails_the_start_with_workers() {
-    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let addr = taken.local_addr().expect("address");
+    // The holder shares its port (SO_REUSEPORT), as another sluice with workers does: without
+    // the check that binds once alone first, the workers would bind beside it and share its
+    // datagrams.
+    let taken =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+    taken.set_reuse_port(true).expect("SO_REUSEPORT");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    taken.bind(&any.into()).expect("bind");
+    let addr = taken
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("address");
     let conf = format!("workers 2;\nlisten udp {addr} {{\n  proxy 127.0.0.1:9;\n}}\n");
     let config = sluice::config::Config::parse(&conf, "test.conf").expect("config");
     let err = sluice::runtime::Proxy::start(config)

@@ -55,12 +55,8 @@ impl LogLimit {
         }
     }
 
-    pub fn allow(&mut self, now: Instant) -> bool {
-        self.pass(now).is_some()
-    }
-
-    /// Like `allow`; when a line may go out, how many were held back since the last one, so the
-    /// line can say so.
+    /// Whether a line may go out now and, if so, how many were held back since the last one,
+    /// so the line can say so.
     pub fn pass(&mut self, now: Instant) -> Option<u64> {
         let due = match self.last {
             None => true,
