@@ -6,17 +6,16 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::metrics::{ListenerId, ServerId, UpstreamId};
-use crate::part::Ctx;
+use crate::metrics::{ServerId, UpstreamId};
+use crate::part::{Ctx, Origin};
 use crate::reactor::End;
 
 pub const TARGET: &str = "access";
 
 /// Everything known about a pair or session at its end.
-pub struct Settle {
-    pub listener: ListenerId,
-    /// The bound address (a configured port 0 shows the port chosen).
-    pub listen: SocketAddr,
+pub struct Settle<'a> {
+    /// The listener that took the pair or session (its counters, its bound address).
+    pub origin: &'a Origin,
     pub client: SocketAddr,
     pub upstream: UpstreamId,
     /// The server whose connection slot this held; released here.
@@ -32,8 +31,9 @@ pub struct Settle {
 }
 
 /// Counts the end, gives the server its slot back and writes the access log line.
-pub fn settle(ctx: &mut Ctx<'_>, s: &Settle) {
-    ctx.metrics.closed(s.listener, s.end, s.bytes, s.datagrams);
+pub fn settle(ctx: &mut Ctx<'_>, s: &Settle<'_>) {
+    ctx.metrics
+        .closed(&s.origin.stats, s.end, s.bytes, s.datagrams);
     let access_log = ctx.access_log;
     let now = ctx.now;
     let Some(group) = ctx.upstreams.get_mut(s.upstream.0) else {
@@ -53,7 +53,7 @@ pub fn settle(ctx: &mut Ctx<'_>, s: &Settle) {
     }
     if access_log {
         write(&Entry {
-            listen: s.listen,
+            listen: s.origin.addr,
             client: s.client,
             upstream: &group.name,
             server: s.named.and_then(|id| group.server(id)).map(|x| x.conf.addr),
@@ -69,19 +69,18 @@ pub fn settle(ctx: &mut Ctx<'_>, s: &Settle) {
 /// A UDP client that got no session (no server available): counted and logged, nothing to release.
 pub fn refuse(
     ctx: &mut Ctx<'_>,
-    listener: ListenerId,
-    listen: SocketAddr,
+    origin: &Origin,
     client: SocketAddr,
     upstream: UpstreamId,
     end: End,
 ) {
-    ctx.metrics.refused(listener, end);
+    ctx.metrics.refused(&origin.stats, end);
     if !ctx.access_log {
         return;
     }
     if let Some(group) = ctx.upstreams.get_mut(upstream.0) {
         write(&Entry {
-            listen,
+            listen: origin.addr,
             client,
             upstream: &group.name,
             server: None,

@@ -1,5 +1,6 @@
 //! The `sluice` command: parse the command line, load or build a config, run the proxy until
-//! SIGINT/SIGTERM. Exit status: 0 clean stop, 1 config or runtime error, 2 usage error.
+//! SIGINT/SIGTERM, reload the file on SIGHUP. Exit status: 0 clean stop, 1 config or runtime
+//! error, 2 usage error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,12 +18,42 @@ Examples:
   sluice -L 0.0.0.0:8080 -U 127.0.0.1:80               forward TCP port 8080 to a local web server
   sluice -L 127.0.0.1:6380 -U 127.0.0.1:6379 -U 127.0.0.1:6381 -b least_conn
   sluice --udp -L 127.0.0.1:5353 -U 127.0.0.1:53       forward DNS over UDP
-  sluice -t -c conf/sluice.conf                        check a config file";
+  sluice -t -c conf/sluice.conf                        check a config file
+
+Signals:
+  SIGHUP           reload the config file: listeners that stay keep their sockets, and
+                   connections in flight keep their server; a bad file changes nothing
+  SIGTERM, SIGINT  stop: close the listeners, let connections finish (shutdown_timeout),
+                   then exit 0; a second one closes everything at once";
 
 enum Mode {
-    Run(Config),
+    Run(Config, Option<Source>),
     Check(Config, String),
     Print(String),
+}
+
+/// Where a config came from, to read it again on SIGHUP with the same command-line overrides.
+struct Source {
+    path: PathBuf,
+    workers: Option<usize>,
+    log_level: Option<log::LevelFilter>,
+}
+
+impl Source {
+    fn load(&self) -> Result<Config, config::ConfigError> {
+        let mut config = Config::load(&self.path)?;
+        self.apply(&mut config);
+        Ok(config)
+    }
+
+    fn apply(&self, config: &mut Config) {
+        if let Some(level) = self.log_level {
+            config.log_level = level;
+        }
+        if let Some(n) = self.workers {
+            config.workers = n;
+        }
+    }
 }
 
 /// A command-line mistake (exit 2) or a config error (exit 1).
@@ -119,13 +150,13 @@ fn parse_args(args: &[String]) -> Result<Mode, Failure> {
         },
     };
     let forward = m.opt_present("L") || !m.opt_strs("U").is_empty();
-    let mut config = if forward {
+    let (mut config, path) = if forward {
         if m.opt_present("c") || m.opt_present("t") {
             return Err(Failure::Usage(
                 "-L/-U cannot be combined with -c or -t".into(),
             ));
         }
-        forward_config(&m)?
+        (forward_config(&m)?, None)
     } else {
         if m.opt_present("b") || m.opt_present("udp") {
             return Err(Failure::Usage("-b and --udp go with -L and -U".into()));
@@ -138,15 +169,16 @@ fn parse_args(args: &[String]) -> Result<Mode, Failure> {
         if m.opt_present("t") {
             return Ok(Mode::Check(config, path.display().to_string()));
         }
-        config
+        (config, Some(path))
     };
-    if let Some(level) = log_level {
-        config.log_level = level;
-    }
-    if let Some(n) = workers {
-        config.workers = n;
-    }
-    Ok(Mode::Run(config))
+    let overrides = Source {
+        path: PathBuf::new(),
+        workers,
+        log_level,
+    };
+    overrides.apply(&mut config);
+    let source = path.map(|path| Source { path, ..overrides });
+    Ok(Mode::Run(config, source))
 }
 
 fn forward_config(m: &getopts::Matches) -> Result<Config, Failure> {
@@ -187,7 +219,7 @@ fn forward_config(m: &getopts::Matches) -> Result<Config, Failure> {
     Ok(Config::forward(proto, listen, &servers, balance))
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, source: Option<Source>) -> ExitCode {
     sluice::logging::init(config.log_level);
     let signals = match SignalSet::block() {
         Ok(s) => s,
@@ -203,7 +235,7 @@ fn run(config: Config) -> ExitCode {
             sluice::sys::io_reason(&e)
         ),
     }
-    let shutdown_timeout = config.shutdown_timeout;
+    let mut shutdown_timeout = config.shutdown_timeout;
     let proxy = match Proxy::start(config) {
         Ok(p) => p,
         Err(e) => {
@@ -212,25 +244,34 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let stopper = proxy.stopper();
+    let handle = proxy.handle();
     let mut draining = false;
     std::thread::spawn(move || loop {
         match signals.wait() {
             // The first stop lets connections finish; a second one does not wait.
             Ok(Signal::Interrupt | Signal::Terminate) if !draining => {
                 draining = true;
-                stopper.drain(shutdown_timeout);
+                handle.drain(shutdown_timeout);
             }
             Ok(Signal::Interrupt | Signal::Terminate) => {
                 log::info!("second stop signal: closing every connection now");
-                stopper.stop();
+                handle.stop();
             }
-            Ok(Signal::Hangup) => {
-                log::warn!("SIGHUP: reload is not supported yet; the running config stays")
-            }
+            Ok(Signal::Hangup) => match &source {
+                None => log::warn!("SIGHUP: nothing to reload, sluice runs from -L/-U"),
+                Some(source) => match source.load() {
+                    Err(e) => handle.reload_failed(&e),
+                    Ok(config) => {
+                        let timeout = config.shutdown_timeout;
+                        if handle.reload(config).is_ok() {
+                            shutdown_timeout = timeout;
+                        }
+                    }
+                },
+            },
             Err(e) => {
                 log::error!("waiting for signals failed: {}", sluice::sys::io_reason(&e));
-                stopper.stop();
+                handle.stop();
                 return;
             }
         }
@@ -255,7 +296,7 @@ fn main() -> ExitCode {
             println!("{}: ok: {}", path, config.summary());
             ExitCode::SUCCESS
         }
-        Ok(Mode::Run(config)) => run(config),
+        Ok(Mode::Run(config, source)) => run(config, source),
         Err(Failure::Config(message)) => {
             eprintln!("sluice: {}", message);
             ExitCode::from(1)

@@ -2,12 +2,14 @@
 //!
 //! Workers write, anything may read: `Proxy::stats()`, tests, and later the admin endpoint. Every
 //! counter is a relaxed atomic (a plain tally, read for reporting), so updating one never takes a
-//! lock. The tables are built once from the config, in config order; a listener and a server are
-//! reached through their id, and a lookup that misses returns `None`.
+//! lock. The tables follow the running config, in config order; a listener and a server are
+//! reached through their id, and a lookup that misses returns `None`. A reload installs new
+//! tables that carry over what stays; pairs and sessions hold their listener's counters
+//! themselves, so the data path never reads the tables (nor their lock).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, Proto};
@@ -78,7 +80,7 @@ pub struct ListenerStats {
 }
 
 impl ListenerStats {
-    fn new(proto: Proto, addr: SocketAddr) -> ListenerStats {
+    pub fn new(proto: Proto, addr: SocketAddr) -> ListenerStats {
         ListenerStats {
             proto,
             addr,
@@ -238,7 +240,17 @@ fn epoch() -> Instant {
 /// so a verdict reached in one worker reaches the balancers of all.
 #[derive(Debug, Default)]
 pub struct UpstreamShared {
+    pub name: String,
     pub changes: AtomicU64,
+}
+
+impl UpstreamShared {
+    pub fn named(name: &str) -> UpstreamShared {
+        UpstreamShared {
+            name: name.to_string(),
+            changes: AtomicU64::new(0),
+        }
+    }
 }
 
 /// One worker's share of the work.
@@ -248,7 +260,84 @@ pub struct WorkerStats {
     pub connections_total: AtomicU64,
 }
 
-/// The whole registry: process-wide counters (fields), and the listener and server tables.
+/// The tables of one running config: a listener's counters by `ListenerId`, a server's shared
+/// state by `UpstreamId` and `ServerId`, an upstream's change counter by `UpstreamId`. A reload
+/// builds new tables that carry over every entry that stays (see [`Tables::carry`]).
+#[derive(Debug, Default)]
+pub struct Tables {
+    pub listeners: Vec<Arc<ListenerStats>>,
+    /// By upstream, then by server.
+    pub servers: Vec<Vec<Arc<ServerShared>>>,
+    pub upstreams: Vec<Arc<UpstreamShared>>,
+}
+
+impl Tables {
+    /// Tables for `config`, taking from `old` every entry that stays: a listener with the same
+    /// protocol and configured address, a server with the same upstream name and address (its
+    /// health, passive-health and admin state, and its counters, go on), an upstream with the
+    /// same name. Everything else starts fresh, as at start-up.
+    pub fn carry(old: &Tables, config: &Config) -> Tables {
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                old.listeners
+                    .iter()
+                    .find(|o| o.proto == l.proto && o.addr == l.addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(ListenerStats::new(l.proto, l.addr)))
+            })
+            .collect();
+        let old_upstream = |name: &str| {
+            old.upstreams
+                .iter()
+                .zip(&old.servers)
+                .find(|(shared, _)| shared.name == name)
+        };
+        let mut servers = Vec::with_capacity(config.upstreams.len());
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        for u in &config.upstreams {
+            let before = old_upstream(&u.name);
+            upstreams.push(before.map_or_else(
+                || Arc::new(UpstreamShared::named(&u.name)),
+                |(shared, _)| Arc::clone(shared),
+            ));
+            let kept: &[Arc<ServerShared>] = before.map_or(&[], |(_, s)| s.as_slice());
+            servers.push(
+                u.servers
+                    .iter()
+                    .map(|s| {
+                        kept.iter()
+                            .find(|k| k.addr == s.addr)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(ServerShared::new(&u.name, s.addr)))
+                    })
+                    .collect(),
+            );
+        }
+        Tables {
+            listeners,
+            servers,
+            upstreams,
+        }
+    }
+
+    /// The shared state of every server of upstream `id`, in config order.
+    pub fn servers(&self, id: UpstreamId) -> &[Arc<ServerShared>] {
+        self.servers.get(id.0).map_or(&[], Vec::as_slice)
+    }
+
+    /// What the groups of upstream `id` in every worker share.
+    pub fn upstream(&self, id: UpstreamId) -> Arc<UpstreamShared> {
+        self.upstreams.get(id.0).cloned().unwrap_or_default()
+    }
+
+    pub fn listener(&self, id: ListenerId) -> Option<&Arc<ListenerStats>> {
+        self.listeners.get(id.0)
+    }
+}
+
+/// The whole registry: process-wide counters (fields), and the tables of the running config.
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub connections_total: AtomicU64,
@@ -266,15 +355,18 @@ pub struct Metrics {
     pub udp_sessions_active: AtomicU64,
     pub udp_datagrams_up: AtomicU64,
     pub udp_datagrams_down: AtomicU64,
-    /// Datagrams dropped because a socket's send buffer was full.
+    /// Datagrams dropped because a socket's send buffer was full, or because they came from a
+    /// new client to a listener a reload removed.
     pub udp_dropped: AtomicU64,
+    /// Reloads applied.
+    pub reloads: AtomicU64,
+    /// Reloads refused (a config error, a listener that could not bind); the running config stayed.
+    pub reload_failures: AtomicU64,
     pub pool: Arc<PoolStats>,
     ends: Ends,
-    listeners: Vec<ListenerStats>,
-    /// By upstream, then by server.
-    servers: Vec<Vec<Arc<ServerShared>>>,
-    /// By upstream.
-    upstreams: Vec<Arc<UpstreamShared>>,
+    /// Swapped whole by a reload; the workers never read it on the data path (pairs and sessions
+    /// hold their listener's counters), so the lock is taken only by a reload and by readers.
+    tables: RwLock<Arc<Tables>>,
     /// By worker.
     workers: Vec<WorkerStats>,
 }
@@ -283,26 +375,7 @@ impl Metrics {
     /// Tables for every listener and every server of `config`, all counters at 0.
     pub fn for_config(config: &Config) -> Metrics {
         Metrics {
-            listeners: config
-                .listeners
-                .iter()
-                .map(|l| ListenerStats::new(l.proto, l.addr))
-                .collect(),
-            servers: config
-                .upstreams
-                .iter()
-                .map(|u| {
-                    u.servers
-                        .iter()
-                        .map(|s| Arc::new(ServerShared::new(&u.name, s.addr)))
-                        .collect()
-                })
-                .collect(),
-            upstreams: config
-                .upstreams
-                .iter()
-                .map(|_| Arc::new(UpstreamShared::default()))
-                .collect(),
+            tables: RwLock::new(Arc::new(Tables::carry(&Tables::default(), config))),
             workers: (0..config.workers.max(1))
                 .map(|_| WorkerStats::default())
                 .collect(),
@@ -310,17 +383,33 @@ impl Metrics {
         }
     }
 
+    /// The tables of the running config.
+    pub fn tables(&self) -> Arc<Tables> {
+        match self.tables.read() {
+            Ok(t) => Arc::clone(&t),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Makes `tables` the running config's (a reload).
+    pub fn install(&self, tables: Arc<Tables>) {
+        match self.tables.write() {
+            Ok(mut t) => *t = tables,
+            Err(poisoned) => *poisoned.into_inner() = tables,
+        }
+    }
+
     /// What the groups of upstream `id` in every worker share.
     pub fn upstream(&self, id: UpstreamId) -> Arc<UpstreamShared> {
-        self.upstreams.get(id.0).cloned().unwrap_or_default()
+        self.tables().upstream(id)
     }
 
-    pub fn listener(&self, id: ListenerId) -> Option<&ListenerStats> {
-        self.listeners.get(id.0)
+    pub fn listener(&self, id: ListenerId) -> Option<Arc<ListenerStats>> {
+        self.tables().listener(id).cloned()
     }
 
-    pub fn listeners(&self) -> &[ListenerStats] {
-        &self.listeners
+    pub fn listeners(&self) -> Vec<Arc<ListenerStats>> {
+        self.tables().listeners.clone()
     }
 
     /// Each worker's counters, by worker number.
@@ -329,12 +418,12 @@ impl Metrics {
     }
 
     /// The shared state of every server of upstream `id`, in config order.
-    pub fn servers(&self, id: UpstreamId) -> &[Arc<ServerShared>] {
-        self.servers.get(id.0).map_or(&[], Vec::as_slice)
+    pub fn servers(&self, id: UpstreamId) -> Vec<Arc<ServerShared>> {
+        self.tables().servers(id).to_vec()
     }
 
-    pub fn server(&self, upstream: UpstreamId, server: ServerId) -> Option<&Arc<ServerShared>> {
-        self.servers(upstream).get(server.0)
+    pub fn server(&self, upstream: UpstreamId, server: ServerId) -> Option<Arc<ServerShared>> {
+        self.tables().servers(upstream).get(server.0).cloned()
     }
 
     /// Connections and sessions that finished with `end`.
@@ -369,79 +458,64 @@ impl Metrics {
         sub(&self.connections_active, 1);
     }
 
-    /// A TCP client was accepted on `listener` by `worker`, in a slot `reserve` took.
-    pub fn opened(&self, listener: ListenerId, worker: usize) {
+    /// A TCP client was accepted on listener `l` by `worker`, in a slot `reserve` took.
+    pub fn opened(&self, l: &ListenerStats, worker: usize) {
         add(&self.connections_total, 1);
-        if let Some(l) = self.listener(listener) {
-            add(&l.connections_total, 1);
-            add(&l.connections_active, 1);
-        }
+        add(&l.connections_total, 1);
+        add(&l.connections_active, 1);
         if let Some(w) = self.workers.get(worker) {
             add(&w.connections_total, 1);
         }
     }
 
-    /// A UDP session opened on `listener`.
-    pub fn session_opened(&self, listener: ListenerId) {
+    /// A UDP session opened on listener `l`.
+    pub fn session_opened(&self, l: &ListenerStats) {
         add(&self.udp_sessions_total, 1);
         add(&self.udp_sessions_active, 1);
-        if let Some(l) = self.listener(listener) {
-            add(&l.connections_total, 1);
-            add(&l.udp_sessions_active, 1);
-        }
+        add(&l.connections_total, 1);
+        add(&l.udp_sessions_active, 1);
     }
 
     /// A connection or session ended; `datagrams` is set for UDP sessions.
     pub fn closed(
         &self,
-        listener: ListenerId,
+        l: &ListenerStats,
         end: End,
         bytes: (u64, u64),
         datagrams: Option<(u64, u64)>,
     ) {
-        let l = self.listener(listener);
         match datagrams {
             None => {
                 sub(&self.connections_active, 1);
-                if let Some(l) = l {
-                    sub(&l.connections_active, 1);
-                }
+                sub(&l.connections_active, 1);
             }
             Some((up, down)) => {
                 sub(&self.udp_sessions_active, 1);
                 add(&self.udp_datagrams_up, up);
                 add(&self.udp_datagrams_down, down);
-                if let Some(l) = l {
-                    sub(&l.udp_sessions_active, 1);
-                    add(&l.udp_datagrams_up, up);
-                    add(&l.udp_datagrams_down, down);
-                }
+                sub(&l.udp_sessions_active, 1);
+                add(&l.udp_datagrams_up, up);
+                add(&l.udp_datagrams_down, down);
             }
         }
         add(&self.bytes_up, bytes.0);
         add(&self.bytes_down, bytes.1);
         self.ends.count(end);
-        if let Some(l) = l {
-            add(&l.bytes_up, bytes.0);
-            add(&l.bytes_down, bytes.1);
-            l.ends.count(end);
-        }
+        add(&l.bytes_up, bytes.0);
+        add(&l.bytes_down, bytes.1);
+        l.ends.count(end);
     }
 
     /// A client that never got a connection or session (no server, refused): counted by `end`.
-    pub fn refused(&self, listener: ListenerId, end: End) {
+    pub fn refused(&self, l: &ListenerStats, end: End) {
         self.ends.count(end);
-        if let Some(l) = self.listener(listener) {
-            l.ends.count(end);
-        }
+        l.ends.count(end);
     }
 
-    /// A datagram was dropped on `listener`.
-    pub fn dropped(&self, listener: ListenerId) {
+    /// A datagram was dropped on listener `l`.
+    pub fn dropped(&self, l: &ListenerStats) {
         add(&self.udp_dropped, 1);
-        if let Some(l) = self.listener(listener) {
-            add(&l.udp_dropped, 1);
-        }
+        add(&l.udp_dropped, 1);
     }
 }
 
@@ -467,15 +541,55 @@ mod tests {
         assert!(m.listener(ListenerId(1)).is_none());
         assert!(m.reserve(1));
         assert!(!m.reserve(1), "one slot in all");
-        m.opened(ListenerId(0), 0);
-        m.closed(ListenerId(0), End::ClientClosed, (3, 4), None);
-        m.closed(ListenerId(7), End::Error, (1, 1), None);
         let l = m.listener(ListenerId(0)).expect("listener");
+        m.opened(&l, 0);
+        m.closed(&l, End::ClientClosed, (3, 4), None);
+        // A listener a reload removed: its pairs still count in the process totals.
+        let gone = ListenerStats::new(Proto::Tcp, "127.0.0.1:9".parse().expect("addr"));
+        m.closed(&gone, End::Error, (1, 1), None);
         assert_eq!(get(&l.connections_total), 1);
         assert_eq!(get(&l.connections_active), 0);
         assert_eq!((get(&l.bytes_up), get(&l.bytes_down)), (3, 4));
         assert_eq!(l.ends.get(End::ClientClosed), 1);
         assert_eq!(m.ended(End::Error), 1);
         assert_eq!(get(&m.connections_active), 0, "never below 0");
+    }
+
+    #[test]
+    fn a_reload_carries_what_stays_and_starts_the_rest_fresh() {
+        let first = Config::parse(
+            "upstream a { server 127.0.0.1:1; server 127.0.0.1:2; }
+             upstream b { server 127.0.0.1:3; }
+             listen 127.0.0.1:10 { proxy a; }
+             listen udp 127.0.0.1:11 { proxy b; }",
+            "first.conf",
+        )
+        .expect("config");
+        let second = Config::parse(
+            "upstream b { server 127.0.0.1:3; server 127.0.0.1:4; }
+             upstream a { server 127.0.0.1:2; }
+             listen 127.0.0.1:11 { proxy a; }
+             listen udp 127.0.0.1:11 { proxy b; }",
+            "second.conf",
+        )
+        .expect("config");
+        let old = Tables::carry(&Tables::default(), &first);
+        let new = Tables::carry(&old, &second);
+        // Listeners by protocol and address: udp :11 stays, tcp :10 went, tcp :11 is new.
+        assert!(!Arc::ptr_eq(&new.listeners[0], &old.listeners[0]));
+        assert!(Arc::ptr_eq(&new.listeners[1], &old.listeners[1]));
+        // Servers by upstream name and address, wherever they now stand.
+        assert!(
+            Arc::ptr_eq(&new.servers[1][0], &old.servers[0][1]),
+            "a's :2"
+        );
+        assert!(
+            Arc::ptr_eq(&new.servers[0][0], &old.servers[1][0]),
+            "b's :3"
+        );
+        assert_eq!(new.servers[0][1].addr.port(), 4);
+        assert!(new.servers[0][1].healthy.load(Ordering::Relaxed), "new: up");
+        assert!(Arc::ptr_eq(&new.upstreams[0], &old.upstreams[1]));
+        assert_eq!(new.upstreams[1].name, "a");
     }
 }

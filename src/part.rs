@@ -2,15 +2,18 @@
 //! call: the poll's registry, the timer wheel, the upstream groups, the metrics and the clock.
 //!
 //! The parts own their sockets and state machines; everything they share lives in the worker and
-//! reaches them only through a `Ctx`, so no part holds a reference into another.
+//! reaches them only through a `Ctx`, so no part holds a reference into another. An [`Origin`] is
+//! what a pair or session keeps of the listener that took it, so a reload that changes or
+//! removes the listener leaves connections in flight as they were.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::Proto;
-use crate::metrics::Metrics;
+use crate::config::{Listen, Proto};
+use crate::metrics::{ListenerStats, Metrics};
 use crate::reactor::timer::TimerWheel;
 use crate::reactor::Timer;
 use crate::upstream::Group;
@@ -23,6 +26,24 @@ pub struct Ctx<'a> {
     pub metrics: &'a Metrics,
     pub now: Instant,
     pub access_log: bool,
+}
+
+/// One listener as the running config has it, shared by every worker and held by each pair and
+/// session it accepted: the settings it was accepted under, the bound address (a configured port
+/// 0 shows the port chosen) and the listener's counters.
+#[derive(Debug)]
+pub struct Origin {
+    pub conf: Listen,
+    pub addr: SocketAddr,
+    pub stats: Arc<ListenerStats>,
+}
+
+impl Origin {
+    /// Whether `conf` is the same listener (same protocol and configured address): a reload keeps
+    /// its socket.
+    pub fn same_listener(&self, conf: &Listen) -> bool {
+        self.conf.proto == conf.proto && self.conf.addr == conf.addr
+    }
 }
 
 /// A listener that could not be bound: names the protocol, the address and the OS reason.
@@ -94,44 +115,4 @@ pub fn bind(
     socket.set_nonblocking(true).map_err(fail)?;
     socket.bind(&addr.into()).map_err(fail)?;
     Ok(socket)
-}
-
-/// Where one worker binds: for each listener (by `ListenerId`), the address (the config's for
-/// the first worker; the one the first worker got for the others, so a port 0 is the same
-/// port in all), and how the socket shares its port.
-#[derive(Debug, Clone, Copy)]
-pub struct BindPlan<'a> {
-    pub addrs: &'a [SocketAddr],
-    pub sharing: Sharing,
-}
-
-/// Binds and registers every listener of `proto` in `config`, in a table by `ListenerId` (the
-/// other protocol's slots are empty). `open` binds one address and returns the socket with the
-/// address it got (a configured port 0 shows the port chosen); `token` names a listener's token.
-pub fn bind_all<S: mio::event::Source>(
-    config: &crate::config::Config,
-    proto: Proto,
-    registry: &mio::Registry,
-    token: fn(usize) -> mio::Token,
-    plan: BindPlan<'_>,
-    open: impl Fn(SocketAddr, Sharing) -> Result<(S, SocketAddr), BindError>,
-) -> Result<Vec<Option<(S, SocketAddr)>>, BindError> {
-    let mut table = Vec::with_capacity(config.listeners.len());
-    for (i, conf) in config.listeners.iter().enumerate() {
-        if conf.proto != proto {
-            table.push(None);
-            continue;
-        }
-        let at = plan.addrs.get(i).copied().unwrap_or(conf.addr);
-        let (mut socket, addr) = open(at, plan.sharing)?;
-        registry
-            .register(&mut socket, token(i), mio::Interest::READABLE)
-            .map_err(|error| BindError {
-                proto,
-                addr: conf.addr,
-                error,
-            })?;
-        table.push(Some((socket, addr)));
-    }
-    Ok(table)
 }

@@ -10,6 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -101,7 +102,8 @@ type Outcome = Result<(), String>;
 
 impl Prober {
     /// A probe per server (except `down` ones) of every upstream with a `health_check`;
-    /// the first checks start at once.
+    /// the first checks start at once. Each starts from the server's verdict in its group (a
+    /// reload carries it over: a server that was down needs `rise` passed checks to be up).
     pub(crate) fn start(upstreams: &[Upstream], ctx: &mut Ctx<'_>) -> Prober {
         let mut prober = Prober::default();
         for (group, up) in upstreams.iter().enumerate() {
@@ -109,6 +111,11 @@ impl Prober {
                 continue;
             };
             for (server, conf) in up.servers.iter().enumerate().filter(|(_, s)| !s.down) {
+                let healthy = ctx
+                    .upstreams
+                    .get(group)
+                    .and_then(|g| g.server(ServerId(server)))
+                    .map_or(true, |s| s.shared.healthy.load(Ordering::Relaxed));
                 let key = prober.probes.insert(Probe {
                     upstream: UpstreamId(group),
                     server: ServerId(server),
@@ -120,12 +127,28 @@ impl Prober {
                     ready: Readiness::default(),
                     started: ctx.now,
                     timer: None,
-                    verdict: Verdict::default(),
+                    verdict: Verdict {
+                        up: healthy,
+                        streak: 0,
+                    },
                 });
                 prober.begin(key, ctx);
             }
         }
         prober
+    }
+
+    /// Ends every check (a reload starts new ones): sockets closed, timers cancelled.
+    pub(crate) fn stop(&mut self, ctx: &mut Ctx<'_>) {
+        for (_, p) in self.probes.iter_mut() {
+            if let Some(mut socket) = p.socket.take() {
+                let _ = ctx.registry.deregister(&mut socket);
+            }
+            if let Some(timer) = p.timer.take() {
+                ctx.timers.cancel(timer);
+            }
+        }
+        self.probes.clear();
     }
 
     pub fn len(&self) -> usize {

@@ -1,21 +1,31 @@
-//! The running proxy: binding, the worker thread, counters and the handle that stops it.
+//! The running proxy: binding, the worker threads, counters, and the handle that stops, drains
+//! and reloads it.
 //!
 //! [`Proxy::start`] binds every listener on the caller's thread (so a bad address fails at once,
-//! naming the address and the OS reason), then hands the sockets to a [`worker::Worker`] on its
-//! own thread. The handle talks to the worker only through a channel plus a `mio::Waker`, and
-//! reads the counters the worker publishes in the metrics registry; nothing else is shared.
+//! naming the address and the OS reason), then hands the sockets to the [`worker::Worker`]s, each
+//! on its own thread. A [`Handle`] talks to the workers only through a channel each plus a
+//! `mio::Waker`, and reads the counters they publish in the metrics registry; nothing else is
+//! shared. A reload is made here, on the caller's thread: the new listeners are bound for every
+//! worker first (one that cannot bind refuses the whole reload, and nothing has changed), then
+//! each worker gets the new config with its own sockets and applies it between two turns of its
+//! loop. What the running config is (for the next reload) lives behind one mutex that only
+//! reloads and address lookups take.
 
+mod listeners;
 mod worker;
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::config::{Config, Proto};
-use crate::part::{BindError, BindPlan, Sharing};
+use crate::metrics::Tables;
+use crate::part::{BindError, Origin};
+use listeners::Socket;
 
 pub use crate::metrics::Metrics;
 pub use crate::reactor::End;
@@ -54,108 +64,409 @@ impl From<BindError> for RuntimeError {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// A reload that was refused; the running config stays.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// A new listener could not be bound.
+    Bind(BindError),
+    NoListeners,
+    /// The proxy is stopping (a drain began): nothing to reload.
+    Stopping,
+}
+
+impl fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReloadError::Bind(e) => e.fmt(f),
+            ReloadError::NoListeners => RuntimeError::NoListeners.fmt(f),
+            ReloadError::Stopping => f.write_str("the proxy is stopping"),
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Listeners bound by this reload.
+    pub added: usize,
+    /// Listeners closed by it (their connections run on).
+    pub removed: usize,
+    /// Upstreams added, removed or changed.
+    pub upstreams_changed: usize,
+}
+
+impl fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "+{} listeners, -{} listeners, {} upstreams changed",
+            self.added, self.removed, self.upstreams_changed
+        )
+    }
+}
+
 enum Command {
     /// Close everything now (a reset for every open pair) and exit.
     Stop,
     /// Stop listening, let open connections finish for at most this long, then stop.
-    Drain(std::time::Duration),
+    Drain(Duration),
+    Reload(Box<worker::Reload>),
 }
 
-/// What a `Proxy` handle keeps to reach its worker.
-#[derive(Clone)]
-pub struct Stopper {
-    /// Each worker's inbox and the waker of its poll.
+/// How long a reload waits for every worker to say it applied the new config.
+const RELOAD_WAIT: Duration = Duration::from_secs(10);
+
+/// The running config as reloads see it.
+struct Running {
+    config: Config,
+    /// By `ListenerId` of `config`.
+    origins: Vec<Arc<Origin>>,
+    /// A drain began: no reload any more.
+    stopping: bool,
+}
+
+/// What every handle of one proxy shares.
+struct Control {
+    /// Each worker's inbox and the waker of its poll, by worker number.
     workers: Vec<(mpsc::Sender<Command>, Arc<mio::Waker>)>,
+    stats: Arc<Stats>,
+    running: Mutex<Running>,
 }
 
-impl Stopper {
-    fn send(&self, command: Command) {
-        for (commands, waker) in &self.workers {
+/// What a `Proxy` handle keeps to reach its workers: stop, drain, reload. Cheap to clone, and
+/// usable from any thread (a signal thread holds one).
+#[derive(Clone)]
+pub struct Handle {
+    control: Arc<Control>,
+}
+
+impl Handle {
+    fn send(&self, command: impl Fn() -> Command) {
+        for (commands, waker) in &self.control.workers {
             // A worker that already exited has dropped its receiver; nothing is left to tell.
-            let _ = commands.send(command);
+            let _ = commands.send(command());
             let _ = waker.wake();
         }
     }
 
+    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.control
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Asks every worker to close everything and exit; returns at once.
     pub fn stop(&self) {
-        self.send(Command::Stop);
+        self.running().stopping = true;
+        self.send(|| Command::Stop);
     }
 
     /// Asks every worker to close its listening sockets at once and to exit when its open
     /// connections have finished, or after `timeout`, closing the rest (`end=shutdown`). UDP
     /// sessions end at once. Returns at once; a `stop` during the drain ends it.
-    pub fn drain(&self, timeout: std::time::Duration) {
-        self.send(Command::Drain(timeout));
+    pub fn drain(&self, timeout: Duration) {
+        self.running().stopping = true;
+        self.send(|| Command::Drain(timeout));
+    }
+
+    /// Replaces the running config with `config`, keeping every listening socket that stays and
+    /// every connection in flight (DESIGN.md §2 "Workers, reload, shutdown"). Returns once every
+    /// worker has applied it (or after 10 s, with a warning). On error nothing has changed.
+    /// Logs one line either way (`reloaded: …` or `reload failed: …`) and counts it.
+    pub fn reload(&self, config: Config) -> Result<Reloaded, ReloadError> {
+        let result = self.try_reload(config);
+        match &result {
+            Ok(done) => {
+                self.control.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                log::info!("reloaded: {}", done);
+            }
+            Err(e) => self.reload_failed(e),
+        }
+        result
+    }
+
+    /// Counts and logs a reload that failed before it reached the proxy (the file could not be
+    /// read or parsed: `error` names FILE:LINE:COL).
+    pub fn reload_failed(&self, error: &dyn fmt::Display) {
+        self.control
+            .stats
+            .reload_failures
+            .fetch_add(1, Ordering::Relaxed);
+        log::error!("reload failed: {}; the running config stays", error);
+    }
+
+    fn try_reload(&self, mut config: Config) -> Result<Reloaded, ReloadError> {
+        if config.listeners.is_empty() {
+            return Err(ReloadError::NoListeners);
+        }
+        let mut running = self.running();
+        if running.stopping {
+            return Err(ReloadError::Stopping);
+        }
+        keep_fixed_settings(&running.config, &mut config);
+        let workers = self.control.workers.len();
+        let tables = Arc::new(Tables::carry(&self.control.stats.tables(), &config));
+        let mut plan =
+            Plan::make(&config, &tables, &running.origins, workers).map_err(ReloadError::Bind)?;
+        let done = Reloaded {
+            added: plan.fresh.len(),
+            removed: running
+                .origins
+                .iter()
+                .filter(|o| !config.listeners.iter().any(|l| o.same_listener(l)))
+                .count(),
+            upstreams_changed: upstreams_changed(&running.config, &config),
+        };
+        for o in &running.origins {
+            if !config.listeners.iter().any(|l| o.same_listener(l)) {
+                log::info!("stopped listening on {}", describe(o, &running.config));
+            }
+        }
+        for (_, origin) in &plan.fresh {
+            log::info!("listening on {}", describe(origin, &config));
+        }
+        let (acks, acked) = mpsc::channel();
+        let mut per_worker = plan.per_worker(workers);
+        for (index, (commands, waker)) in self.control.workers.iter().enumerate() {
+            let reload = worker::Reload {
+                config: config.clone(),
+                tables: Arc::clone(&tables),
+                origins: plan.origins.clone(),
+                fresh: std::mem::take(&mut per_worker[index]),
+                done: Some(acks.clone()),
+            };
+            if commands.send(Command::Reload(Box::new(reload))).is_ok() {
+                let _ = waker.wake();
+            }
+        }
+        drop(acks);
+        self.control.stats.install(tables);
+        running.origins = plan.origins;
+        running.config = config;
+        drop(running);
+        wait_for_workers(&acked, workers);
+        Ok(done)
+    }
+
+    /// The bound addresses of the running config's listeners, in config order.
+    pub fn local_addrs(&self) -> Vec<(Proto, SocketAddr)> {
+        self.running()
+            .origins
+            .iter()
+            .map(|o| (o.conf.proto, o.addr))
+            .collect()
     }
 }
 
-/// Stops every worker when the worker that holds it fails or panics, so the process does not
-/// run on with part of its listeners.
-struct StopOnFailure(Option<Stopper>);
-
-impl Drop for StopOnFailure {
-    fn drop(&mut self) {
-        if let Some(stopper) = self.0.take() {
-            stopper.stop();
+/// Waits until `workers` acknowledgements arrived, or every sender is gone, or `RELOAD_WAIT`.
+fn wait_for_workers(acked: &mpsc::Receiver<()>, workers: usize) {
+    let until = Instant::now() + RELOAD_WAIT;
+    for got in 0..workers {
+        let left = until.saturating_duration_since(Instant::now());
+        match acked.recv_timeout(left) {
+            Ok(()) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                log::warn!(
+                    "reload: {} of {} workers have applied it after {} s; the others will",
+                    got,
+                    workers,
+                    RELOAD_WAIT.as_secs()
+                );
+                return;
+            }
         }
+    }
+}
+
+/// Settings a running process cannot change (its threads, its buffer pool, its logger): a
+/// reload keeps the running values and says so.
+fn keep_fixed_settings(running: &Config, new: &mut Config) {
+    let mut kept = Vec::new();
+    if new.workers != running.workers {
+        kept.push(format!("workers {}", running.workers));
+        new.workers = running.workers;
+    }
+    if new.buffer_size != running.buffer_size {
+        kept.push(format!("buffer_size {}", running.buffer_size));
+        new.buffer_size = running.buffer_size;
+    }
+    if new.buffer_memory != running.buffer_memory {
+        kept.push(format!("buffer_memory {}", running.buffer_memory));
+        new.buffer_memory = running.buffer_memory;
+    }
+    if new.log_level != running.log_level {
+        kept.push(format!("log_level {}", running.log_level));
+        new.log_level = running.log_level;
+    }
+    if !kept.is_empty() {
+        log::warn!(
+            "reload: {} changes only on restart; keeping {}",
+            if kept.len() == 1 { "this" } else { "these" },
+            kept.join(", ")
+        );
+    }
+}
+
+/// Upstreams added, removed, or whose block changed (by name).
+fn upstreams_changed(old: &Config, new: &Config) -> usize {
+    let changed = new
+        .upstreams
+        .iter()
+        .filter(|u| !old.upstreams.contains(u))
+        .count();
+    let removed = old
+        .upstreams
+        .iter()
+        .filter(|u| !new.upstreams.iter().any(|n| n.name == u.name))
+        .count();
+    changed + removed
+}
+
+/// "ADDR for upstream NAME" (with "udp " before a UDP address), for the log.
+fn describe(origin: &Origin, config: &Config) -> String {
+    let upstream = config
+        .upstreams
+        .get(origin.conf.upstream.0)
+        .map_or("?", |u| u.name.as_str());
+    let proto = match origin.conf.proto {
+        Proto::Tcp => "",
+        Proto::Udp => "udp ",
+    };
+    format!("{proto}{} for upstream {upstream}", origin.addr)
+}
+
+/// The listeners of a config to be started or reloaded: an origin for each (the sockets of
+/// kept ones stay where they are), and the new ones bound for every worker.
+struct Plan {
+    /// By `ListenerId` of the new config.
+    origins: Vec<Arc<Origin>>,
+    /// The new listeners: their origin and their sockets, one per worker.
+    fresh: Vec<(Vec<Socket>, Arc<Origin>)>,
+}
+
+impl Plan {
+    /// Fails, having bound nothing that stays, if one new listener cannot be bound.
+    fn make(
+        config: &Config,
+        tables: &Tables,
+        running: &[Arc<Origin>],
+        workers: usize,
+    ) -> Result<Plan, BindError> {
+        let mut origins = Vec::with_capacity(config.listeners.len());
+        let mut fresh = Vec::new();
+        for (i, conf) in config.listeners.iter().enumerate() {
+            let stats = tables
+                .listener(crate::config::ListenerId(i))
+                .cloned()
+                .unwrap_or_else(|| {
+                    Arc::new(crate::metrics::ListenerStats::new(conf.proto, conf.addr))
+                });
+            let kept = running.iter().find(|o| o.same_listener(conf));
+            let (addr, sockets) = match kept {
+                Some(o) => (o.addr, None),
+                None => {
+                    let bound = listeners::bind(conf, workers)?;
+                    (bound.addr, Some(bound.sockets))
+                }
+            };
+            let origin = Arc::new(Origin {
+                conf: conf.clone(),
+                addr,
+                stats,
+            });
+            if let Some(sockets) = sockets {
+                fresh.push((sockets, Arc::clone(&origin)));
+            }
+            origins.push(origin);
+        }
+        Ok(Plan { origins, fresh })
+    }
+
+    /// Hands out the new sockets: for each worker, its socket of each new listener.
+    fn per_worker(&mut self, workers: usize) -> Vec<Vec<(Arc<Origin>, Socket)>> {
+        let mut out: Vec<Vec<(Arc<Origin>, Socket)>> = (0..workers).map(|_| Vec::new()).collect();
+        for (sockets, origin) in self.fresh.drain(..) {
+            for (mine, socket) in out.iter_mut().zip(sockets) {
+                mine.push((Arc::clone(&origin), socket));
+            }
+        }
+        out
     }
 }
 
 /// A running proxy.
 pub struct Proxy {
-    addrs: Vec<(Proto, SocketAddr)>,
-    stats: Arc<Stats>,
-    stopper: Stopper,
+    handle: Handle,
     threads: Vec<JoinHandle<Result<(), RuntimeError>>>,
 }
 
+/// Stops every worker when the worker that holds it fails or panics, so the process does not
+/// run on with part of its listeners.
+struct StopOnFailure(Option<Handle>);
+
+impl Drop for StopOnFailure {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.stop();
+        }
+    }
+}
+
 impl Proxy {
-    /// Binds every listener and starts the worker.
+    /// Binds every listener and starts the workers.
     pub fn start(config: Config) -> Result<Proxy, RuntimeError> {
         if config.listeners.is_empty() {
             return Err(RuntimeError::NoListeners);
         }
         let stats = Arc::new(Metrics::for_config(&config));
         let count = config.workers.clamp(1, crate::config::MAX_WORKERS);
-        // Every worker binds before any runs, so a listener that cannot bind fails the start
-        // (the workers built so far close their sockets as they drop). The first binds the
-        // config's addresses; the others bind the addresses it got, so a port 0 is one port.
-        let configured: Vec<SocketAddr> = config.listeners.iter().map(|l| l.addr).collect();
-        let first = match count {
-            1 => Sharing::Alone,
-            _ => Sharing::First,
-        };
+        let tables = stats.tables();
+        // Every listener is bound for every worker before any runs: one that cannot bind fails
+        // the start (what was bound closes as it drops).
+        let mut plan = Plan::make(&config, &tables, &[], count)?;
+        let mut per_worker = plan.per_worker(count);
         let mut workers = Vec::with_capacity(count);
-        let mut addrs = Vec::new();
-        let mut stopper = Stopper {
-            workers: Vec::with_capacity(count),
-        };
-        for index in 0..count {
+        let mut inboxes = Vec::with_capacity(count);
+        for (index, fresh) in per_worker.iter_mut().enumerate() {
             let (commands, inbox) = mpsc::channel();
-            let bound: Vec<SocketAddr> = addrs.iter().map(|(_, a)| *a).collect();
-            let plan = match index {
-                0 => BindPlan {
-                    addrs: &configured,
-                    sharing: first,
-                },
-                _ => BindPlan {
-                    addrs: &bound,
-                    sharing: Sharing::Another,
-                },
+            let first = worker::Reload {
+                config: config.clone(),
+                tables: Arc::clone(&tables),
+                origins: plan.origins.clone(),
+                fresh: std::mem::take(fresh),
+                done: None,
             };
-            let worker =
-                worker::Worker::new(config.clone(), Arc::clone(&stats), inbox, index, plan)?;
-            if index == 0 {
-                addrs = worker.local_addrs();
-            }
-            stopper.workers.push((commands, worker.waker()));
+            let worker = worker::Worker::new(first, Arc::clone(&stats), inbox, index)?;
+            inboxes.push((commands, worker.waker()));
             workers.push(worker);
         }
-        let mut threads = Vec::with_capacity(count);
+        for origin in &plan.origins {
+            log::info!("listening on {}", describe(origin, &config));
+        }
+        if count > 1 {
+            log::info!("{} workers", count);
+        }
+        let handle = Handle {
+            control: Arc::new(Control {
+                workers: inboxes,
+                stats,
+                running: Mutex::new(Running {
+                    config,
+                    origins: plan.origins,
+                    stopping: false,
+                }),
+            }),
+        };
+        let mut proxy = Proxy {
+            handle,
+            threads: Vec::with_capacity(count),
+        };
         for (index, worker) in workers.into_iter().enumerate() {
-            let others = StopOnFailure(Some(stopper.clone()));
+            let others = StopOnFailure(Some(proxy.handle.clone()));
             let spawned = std::thread::Builder::new()
                 .name(format!("sluice-worker-{index}"))
                 .spawn(move || {
@@ -167,15 +478,10 @@ impl Proxy {
                     ended
                 });
             match spawned {
-                Ok(thread) => threads.push(thread),
+                Ok(thread) => proxy.threads.push(thread),
                 Err(error) => {
-                    let started = Proxy {
-                        addrs,
-                        stats,
-                        stopper,
-                        threads,
-                    };
-                    drop(started);
+                    // Dropping the proxy stops and joins the workers already running.
+                    drop(proxy);
                     return Err(RuntimeError::Io {
                         what: "cannot start a worker thread",
                         error,
@@ -183,49 +489,54 @@ impl Proxy {
                 }
             }
         }
-        Ok(Proxy {
-            addrs,
-            stats,
-            stopper,
-            threads,
-        })
+        Ok(proxy)
     }
 
     /// The bound addresses, in config order (port 0 in the config shows the port chosen).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs.iter().map(|(_, a)| *a).collect()
+        self.handle
+            .local_addrs()
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect()
     }
 
     /// The bound address of the `i`-th listener.
     pub fn local_addr(&self, i: usize) -> Option<SocketAddr> {
-        self.addrs.get(i).map(|(_, a)| *a)
+        self.handle.local_addrs().get(i).map(|(_, a)| *a)
     }
 
     /// The protocol of the `i`-th listener.
     pub fn local_proto(&self, i: usize) -> Option<Proto> {
-        self.addrs.get(i).map(|(p, _)| *p)
+        self.handle.local_addrs().get(i).map(|(p, _)| *p)
     }
 
     pub fn stats(&self) -> &Stats {
-        &self.stats
+        &self.handle.control.stats
     }
 
     pub fn stats_handle(&self) -> Arc<Stats> {
-        Arc::clone(&self.stats)
+        Arc::clone(&self.handle.control.stats)
     }
 
-    pub fn stopper(&self) -> Stopper {
-        self.stopper.clone()
+    /// A handle that stops, drains or reloads this proxy from another thread.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
     }
 
-    /// Blocks until the worker exits (after a `Stopper::stop` or a fatal error).
+    /// See [`Handle::reload`].
+    pub fn reload(&self, config: Config) -> Result<Reloaded, ReloadError> {
+        self.handle.reload(config)
+    }
+
+    /// Blocks until the workers exit (after a `Handle::stop`, a drain, or a fatal error).
     pub fn wait(mut self) -> Result<(), RuntimeError> {
         self.join()
     }
 
-    /// Stops the worker and waits for it.
+    /// Stops the workers and waits for them.
     pub fn stop(mut self) -> Result<(), RuntimeError> {
-        self.stopper.stop();
+        self.handle.stop();
         self.join()
     }
 
@@ -241,7 +552,7 @@ impl Proxy {
                 })
             });
             if ended.is_err() && result.is_ok() {
-                self.stopper.stop();
+                self.handle.stop();
                 result = ended;
             }
         }
@@ -252,7 +563,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
-            self.stopper.stop();
+            self.handle.stop();
             let _ = self.join();
         }
     }

@@ -5,26 +5,28 @@
 //! part its entry names, and the parts get what they share through a [`Ctx`]. Invariants: the
 //! loop never blocks except in `poll`, whose timeout is 0 while some part has pending work (a
 //! pair that yielded, a listener with clients waiting) and otherwise the time to the next timer,
-//! so an idle proxy sleeps.
+//! so an idle proxy sleeps. A reload arrives as a command and is applied after the events of the
+//! turn that brought it, so no event of that batch can reach a slot the reload reassigned.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Waker};
 
+use super::listeners::Socket;
 use super::{Command, RuntimeError, Stats};
-use crate::config::{Config, Proto, UpstreamId};
+use crate::config::Config;
 use crate::health::Prober;
-use crate::part::{BindPlan, Ctx};
+use crate::metrics::Tables;
+use crate::part::{Ctx, Origin};
 use crate::reactor::timer::TimerWheel;
 use crate::reactor::token::{self, Target};
 use crate::reactor::{after, End, Timer};
 use crate::tcp::proxy::TcpProxy;
 use crate::udp::UdpProxy;
-use crate::upstream::Group;
+use crate::upstream::{self, Group};
 
 /// Where the worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,19 @@ enum Phase {
     Stopping,
 }
 
+/// A config for one worker to take on: the first one, or a reload.
+pub struct Reload {
+    pub config: Config,
+    /// The shared state of its listeners, servers and upstreams.
+    pub tables: Arc<Tables>,
+    /// By `ListenerId` of `config`; a listener this worker has that is not among them closes.
+    pub origins: Vec<Arc<Origin>>,
+    /// This worker's sockets of the listeners that are new.
+    pub fresh: Vec<(Arc<Origin>, Socket)>,
+    /// Told once the worker has applied it.
+    pub done: Option<mpsc::Sender<()>>,
+}
+
 pub struct Worker {
     poll: Poll,
     events: Option<Events>,
@@ -48,8 +63,8 @@ pub struct Worker {
     tcp: TcpProxy,
     udp: UdpProxy,
     probes: Prober,
-    /// Bound addresses of all listeners in config order.
-    bound: Vec<(Proto, SocketAddr)>,
+    /// Reloads that arrived this turn, applied once its events are handled.
+    reloads: Vec<Reload>,
     /// This worker's number; worker 0 also runs the health probes.
     index: usize,
     /// By `UpstreamId`.
@@ -62,64 +77,39 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Worker number `index`, binding its listeners as `plan` says.
+    /// Worker number `index`, running `first` (its listeners already bound).
     pub fn new(
-        config: Config,
+        first: Reload,
         stats: Arc<Stats>,
         inbox: mpsc::Receiver<Command>,
         index: usize,
-        plan: BindPlan<'_>,
     ) -> Result<Worker, RuntimeError> {
         let io_err = |what| move |error| RuntimeError::Io { what, error };
         let poll = Poll::new().map_err(io_err("cannot create the poller"))?;
         let waker = Waker::new(poll.registry(), token::waker())
             .map_err(io_err("cannot create the waker"))?;
-        let tcp = TcpProxy::bind(
-            &config,
-            poll.registry(),
-            Arc::clone(&stats.pool),
-            index,
-            plan,
-        )?;
-        let udp = UdpProxy::bind(&config, poll.registry(), plan)?;
-        let mut addrs: Vec<_> = tcp.local_addrs().chain(udp.local_addrs()).collect();
-        addrs.sort_by_key(|(id, _)| *id);
-        let bound = addrs
-            .into_iter()
-            .filter_map(|(id, addr)| config.listeners.get(id.0).map(|l| (l.proto, addr)))
-            .collect();
-        let groups = config
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                let id = UpstreamId(i);
-                Group::new(u, stats.servers(id), stats.upstream(id))
-            })
-            .collect();
+        let tcp = TcpProxy::new(&first.config, Arc::clone(&stats.pool), index);
         let now = Instant::now();
-        Ok(Worker {
+        let mut worker = Worker {
             poll,
             events: Some(Events::with_capacity(1024)),
             waker: Arc::new(waker),
             inbox,
-            groups,
-            config,
+            groups: Vec::new(),
+            config: first.config.clone(),
             stats,
             tcp,
-            udp,
+            udp: UdpProxy::new(),
             probes: Prober::default(),
-            bound,
+            reloads: Vec::new(),
             index,
             timers: TimerWheel::new(now),
             now,
             phase: Phase::Running,
             last_event: now,
-        })
-    }
-
-    pub fn local_addrs(&self) -> Vec<(Proto, SocketAddr)> {
-        self.bound.clone()
+        };
+        worker.apply(first);
+        Ok(worker)
     }
 
     pub fn waker(&self) -> Arc<Waker> {
@@ -127,24 +117,6 @@ impl Worker {
     }
 
     pub fn run(mut self) -> Result<(), RuntimeError> {
-        if self.index == 0 {
-            // Every worker listens on the same addresses: one line each is enough.
-            let name = |id: UpstreamId| self.groups.get(id.0).map_or("?", |g| g.name.as_str());
-            for (addr, upstream) in self.tcp.describe() {
-                log::info!("listening on {} for upstream {}", addr, name(upstream));
-            }
-            for (addr, upstream) in self.udp.describe() {
-                log::info!("listening on udp {} for upstream {}", addr, name(upstream));
-            }
-            if self.config.workers > 1 {
-                log::info!("{} workers", self.config.workers);
-            }
-            // One worker probes; the verdicts reach the others through the shared server state.
-            let upstreams = std::mem::take(&mut self.config.upstreams);
-            let (_, _, probes, mut ctx) = self.split();
-            *probes = Prober::start(&upstreams, &mut ctx);
-            self.config.upstreams = upstreams;
-        }
         while self.phase != Phase::Stopping {
             self.turn()?;
             if let Phase::Draining { until } = self.phase {
@@ -192,9 +164,54 @@ impl Worker {
             }
         }
         self.events = Some(events);
+        for reload in std::mem::take(&mut self.reloads) {
+            self.apply(reload);
+        }
         self.expire_timers();
         self.run_pending();
         Ok(())
+    }
+
+    /// Takes on a config: new groups that carry over what stays, the listeners it keeps, opens
+    /// and closes, and (on worker 0) probes started afresh from the verdicts carried over. Pairs
+    /// and sessions in flight keep their settings and their server.
+    fn apply(&mut self, reload: Reload) {
+        let Reload {
+            config,
+            tables,
+            origins,
+            fresh,
+            done,
+        } = reload;
+        if self.phase == Phase::Running {
+            let old = std::mem::take(&mut self.groups);
+            let (groups, remap) = upstream::rebuild(old, &config.upstreams, &tables);
+            self.groups = groups;
+            self.config = config;
+            let (mut tcp_fresh, mut udp_fresh) = (Vec::new(), Vec::new());
+            for (origin, socket) in fresh {
+                match socket {
+                    Socket::Tcp(s) => tcp_fresh.push((origin, s)),
+                    Socket::Udp(s) => udp_fresh.push((origin, s)),
+                }
+            }
+            let max_connections = self.config.max_connections;
+            let probing = self.index == 0;
+            let (tcp, udp, probes, mut ctx) = self.split();
+            tcp.reload(&origins, tcp_fresh, max_connections, &remap, &mut ctx);
+            udp.reload(&origins, udp_fresh, &remap, &mut ctx);
+            if probing {
+                // One worker probes; the verdicts reach the others through the shared state.
+                probes.stop(&mut ctx);
+                let upstreams = std::mem::take(&mut self.config.upstreams);
+                let (_, _, probes, mut ctx) = self.split();
+                *probes = Prober::start(&upstreams, &mut ctx);
+                self.config.upstreams = upstreams;
+            }
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
     }
 
     /// Polls for events: at once while work is pending; else, with `busy_poll` set and an event
@@ -246,9 +263,9 @@ impl Worker {
         }
         let (tcp, udp, probes, mut ctx) = self.split();
         match target {
-            Target::Listener(i) => tcp.listener_ready(crate::config::ListenerId(i), &mut ctx),
+            Target::Listener(slot) => tcp.listener_ready(slot, &mut ctx),
             Target::Pair(key, half) => tcp.socket_ready(key, half, event, &mut ctx),
-            Target::UdpListener(i) => udp.listener_ready(crate::config::ListenerId(i), &mut ctx),
+            Target::UdpListener(slot) => udp.listener_ready(slot, &mut ctx),
             Target::UdpSession(key) => udp.session_ready(key, event, &mut ctx),
             Target::Probe(key) => probes.ready(key, event, &mut ctx),
             Target::Waker | Target::Unknown => {}
@@ -261,6 +278,7 @@ impl Worker {
                 Command::Stop => self.phase = Phase::Stopping,
                 Command::Drain(timeout) if self.phase == Phase::Running => self.drain(timeout),
                 Command::Drain(_) => {}
+                Command::Reload(reload) => self.reloads.push(*reload),
             }
         }
     }

@@ -10,13 +10,15 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 
 use super::buffer::{Buffer, BufferPool};
 use super::Side;
-use crate::config::{ListenerId, ServerId};
+use crate::config::{ServerId, UpstreamId};
+use crate::part::Origin;
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::Gen;
 use crate::reactor::{retry, End, Readiness};
@@ -424,7 +426,11 @@ pub enum PairState {
 /// One client connection and its server connection.
 pub struct Pair {
     pub gen: Gen,
-    pub listener: ListenerId,
+    /// The listener that accepted the pair, as it was then: a reload changes settings for new
+    /// pairs only.
+    pub origin: Arc<Origin>,
+    /// The upstream the pair's server comes from; a reload translates the id.
+    pub upstream: UpstreamId,
     pub state: PairState,
     pub client: TcpStream,
     pub client_addr: SocketAddr,
@@ -453,14 +459,15 @@ pub struct Pair {
 impl Pair {
     pub fn new(
         gen: Gen,
-        listener: ListenerId,
+        origin: Arc<Origin>,
         client: TcpStream,
         client_addr: SocketAddr,
         now: Instant,
     ) -> Pair {
         Pair {
             gen,
-            listener,
+            upstream: origin.conf.upstream,
+            origin,
             state: PairState::Unassigned,
             client,
             client_addr,
@@ -1081,7 +1088,18 @@ mod tests {
         let (server, server_peer) = open();
         let now = Instant::now();
         let addr = "127.0.0.1:1".parse().expect("addr");
-        let mut pair = Pair::new(0, ListenerId(0), client, addr, now);
+        let listen = crate::config::Listen::new(
+            crate::config::Proto::Tcp,
+            addr,
+            crate::config::UpstreamId(0),
+            1,
+        );
+        let origin = Origin {
+            stats: Arc::new(crate::metrics::ListenerStats::new(listen.proto, addr)),
+            conf: listen,
+            addr,
+        };
+        let mut pair = Pair::new(0, Arc::new(origin), client, addr, now);
         pair.server = Some(server);
         pair.state = PairState::Streaming {
             server: ServerId(0),

@@ -13,25 +13,29 @@
 //! replies, when the server refuses (ICMP port unreachable, counted against the server), on
 //! `max_sessions` eviction of the least recently active session, and at shutdown. A session's
 //! slot is freed at once; its token and timer carry its generation, so a late event for it is
-//! ignored (the same guard as TCP pairs).
+//! ignored (the same guard as TCP pairs). A session keeps the settings and the server it opened
+//! with across a reload; a listener the reload removed serves its sessions until they end.
 
 mod listener;
 pub mod session;
 
+pub use listener::bind;
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
-use mio::Registry;
+use mio::{Interest, Registry};
 
 use crate::accounting::{self, Settle};
-use crate::config::{Config, Listen, ListenerId, Proto, ServerId, UpstreamId};
-use crate::part::{self, BindError, BindPlan, Ctx};
+use crate::config::{ServerId, UpstreamId};
+use crate::part::{Ctx, Origin};
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, retry, End, LogLimit, Readiness, Suppressed, Timer};
-use crate::upstream::Tried;
+use crate::upstream::{Remap, Tried};
 use session::SessionTable;
 
 /// Large enough for any datagram (the IPv6 payload limit is 65,527 bytes).
@@ -45,15 +49,14 @@ const SESSION_MASK: usize = (1 << SESSION_BITS) - 1;
 /// Warnings about failing to open sessions are logged at most this often.
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
-fn session_key(listener: ListenerId, slot: usize, gen: Gen) -> Key {
-    Key::new(listener.0 << SESSION_BITS | (slot & SESSION_MASK), gen)
+/// A session's key from its listener's slot and its own.
+fn session_key(listener: usize, slot: usize, gen: Gen) -> Key {
+    Key::new(listener << SESSION_BITS | (slot & SESSION_MASK), gen)
 }
 
-fn split_key(key: Key) -> (ListenerId, usize) {
-    (
-        ListenerId(key.index >> SESSION_BITS),
-        key.index & SESSION_MASK,
-    )
+/// The listener's slot and the session's.
+fn split_key(key: Key) -> (usize, usize) {
+    (key.index >> SESSION_BITS, key.index & SESSION_MASK)
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -71,6 +74,11 @@ impl Tally {
 
 pub(crate) struct Session {
     gen: Gen,
+    /// The listener as it was when the session opened: a reload changes settings for new
+    /// sessions only.
+    origin: Arc<Origin>,
+    /// The upstream of `server`; a reload translates both ids.
+    upstream: UpstreamId,
     server: ServerId,
     /// On a wildcard listener: the address the client last sent to, where replies leave from.
     local: Option<IpAddr>,
@@ -83,12 +91,23 @@ pub(crate) struct Session {
     down: Tally,
 }
 
+/// Whether a UDP listener takes new clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taking {
+    Everyone,
+    /// A reload removed the listener. Its sessions' replies leave through its socket, so it
+    /// stays open, for the clients it has, until the last session ends; a new client's datagram
+    /// is dropped and counted.
+    KnownClients,
+}
+
 struct UdpListen {
     socket: UdpSocket,
-    conf: Listen,
-    addr: SocketAddr,
+    /// What each session opened here holds: the settings, the bound address, the counters.
+    origin: Arc<Origin>,
     /// Bound to `0.0.0.0` or `[::]`: datagrams carry their destination address.
     wildcard: bool,
+    taking: Taking,
     ready: Readiness,
     sessions: SessionTable<Session>,
 }
@@ -123,7 +142,8 @@ impl UdpListen {
 }
 
 pub(crate) struct UdpProxy {
-    /// By `ListenerId`; the slots of TCP listeners are empty.
+    /// By slot, which is the listener's token and the high part of its sessions' tokens: a
+    /// listener keeps its slot while it has its socket (a reload that keeps it included).
     listeners: Vec<Option<UdpListen>>,
     buf: Box<[u8]>,
     next_gen: Gen,
@@ -133,75 +153,105 @@ pub(crate) struct UdpProxy {
 }
 
 impl UdpProxy {
-    /// Binds every `listen udp` of `config`, registered under its `ListenerId`.
-    pub(crate) fn bind(
-        config: &Config,
-        registry: &Registry,
-        plan: BindPlan<'_>,
-    ) -> Result<UdpProxy, BindError> {
-        let bound = part::bind_all(
-            config,
-            Proto::Udp,
-            registry,
-            token::udp_listener,
-            plan,
-            listener::bind,
-        )?;
-        let listeners: Vec<Option<UdpListen>> = bound
-            .into_iter()
-            .zip(&config.listeners)
-            .map(|(bound, conf)| {
-                bound.map(|(socket, addr)| UdpListen {
-                    socket,
-                    conf: conf.clone(),
-                    addr,
-                    wildcard: addr.ip().is_unspecified(),
-                    ready: Readiness::default(),
-                    sessions: SessionTable::default(),
-                })
-            })
-            .collect();
-        let buf = if listeners.iter().flatten().next().is_none() {
-            Box::default()
-        } else {
-            vec![0u8; DATAGRAM_BUFFER].into_boxed_slice()
-        };
-        Ok(UdpProxy {
-            listeners,
-            buf,
+    /// A part with no listener yet (see [`UdpProxy::reload`]).
+    pub(crate) fn new() -> UdpProxy {
+        UdpProxy {
+            listeners: Vec::new(),
+            buf: Box::default(),
             next_gen: 0,
             ready: Vec::new(),
             warnings: LogLimit::new(WARN_INTERVAL),
-        })
+        }
     }
 
-    pub(crate) fn local_addrs(&self) -> impl Iterator<Item = (ListenerId, SocketAddr)> + '_ {
-        self.listeners
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| l.as_ref().map(|l| (ListenerId(i), l.addr)))
+    /// Takes on a reloaded config (or the first one), as `TcpProxy::reload` does; a removed
+    /// listener with sessions goes on serving them (see [`Taking::KnownClients`]).
+    pub(crate) fn reload(
+        &mut self,
+        origins: &[Arc<Origin>],
+        fresh: Vec<(Arc<Origin>, UdpSocket)>,
+        remap: &Remap,
+        ctx: &mut Ctx<'_>,
+    ) {
+        for slot in &mut self.listeners {
+            let Some(l) = slot else {
+                continue;
+            };
+            match origins.iter().find(|o| o.same_listener(&l.origin.conf)) {
+                Some(origin) => {
+                    l.origin = Arc::clone(origin);
+                    l.taking = Taking::Everyone;
+                }
+                None if l.sessions.is_empty() => {
+                    let _ = ctx.registry.deregister(&mut l.socket);
+                    *slot = None;
+                }
+                None => l.taking = Taking::KnownClients,
+            }
+        }
+        for (origin, socket) in fresh {
+            self.listen(origin, socket, ctx.registry);
+        }
+        for l in self.listeners.iter_mut().flatten() {
+            for s in l.sessions.values_mut() {
+                s.server = remap.held(s.upstream, s.server);
+                s.upstream = remap.upstream(s.upstream);
+            }
+        }
     }
 
-    pub(crate) fn describe(&self) -> impl Iterator<Item = (SocketAddr, UpstreamId)> + '_ {
-        self.listeners
-            .iter()
-            .flatten()
-            .map(|l| (l.addr, l.conf.upstream))
+    /// Registers a listening socket in a free slot.
+    fn listen(&mut self, origin: Arc<Origin>, mut socket: UdpSocket, registry: &Registry) {
+        let slot = match self.listeners.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                self.listeners.push(None);
+                self.listeners.len() - 1
+            }
+        };
+        if slot > token::MAX_INDEX >> SESSION_BITS {
+            // Its sessions' tokens could not name it (only on 32-bit targets).
+            log::error!("cannot serve udp {}: too many listeners", origin.addr);
+            return;
+        }
+        let token = token::udp_listener(slot);
+        if let Err(e) = registry.register(&mut socket, token, Interest::READABLE) {
+            log::error!(
+                "cannot receive on udp {}: {}",
+                origin.addr,
+                crate::sys::io_reason(&e)
+            );
+            return;
+        }
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; DATAGRAM_BUFFER].into_boxed_slice();
+        }
+        if let Some(entry) = self.listeners.get_mut(slot) {
+            *entry = Some(UdpListen {
+                wildcard: origin.addr.ip().is_unspecified(),
+                socket,
+                origin,
+                taking: Taking::Everyone,
+                ready: Readiness::default(),
+                sessions: SessionTable::default(),
+            });
+        }
     }
 
     pub(crate) fn has_pending_work(&self) -> bool {
         !self.ready.is_empty() || self.listeners.iter().flatten().any(|l| l.ready.readable)
     }
 
-    pub(crate) fn listener_ready(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
-        if let Some(l) = self.listener_mut(id) {
+    /// The listener in `id` (its slot) has datagrams waiting.
+    pub(crate) fn listener_ready(&mut self, id: usize, ctx: &mut Ctx<'_>) {
+        if let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) {
             l.ready.readable = true;
             self.drain_listener(id, ctx);
         }
     }
 
     pub(crate) fn session_ready(&mut self, key: Key, event: &mio::event::Event, ctx: &mut Ctx<'_>) {
-        if let Some((_, s)) = self.live(key) {
+        if let Some(s) = self.live(key) {
             s.ready.absorb(event);
             self.drain_session(key, ctx);
         }
@@ -210,11 +260,8 @@ impl UdpProxy {
     /// Continues what a budget cut short.
     pub(crate) fn run_pending(&mut self, ctx: &mut Ctx<'_>) {
         for i in 0..self.listeners.len() {
-            if self
-                .listener_mut(ListenerId(i))
-                .is_some_and(|l| l.ready.readable)
-            {
-                self.drain_listener(ListenerId(i), ctx);
+            if self.listener_mut(i).is_some_and(|l| l.ready.readable) {
+                self.drain_listener(i, ctx);
             }
         }
         let ready = std::mem::take(&mut self.ready);
@@ -225,11 +272,11 @@ impl UdpProxy {
 
     /// A session's timer fired: end it if it has been idle for `idle_timeout`, else re-arm.
     pub(crate) fn timer(&mut self, key: Key, ctx: &mut Ctx<'_>) {
-        let Some((l, s)) = self.live(key) else {
+        let Some(s) = self.live(key) else {
             return;
         };
         s.timer = None;
-        let deadline = after(s.last_active, l.idle_timeout);
+        let deadline = after(s.last_active, s.origin.conf.idle_timeout);
         if ctx.now >= deadline {
             self.end(key, End::IdleTimeout, ctx);
         } else {
@@ -238,9 +285,8 @@ impl UdpProxy {
     }
 
     pub(crate) fn close_all(&mut self, end: End, ctx: &mut Ctx<'_>) {
-        for i in 0..self.listeners.len() {
-            let id = ListenerId(i);
-            let Some(l) = self.listener_mut(id) else {
+        for id in 0..self.listeners.len() {
+            let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
                 continue;
             };
             let keys: Vec<Key> = l
@@ -266,23 +312,21 @@ impl UdpProxy {
         self.ready.clear();
     }
 
-    fn listener_mut(&mut self, id: ListenerId) -> Option<&mut UdpListen> {
-        self.listeners.get_mut(id.0).and_then(Option::as_mut)
+    fn listener_mut(&mut self, id: usize) -> Option<&mut UdpListen> {
+        self.listeners.get_mut(id).and_then(Option::as_mut)
     }
 
-    /// The session `key` names (with its listener's settings), if the slot still holds that
-    /// owner: the stale-event guard.
-    fn live(&mut self, key: Key) -> Option<(&Listen, &mut Session)> {
+    /// The session `key` names, if the slot still holds that owner: the stale-event guard.
+    fn live(&mut self, key: Key) -> Option<&mut Session> {
         let (id, slot) = split_key(key);
-        let UdpListen { conf, sessions, .. } = self.listeners.get_mut(id.0)?.as_mut()?;
-        let s = sessions.get_mut(slot).filter(|s| s.gen == key.gen)?;
-        Some((conf, s))
+        let l = self.listeners.get_mut(id).and_then(Option::as_mut)?;
+        l.sessions.get_mut(slot).filter(|s| s.gen == key.gen)
     }
 
     /// Client datagrams: find or open the client's session and send each on to its server.
-    fn drain_listener(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
+    fn drain_listener(&mut self, id: usize, ctx: &mut Ctx<'_>) {
         for _ in 0..RECV_BUDGET {
-            let Some(l) = self.listeners.get_mut(id.0).and_then(Option::as_mut) else {
+            let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
                 return;
             };
             let (n, client, local) = match retry(|| l.recv(&mut self.buf)) {
@@ -294,7 +338,7 @@ impl UdpProxy {
                 Err(e) => {
                     log::debug!(
                         "udp {}: receive failed: {}",
-                        l.addr,
+                        l.origin.addr,
                         crate::sys::io_reason(&e)
                     );
                     continue;
@@ -302,6 +346,15 @@ impl UdpProxy {
             };
             let slot = match l.sessions.find(&client) {
                 Some(slot) => slot,
+                None if l.taking == Taking::KnownClients => {
+                    ctx.metrics.dropped(&l.origin.stats);
+                    log::trace!(
+                        "udp {}: removed by a reload; {} dropped",
+                        l.origin.addr,
+                        client
+                    );
+                    continue;
+                }
                 None => match self.open(id, client, ctx) {
                     Some(slot) => slot,
                     None => continue,
@@ -313,13 +366,13 @@ impl UdpProxy {
 
     fn send_up(
         &mut self,
-        id: ListenerId,
+        id: usize,
         slot: usize,
         n: usize,
         local: Option<IpAddr>,
         ctx: &mut Ctx<'_>,
     ) {
-        let Some(l) = self.listeners.get_mut(id.0).and_then(Option::as_mut) else {
+        let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
             return;
         };
         let Some(s) = l.sessions.get_mut(slot) else {
@@ -338,8 +391,8 @@ impl UdpProxy {
                 self.refused(key, ctx);
             }
             Ok(None) | Err(_) => {
-                ctx.metrics.dropped(id);
-                log::trace!("udp {}: datagram dropped", l.addr);
+                ctx.metrics.dropped(&l.origin.stats);
+                log::trace!("udp {}: datagram dropped", l.origin.addr);
             }
         }
     }
@@ -348,7 +401,7 @@ impl UdpProxy {
     fn drain_session(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let (id, slot) = split_key(key);
         for _ in 0..RECV_BUDGET {
-            let Some(l) = self.listeners.get_mut(id.0).and_then(Option::as_mut) else {
+            let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
                 return;
             };
             let Some(client) = l.sessions.client(slot) else {
@@ -385,12 +438,12 @@ impl UdpProxy {
             let replies = s.down.datagrams;
             let local = s.local;
             let datagram = self.buf.get(..n).unwrap_or_default();
+            let limit = u64::from(s.origin.conf.udp_responses);
             if !matches!(retry(|| l.reply(datagram, client, local)), Ok(Some(_))) {
-                ctx.metrics.dropped(id);
-                log::trace!("udp {}: reply to {} dropped", l.addr, client);
+                ctx.metrics.dropped(&l.origin.stats);
+                log::trace!("udp {}: reply to {} dropped", l.origin.addr, client);
             }
             l.sessions.touch(slot);
-            let limit = u64::from(l.conf.udp_responses);
             if limit > 0 && replies >= limit {
                 // The exchange is complete (DNS style): free the session at once.
                 self.end(key, End::ServerClosed, ctx);
@@ -401,13 +454,14 @@ impl UdpProxy {
     }
 
     /// Opens a session for a new client, evicting the least recently active one at the cap.
-    fn open(&mut self, id: ListenerId, client: SocketAddr, ctx: &mut Ctx<'_>) -> Option<usize> {
-        let l = self.listener_mut(id)?;
-        let (upstream, listen, max) = (l.conf.upstream, l.addr, l.conf.max_sessions);
+    fn open(&mut self, id: usize, client: SocketAddr, ctx: &mut Ctx<'_>) -> Option<usize> {
+        let l = self.listeners.get_mut(id).and_then(Option::as_mut)?;
+        let origin = Arc::clone(&l.origin);
+        let (upstream, listen, max) = (origin.conf.upstream, origin.addr, origin.conf.max_sessions);
         let now = ctx.now;
         let group = ctx.upstreams.get_mut(upstream.0)?;
         let Some(server) = group.pick(client.ip(), now, &Tried::default()) else {
-            accounting::refuse(ctx, id, listen, client, upstream, End::NoServer);
+            accounting::refuse(ctx, &origin, client, upstream, End::NoServer);
             return None;
         };
         let addr = group.server(server)?.conf.addr;
@@ -422,12 +476,12 @@ impl UdpProxy {
                 self.end(key, End::Limit, ctx);
             }
         }
-        let l = self.listeners.get_mut(id.0).and_then(Option::as_mut)?;
+        let l = self.listeners.get_mut(id).and_then(Option::as_mut)?;
         let group = ctx.upstreams.get_mut(upstream.0)?;
         let slot = l.sessions.next_key();
-        if slot > SESSION_MASK || id.0 > token::MAX_INDEX >> SESSION_BITS {
+        if slot > SESSION_MASK {
             // A token could not tell this session from another: refuse it instead.
-            ctx.metrics.dropped(id);
+            ctx.metrics.dropped(&origin.stats);
             return None;
         }
         let gen = self.next_gen;
@@ -436,7 +490,7 @@ impl UdpProxy {
         let socket = match listener::connect(addr, ctx.registry, token::udp_session(key)) {
             Ok(socket) => socket,
             Err(e) => {
-                ctx.metrics.dropped(id);
+                ctx.metrics.dropped(&origin.stats);
                 if let Some(held_back) = self.warnings.pass(now) {
                     log::warn!(
                         "udp {}: cannot open a session to {} for {}: {}{}",
@@ -453,11 +507,13 @@ impl UdpProxy {
         group.acquire(server);
         let timer = ctx
             .timers
-            .insert(after(now, l.conf.idle_timeout), Timer::Session(key));
+            .insert(after(now, origin.conf.idle_timeout), Timer::Session(key));
         let slot = l.sessions.insert(
             client,
             Session {
                 gen,
+                origin: Arc::clone(&origin),
+                upstream,
                 server,
                 local: None,
                 socket,
@@ -469,16 +525,16 @@ impl UdpProxy {
                 down: Tally::default(),
             },
         );
-        ctx.metrics.session_opened(id);
+        ctx.metrics.session_opened(&origin.stats);
         Some(slot)
     }
 
     /// The server answered with ICMP port unreachable: count it against the server.
     fn refused(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let (id, slot) = split_key(key);
-        if let Some(l) = self.listeners.get(id.0).and_then(Option::as_ref) {
+        if let Some(l) = self.listeners.get(id).and_then(Option::as_ref) {
             if let (Some(s), Some(client)) = (l.sessions.get(slot), l.sessions.client(slot)) {
-                let (upstream, server) = (l.conf.upstream, s.server);
+                let (upstream, server) = (s.upstream, s.server);
                 accounting::connect_failed(
                     ctx,
                     upstream,
@@ -493,7 +549,7 @@ impl UdpProxy {
 
     fn end(&mut self, key: Key, end: End, ctx: &mut Ctx<'_>) {
         let (id, slot) = split_key(key);
-        let Some(l) = self.listeners.get_mut(id.0).and_then(Option::as_mut) else {
+        let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
             return;
         };
         if !l.sessions.get(slot).is_some_and(|s| s.gen == key.gen) {
@@ -512,10 +568,9 @@ impl UdpProxy {
         accounting::settle(
             ctx,
             &Settle {
-                listener: id,
-                listen: l.addr,
+                origin: &s.origin,
                 client,
-                upstream: l.conf.upstream,
+                upstream: s.upstream,
                 held: Some(s.server),
                 named: Some(s.server),
                 bytes: (s.up.bytes, s.down.bytes),
@@ -524,6 +579,23 @@ impl UdpProxy {
                 end,
             },
         );
+        self.close_if_retired(id, ctx);
+    }
+
+    /// Closes a listener a reload removed once its last session has ended.
+    fn close_if_retired(&mut self, id: usize, ctx: &mut Ctx<'_>) {
+        let Some(slot) = self.listeners.get_mut(id) else {
+            return;
+        };
+        let retired = slot
+            .as_ref()
+            .is_some_and(|l| l.taking == Taking::KnownClients && l.sessions.is_empty());
+        if retired {
+            if let Some(mut l) = slot.take() {
+                let _ = ctx.registry.deregister(&mut l.socket);
+                log::info!("udp {}: closed, its last session ended", l.origin.addr);
+            }
+        }
     }
 }
 

@@ -110,6 +110,10 @@ impl<S> SessionTable<S> {
         Some(entry.value)
     }
 
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut S> + '_ {
+        self.slab.iter_mut().map(|(_, e)| &mut e.value)
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = usize> + '_ {
         self.slab.iter().map(|(k, _)| k)
     }

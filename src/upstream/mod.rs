@@ -47,6 +47,9 @@ pub struct ServerState {
     marked: bool,
     /// Position in the primary or backup pool.
     pool_pos: usize,
+    /// A reload removed the server while connections held it: it stays, in no pool, never
+    /// picked, until they end (see [`rebuild`]).
+    retired: bool,
     /// The server's state that every worker shares: the health verdict, the passive-health
     /// window (failures from any worker count toward the same `max_fails`), the admin state.
     pub shared: Arc<ServerShared>,
@@ -62,6 +65,7 @@ impl ServerState {
             healthy: true,
             marked: false,
             pool_pos: 0,
+            retired: false,
         }
     }
 
@@ -81,11 +85,12 @@ impl ServerState {
 
     /// Available apart from the clock: what `least_conn` can rank without knowing the time.
     fn listed(&self) -> bool {
-        !self.conf.down && self.healthy && !self.full() && !self.marked
+        !self.conf.down && !self.retired && self.healthy && !self.full() && !self.marked
     }
 
     fn available(&self, now: Instant) -> bool {
         !self.conf.down
+            && !self.retired
             // An operator's drain or down, set from any thread; `least_conn` ranks without it and
             // its search steps over such a server like a tried one.
             && self.shared.admin() == AdminState::Up
@@ -122,6 +127,19 @@ impl Tried {
             *more = grown;
         }
         more[at] |= bit;
+    }
+
+    /// The same servers under the ids a reload gave them (`map` by old id); servers gone are left out.
+    pub fn remap(&self, map: &[Option<ServerId>]) -> Tried {
+        let mut out = Tried::default();
+        for (old, new) in map.iter().enumerate() {
+            if let Some(new) = new {
+                if self.contains(ServerId(old)) {
+                    out.insert(*new);
+                }
+            }
+        }
+        out
     }
 
     pub fn contains(&self, server: ServerId) -> bool {
@@ -191,9 +209,24 @@ impl Group {
             backup: Pool::new(conf.balance, backup, &servers, !seed),
             servers,
             next_expiry: None,
-            seen: changes.changes.load(Ordering::Relaxed),
+            // Not yet read: the first pick reads the servers' shared state, which a reload
+            // carries over (a server down before it is down after it).
+            seen: changes.changes.load(Ordering::Relaxed).wrapping_sub(1),
             changes,
         }
+    }
+
+    /// Takes in a server a reload removed from the group (or whose group it removed) while
+    /// connections still hold it: never picked, it keeps their count until they end.
+    fn retire(&mut self, mut s: ServerState) -> ServerId {
+        s.retired = true;
+        self.servers.push(s);
+        ServerId(self.servers.len() - 1)
+    }
+
+    /// Connections open to the group's servers in this worker.
+    fn held(&self) -> bool {
+        self.servers.iter().any(|s| s.active > 0)
     }
 
     pub fn balance(&self) -> Balance {
@@ -416,7 +449,7 @@ impl Group {
 
     /// Server `i` changed something `least_conn` ranks on.
     fn touch(&mut self, i: usize) {
-        let Some(s) = self.servers.get(i) else {
+        let Some(s) = self.servers.get(i).filter(|s| !s.retired) else {
             return;
         };
         let pool = if s.conf.backup {
@@ -425,6 +458,120 @@ impl Group {
             &mut self.primary
         };
         pool.update(&self.servers, s.pool_pos);
+    }
+}
+
+/// How the ids that pairs and sessions in flight hold translate after a reload: an upstream by
+/// its name, a server by its upstream's name and its address. Every server that a connection
+/// holds has a new id (a retired one if the reload removed it); others may be gone.
+#[derive(Debug, Default)]
+pub struct Remap {
+    /// By old `UpstreamId`.
+    upstreams: Vec<Option<UpstreamId>>,
+    /// By old `UpstreamId`, then old `ServerId`.
+    servers: Vec<Vec<Option<ServerId>>>,
+}
+
+/// The id of nothing: a lookup with it misses (an id is a position, and no table is this long).
+const GONE: usize = usize::MAX;
+
+impl Remap {
+    /// The group's new id; one that names no group if the reload removed it and nothing held it.
+    pub fn upstream(&self, old: UpstreamId) -> UpstreamId {
+        UpstreamId(
+            self.upstreams
+                .get(old.0)
+                .copied()
+                .flatten()
+                .map_or(GONE, |u| u.0),
+        )
+    }
+
+    /// The server's new id in its group's new id.
+    pub fn server(&self, upstream: UpstreamId, old: ServerId) -> Option<ServerId> {
+        self.servers.get(upstream.0)?.get(old.0).copied().flatten()
+    }
+
+    /// The new id of a server a pair or session holds. Every held server has one; were one
+    /// missing, the id returned names nothing, so the holder loses only its access-log name.
+    pub fn held(&self, upstream: UpstreamId, old: ServerId) -> ServerId {
+        self.server(upstream, old).unwrap_or(ServerId(GONE))
+    }
+
+    /// `tried` under the new ids of `upstream`'s servers.
+    pub fn tried(&self, upstream: UpstreamId, tried: &Tried) -> Tried {
+        self.servers
+            .get(upstream.0)
+            .map_or_else(Tried::default, |map| tried.remap(map))
+    }
+}
+
+/// One worker's groups for a reloaded config (`tables`: its shared state, carried over by
+/// `metrics::Tables::carry`), made from the groups it runs now (`old`). A server that stays keeps
+/// this worker's count of its connections (`least_conn` and `max_conns` stay exact); one the
+/// reload removed while connections hold it is retired into its group; a group the reload removed
+/// while connections hold its servers stays, after the config's, until they end.
+pub fn rebuild(
+    old: Vec<Group>,
+    upstreams: &[config::Upstream],
+    tables: &crate::metrics::Tables,
+) -> (Vec<Group>, Remap) {
+    let mut groups: Vec<Group> = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let id = UpstreamId(i);
+            Group::new(u, tables.servers(id), tables.upstream(id))
+        })
+        .collect();
+    let mut remap = Remap::default();
+    for before in old {
+        let mut map = vec![None; before.servers.len()];
+        let at = match groups.iter().position(|g| g.name == before.name) {
+            Some(at) => Some(at),
+            None if before.held() => {
+                let empty = config::Upstream {
+                    name: before.name.clone(),
+                    balance: before.balance,
+                    servers: Vec::new(),
+                    health_check: None,
+                };
+                groups.push(Group::new(&empty, &[], Arc::clone(&before.changes)));
+                Some(groups.len() - 1)
+            }
+            None => None,
+        };
+        remap.upstreams.push(at.map(UpstreamId));
+        if let Some(group) = at.and_then(|at| groups.get_mut(at)) {
+            for (slot, s) in map.iter_mut().zip(before.servers) {
+                *slot = group.carry(s);
+            }
+        }
+        remap.servers.push(map);
+    }
+    (groups, remap)
+}
+
+impl Group {
+    /// Takes over server `s` of the group this one replaces: the same server (by address) keeps
+    /// its connection count; a server that left stays retired while connections hold it.
+    fn carry(&mut self, s: ServerState) -> Option<ServerId> {
+        let same = self
+            .servers
+            .iter()
+            .position(|n| !n.retired && n.conf.addr == s.conf.addr);
+        match same {
+            Some(i) => {
+                if let Some(n) = self.servers.get_mut(i) {
+                    n.active = s.active;
+                    n.connect_failures = s.connect_failures;
+                }
+                self.touch(i);
+                Some(ServerId(i))
+            }
+            None if s.active > 0 => Some(self.retire(s)),
+            None => None,
+        }
     }
 }
 
@@ -830,5 +977,112 @@ mod tests {
         let mut g = group(Balance::RoundRobin, vec![conf]);
         assert!(g.connect_failed(ServerId(0), secs(0)));
         assert!(!g.is_available(ServerId(0), secs(3600)));
+    }
+
+    /// Tables and one worker's groups for config text `text`, carried from `before`.
+    fn reload(
+        text: &str,
+        before: Option<(Vec<Group>, &crate::metrics::Tables)>,
+    ) -> (Vec<Group>, Remap, crate::metrics::Tables) {
+        let config = config::Config::parse(text, "t.conf").expect("config");
+        let empty = crate::metrics::Tables::default();
+        let (old, old_tables) = before.unwrap_or((Vec::new(), &empty));
+        let tables = crate::metrics::Tables::carry(old_tables, &config);
+        let (groups, remap) = rebuild(old, &config.upstreams, &tables);
+        (groups, remap, tables)
+    }
+
+    const LISTEN: &str = "listen 127.0.0.1:9 { proxy a; }";
+
+    #[test]
+    fn a_reload_keeps_counts_and_verdicts_of_servers_that_stay() {
+        let text = format!(
+            "upstream a {{ balance least_conn; server 127.0.0.1:1; server 127.0.0.1:2; }} {LISTEN}"
+        );
+        let (mut groups, _, tables) = reload(&text, None);
+        groups[0].acquire(ServerId(1));
+        groups[0].acquire(ServerId(1));
+        groups[0].set_health(ServerId(0), false);
+        // The same servers listed the other way round, and a third one.
+        let text = format!(
+            "upstream a {{ balance least_conn; server 127.0.0.1:3; server 127.0.0.1:2; server 127.0.0.1:1; }} {LISTEN}"
+        );
+        let (mut groups, remap, _) = reload(&text, Some((groups, &tables)));
+        assert_eq!(remap.upstream(UpstreamId(0)), UpstreamId(0));
+        assert_eq!(remap.server(UpstreamId(0), ServerId(1)), Some(ServerId(1)));
+        assert_eq!(remap.server(UpstreamId(0), ServerId(0)), Some(ServerId(2)));
+        let g = &mut groups[0];
+        assert_eq!(g.server(ServerId(1)).map(|s| s.active), Some(2));
+        // :1 is still down, :2 has two connections: least_conn picks the new :3.
+        let client = loopback(1);
+        assert_eq!(
+            g.pick(client, secs(0), &Tried::default()),
+            Some(ServerId(0))
+        );
+        assert!(
+            !g.is_available(ServerId(2), secs(0)),
+            "down before, down after"
+        );
+        // Releasing the carried connections lands on the same server.
+        g.release(ServerId(1));
+        g.release(ServerId(1));
+        assert_eq!(g.server(ServerId(1)).map(|s| s.active), Some(0));
+    }
+
+    #[test]
+    fn a_removed_server_stays_retired_while_held_then_goes() {
+        let text = format!("upstream a {{ server 127.0.0.1:1; server 127.0.0.1:2; }} {LISTEN}");
+        let (mut groups, _, tables) = reload(&text, None);
+        groups[0].acquire(ServerId(0));
+        let text = format!("upstream a {{ server 127.0.0.1:2; }} {LISTEN}");
+        let (mut groups, remap, tables) = reload(&text, Some((groups, &tables)));
+        let held = remap
+            .server(UpstreamId(0), ServerId(0))
+            .expect("held server kept");
+        assert_eq!(held, ServerId(1), "retired after the config's servers");
+        assert_eq!(remap.server(UpstreamId(0), ServerId(1)), Some(ServerId(0)));
+        for k in 0..50 {
+            let pick = groups[0].pick(loopback(k), secs(0), &Tried::default());
+            assert_eq!(pick, Some(ServerId(0)), "a retired server is never picked");
+        }
+        assert!(!groups[0].is_available(held, secs(0)));
+        groups[0].release(held);
+        // Nothing holds it now: the next reload lets it go.
+        let (groups, remap, _) = reload(&text, Some((groups, &tables)));
+        assert_eq!(groups[0].servers().len(), 1);
+        assert_eq!(remap.server(UpstreamId(0), held), None);
+    }
+
+    #[test]
+    fn a_removed_upstream_stays_while_held() {
+        let text = format!(
+            "upstream a {{ server 127.0.0.1:1; }} upstream b {{ server 127.0.0.1:2; }} {LISTEN}"
+        );
+        let (mut groups, _, tables) = reload(&text, None);
+        groups[1].acquire(ServerId(0));
+        let text = format!("upstream a {{ server 127.0.0.1:1; }} {LISTEN}");
+        let (groups, remap, tables) = reload(&text, Some((groups, &tables)));
+        assert_eq!(groups.len(), 2, "b retired after the config's groups");
+        assert_eq!(remap.upstream(UpstreamId(1)), UpstreamId(1));
+        assert_eq!(groups[1].name, "b");
+        assert_eq!(remap.server(UpstreamId(1), ServerId(0)), Some(ServerId(0)));
+        // Unheld, the next reload drops it; its old id then names nothing.
+        let (mut groups, remap, _) = {
+            let mut groups = groups;
+            groups[1].release(ServerId(0));
+            reload(&text, Some((groups, &tables)))
+        };
+        assert_eq!(groups.len(), 1);
+        assert!(groups.get_mut(remap.upstream(UpstreamId(1)).0).is_none());
+    }
+
+    #[test]
+    fn tried_servers_follow_their_new_ids() {
+        let mut t = Tried::default();
+        t.insert(ServerId(0));
+        t.insert(ServerId(2));
+        let moved = t.remap(&[Some(ServerId(5)), Some(ServerId(0)), None]);
+        assert!(moved.contains(ServerId(5)));
+        assert!(!moved.contains(ServerId(0)) && !moved.contains(ServerId(2)));
     }
 }

@@ -136,6 +136,11 @@ pub fn hold(addr: SocketAddr) -> io::Result<Held> {
 }
 
 impl Held {
+    /// Sends `msg` and reads it back (a `Backend::greet_echo` echoes after its name).
+    pub fn round_trip(&mut self, msg: &[u8]) -> io::Result<()> {
+        round_trip(&mut self.stream, msg)
+    }
+
     /// Finishes the connection cleanly: write side shut, read to the end. On return the proxy
     /// has closed the pair and released the server.
     pub fn finish(mut self) -> io::Result<()> {

@@ -5,14 +5,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mio::net::TcpStream;
 use mio::Interest;
 
 use super::TcpProxy;
-use crate::config::ListenerId;
-use crate::part::Ctx;
+use crate::part::{Ctx, Origin};
 use crate::reactor::token::{self, Key};
 use crate::reactor::{Suppressed, Timer};
 use crate::tcp::listener::{self, Accept};
@@ -38,14 +38,15 @@ pub(super) enum AcceptState {
 }
 
 impl TcpProxy {
-    pub fn listener_ready(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
-        if let Some(Some(l)) = self.listeners.get_mut(id.0) {
+    /// The listener in `slot` (its token) has clients waiting.
+    pub fn listener_ready(&mut self, slot: usize, ctx: &mut Ctx<'_>) {
+        if let Some(Some(l)) = self.listeners.get_mut(slot) {
             // A late event for a socket a drain closed: nothing to accept from.
             if l.socket.is_none() {
                 return;
             }
             l.ready.readable = true;
-            self.accept_from(id, ctx);
+            self.accept_from(slot, ctx);
         }
     }
 
@@ -63,12 +64,12 @@ impl TcpProxy {
         }
     }
 
-    pub(super) fn accept_from(&mut self, id: ListenerId, ctx: &mut Ctx<'_>) {
+    pub(super) fn accept_from(&mut self, slot: usize, ctx: &mut Ctx<'_>) {
         for _ in 0..ACCEPT_BUDGET {
             if self.accept != AcceptState::Open {
                 return;
             }
-            let Some(Some(l)) = self.listeners.get_mut(id.0) else {
+            let Some(Some(l)) = self.listeners.get_mut(slot) else {
                 return;
             };
             if !l.ready.readable {
@@ -90,7 +91,10 @@ impl TcpProxy {
                 ctx.metrics.unreserve();
             }
             match accepted {
-                Accept::Client(stream, addr) => self.admit(id, stream, addr, ctx),
+                Accept::Client(stream, addr) => {
+                    let origin = Arc::clone(&l.origin);
+                    self.admit(origin, stream, addr, ctx);
+                }
                 Accept::Drained => l.ready.readable = false,
                 Accept::OutOfFds(error) => {
                     self.back_off_accepting(&error, ctx);
@@ -99,7 +103,7 @@ impl TcpProxy {
                 Accept::Skipped(error) => {
                     log::debug!(
                         "accept on {} failed: {}",
-                        l.addr,
+                        l.origin.addr,
                         crate::sys::io_reason(&error)
                     );
                 }
@@ -129,7 +133,7 @@ impl TcpProxy {
 
     fn admit(
         &mut self,
-        listener: ListenerId,
+        origin: Arc<Origin>,
         stream: TcpStream,
         client_addr: SocketAddr,
         ctx: &mut Ctx<'_>,
@@ -147,7 +151,7 @@ impl TcpProxy {
         let gen = self.next_gen;
         self.next_gen = token::next_gen(self.next_gen);
         let key = Key::new(entry.key(), gen);
-        let mut pair = Pair::new(gen, listener, stream, client_addr, ctx.now);
+        let mut pair = Pair::new(gen, origin, stream, client_addr, ctx.now);
         if let Err(e) = ctx.registry.register(
             &mut pair.client,
             token::pair(key, Side::Client.half()),
@@ -161,8 +165,8 @@ impl TcpProxy {
             ctx.metrics.unreserve();
             return;
         }
+        ctx.metrics.opened(&pair.origin.stats, self.worker);
         entry.insert(pair);
-        ctx.metrics.opened(listener, self.worker);
         self.connect_next(key, ctx);
     }
 }

@@ -7,14 +7,16 @@
 //! `Group::acquire`/`release` run exactly once per connect attempt (`release` through
 //! `accounting::settle` or `abandon_server`), so the per-server counts that `least_conn` and
 //! `max_conns` read stay exact. A closed pair's slot is freed at once: tokens and timers carry
-//! the pair's generation, so an event for the old owner of a reused slot is ignored.
+//! the pair's generation, so an event for the old owner of a reused slot is ignored. A pair holds
+//! its listener's [`Origin`] (settings, address, counters), so a reload that changes or removes
+//! the listener leaves it as it was; a reload only translates its upstream and server ids.
 
 use std::io;
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
-use mio::Registry;
+use mio::{Interest, Registry};
 use slab::Slab;
 
 mod accept;
@@ -25,28 +27,29 @@ use super::listener;
 use super::pipe::{Fault, Pair, PairState, Step};
 use super::Side;
 use crate::accounting::{self, Settle};
-use crate::config::{Config, Listen, ListenerId, Proto, ServerId};
+use crate::config::{Config, Listen, ServerId};
 use crate::metrics::PoolStats;
-use crate::part::{self, BindError, BindPlan, Ctx};
+use crate::part::{Ctx, Origin};
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, End, LogLimit, Readiness, Suppressed, Timer};
+use crate::upstream::Remap;
 use accept::AcceptState;
 
 /// Repeated warnings (out of descriptors, no server) are logged at most this often.
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
 struct TcpListen {
-    /// `None` once the part stopped listening (a drain); the settings stay for open pairs.
+    /// `None` once the part stopped listening (a drain).
     socket: Option<TcpListener>,
-    conf: Listen,
-    /// The bound address (port 0 in the config shows the port chosen).
-    addr: SocketAddr,
+    /// What each pair accepted here holds: the settings, the bound address, the counters.
+    origin: Arc<Origin>,
     ready: Readiness,
 }
 
 pub struct TcpProxy {
-    /// By `ListenerId`; the slots of UDP listeners are empty.
+    /// By slot, which is the listener's token: a listener keeps its slot as long as it keeps
+    /// its socket (a reload that keeps it included); a removed one frees it.
     listeners: Vec<Option<TcpListen>>,
     pairs: Slab<Pair>,
     next_gen: Gen,
@@ -68,36 +71,10 @@ pub struct TcpProxy {
 }
 
 impl TcpProxy {
-    /// Binds every `listen tcp` of `config`, registered under its `ListenerId`.
-    pub fn bind(
-        config: &Config,
-        registry: &Registry,
-        pool_stats: std::sync::Arc<PoolStats>,
-        worker: usize,
-        plan: BindPlan<'_>,
-    ) -> Result<TcpProxy, BindError> {
-        let bound = part::bind_all(
-            config,
-            Proto::Tcp,
-            registry,
-            token::listener,
-            plan,
-            listener::bind,
-        )?;
-        let listeners = bound
-            .into_iter()
-            .zip(&config.listeners)
-            .map(|(bound, conf)| {
-                bound.map(|(socket, addr)| TcpListen {
-                    socket: Some(socket),
-                    conf: conf.clone(),
-                    addr,
-                    ready: Readiness::default(),
-                })
-            })
-            .collect();
-        Ok(TcpProxy {
-            listeners,
+    /// A part with no listener yet (see [`TcpProxy::reload`]).
+    pub fn new(config: &Config, pool_stats: Arc<PoolStats>, worker: usize) -> TcpProxy {
+        TcpProxy {
+            listeners: Vec::new(),
             pairs: Slab::new(),
             next_gen: 0,
             pool: BufferPool::new(config.buffer_size, config.buffer_memory, pool_stats),
@@ -110,23 +87,83 @@ impl TcpProxy {
             accept: AcceptState::Open,
             fd_warnings: LogLimit::new(WARN_INTERVAL),
             no_server_warnings: LogLimit::new(WARN_INTERVAL),
-        })
+        }
     }
 
-    /// The bound address of every TCP listener, by id.
-    pub fn local_addrs(&self) -> impl Iterator<Item = (ListenerId, SocketAddr)> + '_ {
-        self.listeners
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| l.as_ref().map(|l| (ListenerId(i), l.addr)))
+    /// Takes on a reloaded config (or the first one). `origins` are the config's TCP listeners:
+    /// a listener already here that is among them keeps its socket and backlog and takes the new
+    /// settings for new pairs; one that is not stops accepting and is closed. `fresh` are the
+    /// sockets of the new listeners, bound for this worker. Pairs in flight keep their settings
+    /// and their server; their upstream and server ids are translated by `remap`.
+    pub fn reload(
+        &mut self,
+        origins: &[Arc<Origin>],
+        fresh: Vec<(Arc<Origin>, TcpListener)>,
+        max_connections: usize,
+        remap: &Remap,
+        ctx: &mut Ctx<'_>,
+    ) {
+        for slot in &mut self.listeners {
+            let Some(l) = slot else {
+                continue;
+            };
+            match origins.iter().find(|o| o.same_listener(&l.origin.conf)) {
+                Some(origin) => l.origin = Arc::clone(origin),
+                None => {
+                    if let Some(mut socket) = l.socket.take() {
+                        let _ = ctx.registry.deregister(&mut socket);
+                    }
+                    *slot = None;
+                }
+            }
+        }
+        for (origin, socket) in fresh {
+            self.listen(origin, socket, ctx.registry);
+        }
+        self.max_connections = max_connections;
+        for (_, pair) in self.pairs.iter_mut() {
+            let upstream = pair.upstream;
+            pair.upstream = remap.upstream(upstream);
+            pair.tried = remap.tried(upstream, &pair.tried);
+            pair.last_server = pair.last_server.and_then(|s| remap.server(upstream, s));
+            pair.state = match pair.state {
+                PairState::Unassigned => PairState::Unassigned,
+                PairState::Connecting { server, since } => PairState::Connecting {
+                    server: remap.held(upstream, server),
+                    since,
+                },
+                PairState::Streaming { server } => PairState::Streaming {
+                    server: remap.held(upstream, server),
+                },
+            };
+        }
+        self.reopen_accepting();
     }
 
-    /// Each listener's bound address and the upstream it serves, for the start-up log.
-    pub fn describe(&self) -> impl Iterator<Item = (SocketAddr, crate::config::UpstreamId)> + '_ {
-        self.listeners
-            .iter()
-            .flatten()
-            .map(|l| (l.addr, l.conf.upstream))
+    /// Registers a listening socket in a free slot.
+    fn listen(&mut self, origin: Arc<Origin>, mut socket: TcpListener, registry: &Registry) {
+        let slot = match self.listeners.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                self.listeners.push(None);
+                self.listeners.len() - 1
+            }
+        };
+        if let Err(e) = registry.register(&mut socket, token::listener(slot), Interest::READABLE) {
+            log::error!(
+                "cannot accept on {}: {}",
+                origin.addr,
+                crate::sys::io_reason(&e)
+            );
+            return;
+        }
+        if let Some(entry) = self.listeners.get_mut(slot) {
+            *entry = Some(TcpListen {
+                socket: Some(socket),
+                origin,
+                ready: Readiness::default(),
+            });
+        }
     }
 
     pub fn has_pending_work(&self) -> bool {
@@ -164,9 +201,8 @@ impl TcpProxy {
             return;
         };
         pair.timer = None;
-        let Some(conf) = listen_conf(&self.listeners, pair.listener) else {
-            return;
-        };
+        let origin = Arc::clone(&pair.origin);
+        let conf = &origin.conf;
         match pair.state {
             PairState::Unassigned => {}
             PairState::Connecting { server, since } => {
@@ -233,7 +269,7 @@ impl TcpProxy {
                     .as_ref()
                     .is_some_and(|l| l.ready.readable && l.socket.is_some())
                 {
-                    self.accept_from(ListenerId(i), ctx);
+                    self.accept_from(i, ctx);
                 }
             }
         }
@@ -271,19 +307,17 @@ impl TcpProxy {
             let Some(pair) = live(&mut self.pairs, key) else {
                 return;
             };
-            // A lookup that misses (a listener or upstream gone) must still end the pair, or
-            // it would sit unassigned with no timer, holding a connection slot.
-            let Some(conf) = listen_conf(&self.listeners, pair.listener) else {
-                self.close(key, End::Error, ctx);
-                return;
-            };
+            let origin = Arc::clone(&pair.origin);
+            let conf = &origin.conf;
             let out_of_time = pair.tries > 0 && out_of_time(conf, pair.started, ctx.now);
             if pair.tries >= conf.next_upstream_tries || out_of_time {
                 self.close(key, End::ConnectFailed, ctx);
                 return;
             }
             let now = ctx.now;
-            let Some(group) = ctx.upstreams.get_mut(conf.upstream.0) else {
+            // A lookup that misses (the upstream gone in a reload) must still end the pair, or
+            // it would sit unassigned with no timer, holding a connection slot.
+            let Some(group) = ctx.upstreams.get_mut(pair.upstream.0) else {
                 self.close(key, End::Error, ctx);
                 return;
             };
@@ -365,10 +399,7 @@ impl TcpProxy {
                 let _ = stream.set_nodelay(true);
                 pair.state = PairState::Streaming { server };
                 pair.last_active = ctx.now;
-                let Some(conf) = listen_conf(&self.listeners, pair.listener) else {
-                    return true;
-                };
-                let (upstream, idle) = (conf.upstream, conf.idle_timeout);
+                let (upstream, idle) = (pair.upstream, pair.origin.conf.idle_timeout);
                 let now = ctx.now;
                 if let Some(group) = ctx.upstreams.get_mut(upstream.0) {
                     group.connected(server, now);
@@ -389,10 +420,8 @@ impl TcpProxy {
             let _ = ctx.registry.deregister(&mut stream);
         }
         if let PairState::Connecting { server, .. } = pair.state {
-            if let Some(conf) = listen_conf(&self.listeners, pair.listener) {
-                if let Some(group) = ctx.upstreams.get_mut(conf.upstream.0) {
-                    group.release(server);
-                }
+            if let Some(group) = ctx.upstreams.get_mut(pair.upstream.0) {
+                group.release(server);
             }
         }
         pair.state = PairState::Unassigned;
@@ -408,11 +437,9 @@ impl TcpProxy {
         let Some(pair) = live(&mut self.pairs, key) else {
             return;
         };
-        let client = pair.client_addr;
-        if let Some(conf) = listen_conf(&self.listeners, pair.listener) {
-            let cause = crate::sys::io_reason(error);
-            accounting::connect_failed(ctx, conf.upstream, server, client, &cause);
-        }
+        let (client, upstream) = (pair.client_addr, pair.upstream);
+        let cause = crate::sys::io_reason(error);
+        accounting::connect_failed(ctx, upstream, server, client, &cause);
     }
 
     // ---- streaming -------------------------------------------------------------------------
@@ -466,10 +493,8 @@ impl TcpProxy {
         pair.starved |= newly_starved;
         if pair.half_closed() && !before.1 {
             // The shorter half-close timeout may now be due before the armed timer.
-            if let Some(conf) = listen_conf(&self.listeners, pair.listener) {
-                let deadline = after(pair.last_active, conf.half_close_timeout);
-                self.arm(key, deadline, ctx);
-            }
+            let deadline = after(pair.last_active, pair.origin.conf.half_close_timeout);
+            self.arm(key, deadline, ctx);
         }
         match step {
             Step::Idle => {}
@@ -514,27 +539,21 @@ impl TcpProxy {
         if let Some(timer) = pair.timer.take() {
             ctx.timers.cancel(timer);
         }
-        if let Some(l) = self.listeners.get(pair.listener.0).and_then(Option::as_ref) {
-            accounting::settle(
-                ctx,
-                &Settle {
-                    listener: pair.listener,
-                    listen: l.addr,
-                    client: pair.client_addr,
-                    upstream: l.conf.upstream,
-                    held,
-                    // A failed pair names the server it tried last.
-                    named: held.or(pair.last_server),
-                    bytes: (pair.up.bytes, pair.down.bytes),
-                    datagrams: None,
-                    started: pair.started,
-                    end,
-                },
-            );
-        } else {
-            ctx.metrics
-                .closed(pair.listener, end, (pair.up.bytes, pair.down.bytes), None);
-        }
+        accounting::settle(
+            ctx,
+            &Settle {
+                origin: &pair.origin,
+                client: pair.client_addr,
+                upstream: pair.upstream,
+                held,
+                // A failed pair names the server it tried last.
+                named: held.or(pair.last_server),
+                bytes: (pair.up.bytes, pair.down.bytes),
+                datagrams: None,
+                started: pair.started,
+                end,
+            },
+        );
         self.reopen_accepting();
     }
 
@@ -555,13 +574,6 @@ impl TcpProxy {
 /// The pair in `key`'s slot, if it is still the owner `key` names: the stale-event guard.
 fn live(pairs: &mut Slab<Pair>, key: Key) -> Option<&mut Pair> {
     pairs.get_mut(key.index).filter(|p| p.gen == key.gen)
-}
-
-fn listen_conf(listeners: &[Option<TcpListen>], id: ListenerId) -> Option<&Listen> {
-    listeners
-        .get(id.0)
-        .and_then(Option::as_ref)
-        .map(|l| &l.conf)
 }
 
 /// Whether a pair that started at `started` has used up `next_upstream_timeout`.
