@@ -8,7 +8,7 @@
 //! of a layer below it, so there are no cycles; `tests/layers.rs` reads this list and checks it.
 //!
 //! 1. `runtime`: the `Proxy` handle, the worker loop that dispatches tokens and timers
-//! 2. `tcp` `udp` `health`: the I/O parts; each owns its sockets and state machines
+//! 2. `tcp` `udp` `health` `admin`: the I/O parts; each owns its sockets and state machines
 //! 3. `part` `accounting`: what the parts share (`Ctx`, binding) and how a pair or session ends
 //! 4. `upstream`: groups, balancing and health verdicts; pure, no sockets
 //! 5. `metrics`: the registry of counters every worker writes and anything may read
@@ -16,6 +16,7 @@
 //! 7. `config` `sys` `logging` `testing`: the typed config, the OS calls below std, log output
 
 pub mod accounting;
+pub mod admin;
 pub mod config;
 pub mod health;
 pub mod logging;

@@ -59,6 +59,50 @@ pub struct PoolStats {
     pub allocated_bytes: AtomicUsize,
 }
 
+/// Upper bounds of the connect-time histogram's buckets, in microseconds: loopback (100 µs) to
+/// a slow WAN (10 s).
+pub const CONNECT_BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// A histogram of durations with fixed buckets: one relaxed add per observation into the first
+/// bucket that holds it (the last slot takes what is beyond every bound).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; CONNECT_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = CONNECT_BUCKETS_US
+            .iter()
+            .position(|&bound| us <= bound)
+            .unwrap_or(CONNECT_BUCKETS_US.len());
+        if let Some(b) = self.buckets.get(i) {
+            add(b, 1);
+        }
+        add(&self.sum_us, us);
+    }
+
+    /// Cumulative counts for each bound of `CONNECT_BUCKETS_US`, then the count of all.
+    pub fn cumulative(&self) -> [u64; CONNECT_BUCKETS_US.len() + 1] {
+        let mut out = [0u64; CONNECT_BUCKETS_US.len() + 1];
+        let mut total = 0u64;
+        for (o, b) in out.iter_mut().zip(&self.buckets) {
+            total = total.saturating_add(get(b));
+            *o = total;
+        }
+        out
+    }
+
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(get(&self.sum_us))
+    }
+}
+
 /// One listener's counters.
 #[derive(Debug)]
 pub struct ListenerStats {
@@ -77,6 +121,8 @@ pub struct ListenerStats {
     /// Datagrams dropped because a socket's send buffer was full.
     pub udp_dropped: AtomicU64,
     pub ends: Ends,
+    /// Clients refused by an access rule (none are refused while no rule exists).
+    pub denied: AtomicU64,
 }
 
 impl ListenerStats {
@@ -93,6 +139,7 @@ impl ListenerStats {
             udp_datagrams_down: AtomicU64::new(0),
             udp_dropped: AtomicU64::new(0),
             ends: Ends::default(),
+            denied: AtomicU64::new(0),
         }
     }
 }
@@ -156,6 +203,8 @@ pub struct ServerShared {
     pub connect_failures: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// How long successful connects took.
+    pub connect_time: Histogram,
 }
 
 impl ServerShared {
@@ -173,6 +222,7 @@ impl ServerShared {
             connect_failures: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
+            connect_time: Histogram::default(),
         }
     }
 }
@@ -319,6 +369,25 @@ impl Tables {
             listeners,
             servers,
             upstreams,
+        }
+    }
+
+    /// Servers of upstreams that have no `health_check` (any more) are up as far as checks go:
+    /// nothing would ever say so otherwise. The groups read it at their next pick.
+    pub fn checks_ended(&self, config: &Config) {
+        for (i, u) in config.upstreams.iter().enumerate() {
+            if u.health_check.is_some() {
+                continue;
+            }
+            let mut changed = false;
+            for s in self.servers(UpstreamId(i)) {
+                changed |= !s.healthy.swap(true, Ordering::Relaxed);
+            }
+            if changed {
+                if let Some(shared) = self.upstreams.get(i) {
+                    shared.changes.fetch_add(1, Ordering::Release);
+                }
+            }
         }
     }
 
@@ -553,6 +622,20 @@ mod tests {
         assert_eq!(l.ends.get(End::ClientClosed), 1);
         assert_eq!(m.ended(End::Error), 1);
         assert_eq!(get(&m.connections_active), 0, "never below 0");
+    }
+
+    #[test]
+    fn the_histogram_counts_each_connect_in_its_bucket() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(80));
+        h.observe(Duration::from_micros(100));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let c = h.cumulative();
+        assert_eq!((c[0], c[1], c[5]), (2, 2, 3), "le=100us, le=250us, le=5ms");
+        assert_eq!(c[CONNECT_BUCKETS_US.len() - 1], 3, "le=10s");
+        assert_eq!(c[CONNECT_BUCKETS_US.len()], 4, "+Inf counts all");
+        assert_eq!(h.sum(), Duration::from_micros(60_003_180));
     }
 
     #[test]

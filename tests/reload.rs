@@ -44,6 +44,7 @@ fn stream_until(
     seed: u64,
     stop: &AtomicBool,
     echoes: &AtomicU64,
+    started: &AtomicU64,
 ) -> Result<u64, String> {
     const CHUNK: usize = 4096;
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
@@ -62,6 +63,9 @@ fn stream_until(
             .check(&back)
             .map_err(|at| format!("byte {at} differs"))?;
         echoes.fetch_add(1, Ordering::Relaxed);
+        if verifier.pos == CHUNK as u64 {
+            started.fetch_add(1, Ordering::Relaxed);
+        }
         // Pacing, not synchronisation: 100 of these share two CPUs with the proxy.
         thread::sleep(Duration::from_millis(10));
     }
@@ -116,10 +120,13 @@ fn twenty_reloads_under_load_refuse_nothing_and_lose_nothing() {
     ];
     let stop = Arc::new(AtomicBool::new(false));
     let echoes = Arc::new(AtomicU64::new(0));
+    let started = Arc::new(AtomicU64::new(0));
     let streams: Vec<_> = (0..STREAMS)
         .map(|i| {
-            let (stop, echoes, addr) = (Arc::clone(&stop), Arc::clone(&echoes), kept[i % 2]);
-            thread::spawn(move || stream_until(addr, 1000 + i as u64, &stop, &echoes))
+            let (stop, echoes, started) =
+                (Arc::clone(&stop), Arc::clone(&echoes), Arc::clone(&started));
+            let addr = kept[i % 2];
+            thread::spawn(move || stream_until(addr, 1000 + i as u64, &stop, &echoes, &started))
         })
         .collect();
     let opened = Arc::new(AtomicU64::new(0));
@@ -140,13 +147,18 @@ fn twenty_reloads_under_load_refuse_nothing_and_lose_nothing() {
             failures
         })
     };
-    let streaming = wait_until(EVENTUALLY, || {
-        load(&proxy.stats().connections_active) >= STREAMS as u64
-    });
+    let streaming = wait_until(EVENTUALLY, || load(&started) == STREAMS as u64);
     assert!(streaming, "the streams did not all start");
+    // Every server state any round had: each must end with no connection counted.
+    let mut seen: Vec<Arc<sluice::metrics::ServerShared>> = Vec::new();
 
     let before = opened.load(Ordering::Relaxed);
     for round in 1..=RELOADS {
+        for shared in proxy.stats().servers(UpstreamId(0)) {
+            if !seen.iter().any(|s| Arc::ptr_eq(s, &shared)) {
+                seen.push(shared);
+            }
+        }
         let done = proxy
             .reload(parse(&round_conf(round, &echo)))
             .unwrap_or_else(|e| panic!("reload {round}: {e}"));
@@ -187,8 +199,10 @@ fn twenty_reloads_under_load_refuse_nothing_and_lose_nothing() {
     assert!(broken.is_empty(), "streams broke: {broken:?}");
     assert_eq!(load(&proxy.stats().reloads), RELOADS as u64);
     assert_all_pairs_freed(&proxy, "every pair ends");
-    // The per-server counts carried through 20 reloads are exact: nothing is left open.
-    for shared in proxy.stats().servers(UpstreamId(0)) {
+    // The per-server counts carried through 20 reloads (servers removed while in use, retired,
+    // and added back) are exact: nothing is left counted, nothing went below zero.
+    seen.extend(proxy.stats().servers(UpstreamId(0)));
+    for shared in &seen {
         assert_eq!(load(&shared.active), 0, "server {}", shared.addr);
     }
 }
@@ -261,18 +275,19 @@ fn pairs_in_flight_keep_the_settings_they_were_accepted_under() {
             server.addr()
         )
     };
-    let proxy = start(parse(&conf("1s")));
+    let proxy = start(parse(&conf("2s")));
     let addr = proxy.local_addr(0).expect("addr");
     let mut before = connect(addr);
-    round_trip(&mut before, b"accepted under 1s\n").expect("echo");
+    round_trip(&mut before, b"accepted under 2s\n").expect("echo");
     proxy.reload(parse(&conf("1h"))).expect("reload");
+    round_trip(&mut before, b"still open after the reload\n").expect("echo");
     let mut after = connect(addr);
     round_trip(&mut after, b"accepted under 1h\n").expect("echo");
-    // The old pair still ends at its 1 s idle timeout; the new one, under 1 h, does not.
+    // The old pair still ends at its 2 s idle timeout; the new one, under 1 h, does not.
     let closed = closed_within(&mut before, EVENTUALLY);
     assert!(closed.is_some(), "the old pair took the new idle_timeout");
     assert!(
-        silent_for(&mut after, Duration::from_millis(1500)),
+        silent_for(&mut after, Duration::from_millis(2500)),
         "the new pair took the old one"
     );
     assert_eq!(proxy.stats().ended(sluice::runtime::End::IdleTimeout), 1);
@@ -336,7 +351,7 @@ fn a_udp_session_outlives_the_reload_that_removed_its_listener() {
     let server = UdpBackend::echo("u");
     let conf = |udp: bool| {
         let udp = match udp {
-            true => "listen udp 127.0.0.2:0 { proxy u; idle_timeout 1s; }",
+            true => "listen udp 127.0.0.2:0 { proxy u; idle_timeout 3s; }",
             false => "",
         };
         format!(
@@ -483,5 +498,106 @@ fn sighup_rereads_the_file_and_a_bad_one_changes_nothing() {
         Some(0),
         "stderr:\n{}",
         sluice.stderr()
+    );
+}
+
+#[test]
+fn a_server_removed_while_in_use_and_added_back_counts_its_connections_right() {
+    let (a, b) = (Backend::greet_echo("a"), Backend::greet_echo("b"));
+    let conf =
+        |servers: &str| format!("upstream u {{ {servers} }} listen 127.0.0.1:0 {{ proxy u; }}");
+    let both = format!("server {}; server {};", a.addr(), b.addr());
+    let proxy = start(parse(&conf(&both)));
+    let addr = proxy.local_addr(0).expect("addr");
+    let held: Vec<Held> = (0..4).map(|_| hold(addr).expect("hold")).collect();
+    assert!(held.iter().any(|h| h.name == "b"), "round robin reached b");
+    proxy
+        .reload(parse(&conf(&format!("server {};", a.addr()))))
+        .expect("b removed");
+    proxy.reload(parse(&conf(&both))).expect("b back");
+    let b_now = proxy.stats().server(UpstreamId(0), ServerId(1)).expect("b");
+    let on_b = held.iter().filter(|h| h.name == "b").count() as u64;
+    assert_eq!(
+        load(&b_now.active),
+        on_b,
+        "b's connections count in its new state"
+    );
+    for h in held {
+        h.finish().expect("finish");
+    }
+    assert_all_pairs_freed(&proxy, "every pair ends");
+    assert!(wait_until(EVENTUALLY, || load(&b_now.active) == 0));
+    let a_now = proxy.stats().server(UpstreamId(0), ServerId(0)).expect("a");
+    assert_eq!(load(&a_now.active), 0);
+}
+
+#[test]
+fn removing_health_checks_brings_their_down_servers_back() {
+    let (a, b) = (
+        Backend::line("a", b"PONG\r\n"),
+        Backend::line("b", b"NOPE\r\n"),
+    );
+    let conf = |check: &str| {
+        format!(
+            "upstream u {{ server {}; server {}; {check} }} listen 127.0.0.1:0 {{ proxy u; }}",
+            a.addr(),
+            b.addr()
+        )
+    };
+    let checked = r#"health_check interval=100ms timeout=1s fall=1 send="PING\r\n" expect="PONG";"#;
+    let proxy = start(parse(&conf(checked)));
+    let addr = proxy.local_addr(0).expect("addr");
+    let b_state = proxy.stats().server(UpstreamId(0), ServerId(1)).expect("b");
+    assert!(wait_until(EVENTUALLY, || !b_state
+        .healthy
+        .load(Ordering::Relaxed)));
+    proxy
+        .reload(parse(&conf("")))
+        .expect("reload without checks");
+    assert!(
+        b_state.healthy.load(Ordering::Relaxed),
+        "no checks: nothing keeps b down"
+    );
+    let names: Vec<String> = (0..4)
+        .map(|_| fetch_name_with(addr, b"hello\n").expect("name"))
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "b"),
+        "b takes clients again: {names:?}"
+    );
+}
+
+#[test]
+fn a_udp_listener_added_back_before_its_sessions_ended_takes_its_port_again() {
+    let server = UdpBackend::echo("u");
+    let conf = |udp: bool| {
+        let udp = match udp {
+            true => "listen udp 127.0.0.2:0 { proxy u; idle_timeout 30s; }",
+            false => "",
+        };
+        format!(
+            "workers 2; upstream u {{ server {}; }} listen 127.0.0.1:0 {{ proxy u; }} {udp}",
+            server.addr
+        )
+    };
+    let proxy = start(parse(&conf(true)));
+    let udp = bound_on(&proxy, [127, 0, 0, 2]);
+    let client = udp_client(Duration::from_millis(300));
+    assert_eq!(exchange(&client, udp, b"one"), b"one");
+    proxy.reload(parse(&conf(false))).expect("removed");
+    proxy
+        .reload(parse(&conf(true)))
+        .expect("added back while its session runs");
+    assert_eq!(bound_on(&proxy, [127, 0, 0, 2]), udp, "the same port");
+    assert_eq!(
+        exchange(&client, udp, b"two"),
+        b"two",
+        "the session goes on"
+    );
+    let stranger = udp_client(Duration::from_millis(300));
+    assert_eq!(
+        exchange(&stranger, udp, b"new"),
+        b"new",
+        "new clients are served again"
     );
 }

@@ -6,11 +6,13 @@
 //! Nothing here touches a socket; host names are resolved once, when the file is loaded.
 
 mod addr;
+mod cidr;
 mod error;
 mod lexer;
 mod parse;
 
 pub use addr::listen_addr;
+pub use cidr::Cidr;
 pub use error::ConfigError;
 pub use lexer::{Lexer, Token, TokenKind};
 pub use parse::{parse_duration, parse_size};
@@ -55,6 +57,16 @@ pub struct Config {
     pub access_log: bool,
     pub upstreams: Vec<Upstream>,
     pub listeners: Vec<Listen>,
+    /// The admin endpoint (`admin ADDR;`), if any.
+    pub admin: Option<Admin>,
+}
+
+/// The `admin` directive: where the admin endpoint listens and who may use it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub addr: SocketAddr,
+    /// Empty: every client that can reach the address (a loopback one; any other needs a list).
+    pub allow: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -218,6 +230,7 @@ impl Default for Config {
             access_log: true,
             upstreams: Vec::new(),
             listeners: Vec::new(),
+            admin: None,
         }
     }
 }

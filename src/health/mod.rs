@@ -78,6 +78,8 @@ enum Phase {
 }
 
 struct Probe {
+    /// The upstream's name: a reload keeps the probe of the same upstream, server and check.
+    name: String,
     upstream: UpstreamId,
     server: ServerId,
     addr: SocketAddr,
@@ -101,46 +103,43 @@ pub struct Prober {
 type Outcome = Result<(), String>;
 
 impl Prober {
-    /// A probe per server (except `down` ones) of every upstream with a `health_check`;
-    /// the first checks start at once. Each starts from the server's verdict in its group (a
-    /// reload carries it over: a server that was down needs `rise` passed checks to be up).
-    pub(crate) fn start(upstreams: &[Upstream], ctx: &mut Ctx<'_>) -> Prober {
-        let mut prober = Prober::default();
+    /// Takes on a config (the first, or a reloaded one): a probe per server (except `down`
+    /// ones) of every upstream with a `health_check`. A probe of the same server (upstream name
+    /// and address) with the same check goes on as it was (its streak and schedule too, so
+    /// frequent reloads never keep a failing server from being found down); others stop; new
+    /// ones start at once, from the server's verdict in its group (carried over: a server that
+    /// was down needs `rise` passed checks to be up).
+    pub(crate) fn reload(&mut self, upstreams: &[Upstream], ctx: &mut Ctx<'_>) {
+        let mut wanted: Vec<(UpstreamId, ServerId, &str, SocketAddr, &HealthCheck)> = Vec::new();
         for (group, up) in upstreams.iter().enumerate() {
             let Some(check) = &up.health_check else {
                 continue;
             };
             for (server, conf) in up.servers.iter().enumerate().filter(|(_, s)| !s.down) {
-                let healthy = ctx
-                    .upstreams
-                    .get(group)
-                    .and_then(|g| g.server(ServerId(server)))
-                    .map_or(true, |s| s.shared.healthy.load(Ordering::Relaxed));
-                let key = prober.probes.insert(Probe {
-                    upstream: UpstreamId(group),
-                    server: ServerId(server),
-                    addr: conf.addr,
-                    check: check.clone(),
-                    gen: 0,
-                    phase: Phase::Idle,
-                    socket: None,
-                    ready: Readiness::default(),
-                    started: ctx.now,
-                    timer: None,
-                    verdict: Verdict {
-                        up: healthy,
-                        streak: 0,
-                    },
-                });
-                prober.begin(key, ctx);
+                wanted.push((
+                    UpstreamId(group),
+                    ServerId(server),
+                    &up.name,
+                    conf.addr,
+                    check,
+                ));
             }
         }
-        prober
-    }
-
-    /// Ends every check (a reload starts new ones): sockets closed, timers cancelled.
-    pub(crate) fn stop(&mut self, ctx: &mut Ctx<'_>) {
-        for (_, p) in self.probes.iter_mut() {
+        let mut gone = Vec::new();
+        for (key, p) in self.probes.iter_mut() {
+            let same = wanted
+                .iter()
+                .position(|w| w.2 == p.name && w.3 == p.addr && *w.4 == p.check);
+            match same {
+                Some(i) => {
+                    let w = wanted.swap_remove(i);
+                    (p.upstream, p.server) = (w.0, w.1);
+                }
+                None => gone.push(key),
+            }
+        }
+        for key in gone {
+            let mut p = self.probes.remove(key);
             if let Some(mut socket) = p.socket.take() {
                 let _ = ctx.registry.deregister(&mut socket);
             }
@@ -148,7 +147,31 @@ impl Prober {
                 ctx.timers.cancel(timer);
             }
         }
-        self.probes.clear();
+        for (upstream, server, name, addr, check) in wanted {
+            let healthy = ctx
+                .upstreams
+                .get(upstream.0)
+                .and_then(|g| g.server(server))
+                .map_or(true, |s| s.shared.healthy.load(Ordering::Relaxed));
+            let key = self.probes.insert(Probe {
+                name: name.to_string(),
+                upstream,
+                server,
+                addr,
+                check: check.clone(),
+                gen: 0,
+                phase: Phase::Idle,
+                socket: None,
+                ready: Readiness::default(),
+                started: ctx.now,
+                timer: None,
+                verdict: Verdict {
+                    up: healthy,
+                    streak: 0,
+                },
+            });
+            self.begin(key, ctx);
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -140,6 +140,8 @@ pub enum Timer {
     Pair(token::Key),
     Session(token::Key),
     Probe(token::Key),
+    /// An admin connection's deadline (its request head, its response, its close).
+    Admin(token::Key),
     AcceptResume,
     /// A drain's `shutdown_timeout` ran out.
     DrainDeadline,

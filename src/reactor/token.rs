@@ -25,6 +25,8 @@ const TAG_LISTENER: usize = 1;
 const TAG_UDP_LISTENER: usize = 2;
 const TAG_UDP_SESSION: usize = 3;
 const TAG_PROBE: usize = 4;
+const TAG_ADMIN_LISTENER: usize = 5;
+const TAG_ADMIN: usize = 6;
 const TAG_WAKER: usize = 15;
 
 /// A slot's owner's generation. It wraps (at 65,536, or 64 on 32-bit targets): a stale event
@@ -59,6 +61,9 @@ pub enum Target {
     UdpListener(usize),
     UdpSession(Key),
     Probe(Key),
+    AdminListener,
+    /// An admin endpoint's connection.
+    Admin(Key),
     Unknown,
 }
 
@@ -91,6 +96,14 @@ pub fn probe(key: Key) -> Token {
     make(TAG_PROBE, key.index, key.gen)
 }
 
+pub fn admin_listener() -> Token {
+    make(TAG_ADMIN_LISTENER, 0, 0)
+}
+
+pub fn admin(key: Key) -> Token {
+    make(TAG_ADMIN, key.index, key.gen)
+}
+
 pub fn decode(token: Token) -> Target {
     let index = token.0 & INDEX_MASK;
     let gen = ((token.0 >> GEN_SHIFT) & GEN_MASK) as Gen;
@@ -101,6 +114,8 @@ pub fn decode(token: Token) -> Target {
         TAG_UDP_LISTENER => Target::UdpListener(index),
         TAG_UDP_SESSION => Target::UdpSession(key),
         TAG_PROBE => Target::Probe(key),
+        TAG_ADMIN_LISTENER => Target::AdminListener,
+        TAG_ADMIN => Target::Admin(key),
         TAG_WAKER => Target::Waker,
         _ => Target::Unknown,
     }
@@ -119,11 +134,13 @@ mod tests {
                 assert_eq!(decode(pair(key, 1)), Target::Pair(key, 1));
                 assert_eq!(decode(udp_session(key)), Target::UdpSession(key));
                 assert_eq!(decode(probe(key)), Target::Probe(key));
+                assert_eq!(decode(admin(key)), Target::Admin(key));
             }
             assert_eq!(decode(listener(index)), Target::Listener(index));
             assert_eq!(decode(udp_listener(index)), Target::UdpListener(index));
         }
         assert_eq!(decode(waker()), Target::Waker);
+        assert_eq!(decode(admin_listener()), Target::AdminListener);
         assert_eq!(decode(Token(9 << TAG_SHIFT)), Target::Unknown);
     }
 

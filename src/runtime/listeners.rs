@@ -29,14 +29,32 @@ pub(super) struct Bound {
 
 /// Binds `conf` once for each of `workers` workers.
 pub(super) fn bind(conf: &Listen, workers: usize) -> Result<Bound, BindError> {
-    let first = match workers {
-        1 => Sharing::Alone,
+    // UDP sockets always share their port (after checking that no other process holds it): a
+    // removed UDP listener keeps its socket while its sessions last, and a reload that adds it
+    // back must be able to bind beside it (`bind_beside`).
+    let first = match (workers, conf.proto) {
+        (1, Proto::Tcp) => Sharing::Alone,
         _ => Sharing::First,
     };
     let (socket, addr) = open(conf.proto, conf.addr, first)?;
     let mut sockets = Vec::with_capacity(workers);
     sockets.push(socket);
     for _ in 1..workers {
+        let (socket, _) = open(conf.proto, addr, Sharing::Another)?;
+        sockets.push(socket);
+    }
+    Ok(Bound { addr, sockets })
+}
+
+/// Binds `conf` for every worker on `addr`, beside a socket of this process that still holds it
+/// (a UDP listener winding down).
+pub(super) fn bind_beside(
+    conf: &Listen,
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<Bound, BindError> {
+    let mut sockets = Vec::with_capacity(workers);
+    for _ in 0..workers {
         let (socket, _) = open(conf.proto, addr, Sharing::Another)?;
         sockets.push(socket);
     }

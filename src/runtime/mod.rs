@@ -18,7 +18,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,9 @@ struct Running {
     origins: Vec<Arc<Origin>>,
     /// A drain began: no reload any more.
     stopping: bool,
+    /// UDP listeners a reload removed whose sockets still serve sessions in some worker (alive
+    /// while one of them holds the origin); a reload that adds one back takes its port over.
+    winding_down: Vec<Weak<Origin>>,
 }
 
 /// What every handle of one proxy shares.
@@ -183,6 +186,7 @@ impl Handle {
                 self.control.stats.reloads.fetch_add(1, Ordering::Relaxed);
                 log::info!("reloaded: {}", done);
             }
+            Err(ReloadError::Stopping) => log::info!("reload ignored: the proxy is stopping"),
             Err(e) => self.reload_failed(e),
         }
         result
@@ -206,11 +210,22 @@ impl Handle {
         if running.stopping {
             return Err(ReloadError::Stopping);
         }
-        keep_fixed_settings(&running.config, &mut config);
+        let kept = keep_fixed_settings(&running.config, &mut config);
         let workers = self.control.workers.len();
         let tables = Arc::new(Tables::carry(&self.control.stats.tables(), &config));
-        let mut plan =
-            Plan::make(&config, &tables, &running.origins, workers).map_err(ReloadError::Bind)?;
+        running.winding_down.retain(|o| o.strong_count() > 0);
+        let winding_down: Vec<Arc<Origin>> = running
+            .winding_down
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut plan = Plan::make(&config, &tables, &running.origins, &winding_down, workers)
+            .map_err(ReloadError::Bind)?;
+        drop(winding_down);
+        if let Some(kept) = kept {
+            log::warn!("{kept}");
+        }
+        tables.checks_ended(&config);
         let done = Reloaded {
             added: plan.fresh.len(),
             removed: running
@@ -220,9 +235,22 @@ impl Handle {
                 .count(),
             upstreams_changed: upstreams_changed(&running.config, &config),
         };
-        for o in &running.origins {
-            if !config.listeners.iter().any(|l| o.same_listener(l)) {
-                log::info!("stopped listening on {}", describe(o, &running.config));
+        let removed: Vec<Arc<Origin>> = running
+            .origins
+            .iter()
+            .filter(|o| !config.listeners.iter().any(|l| o.same_listener(l)))
+            .cloned()
+            .collect();
+        for o in &removed {
+            match o.conf.proto {
+                Proto::Tcp => log::info!("stopped listening on {}", describe(o, &running.config)),
+                Proto::Udp => {
+                    log::info!(
+                        "stopped taking new clients on {}; its sessions run on",
+                        describe(o, &running.config)
+                    );
+                    running.winding_down.push(Arc::downgrade(o));
+                }
             }
         }
         for (_, origin) in &plan.fresh {
@@ -282,9 +310,10 @@ fn wait_for_workers(acked: &mpsc::Receiver<()>, workers: usize) {
     }
 }
 
-/// Settings a running process cannot change (its threads, its buffer pool, its logger): a
-/// reload keeps the running values and says so.
-fn keep_fixed_settings(running: &Config, new: &mut Config) {
+/// Settings a running process cannot change (its threads, its buffer pool, its logger, its admin
+/// socket): a reload keeps the running values; the warning that says so is returned, to be
+/// logged once the reload goes through.
+fn keep_fixed_settings(running: &Config, new: &mut Config) -> Option<String> {
     let mut kept = Vec::new();
     if new.workers != running.workers {
         kept.push(format!("workers {}", running.workers));
@@ -298,17 +327,25 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) {
         kept.push(format!("buffer_memory {}", running.buffer_memory));
         new.buffer_memory = running.buffer_memory;
     }
+    if new.admin != running.admin {
+        kept.push(match &running.admin {
+            Some(a) => format!("admin {}", a.addr),
+            None => "no admin".to_string(),
+        });
+        new.admin = running.admin.clone();
+    }
     if new.log_level != running.log_level {
         kept.push(format!("log_level {}", running.log_level));
         new.log_level = running.log_level;
     }
-    if !kept.is_empty() {
-        log::warn!(
-            "reload: {} changes only on restart; keeping {}",
-            if kept.len() == 1 { "this" } else { "these" },
-            kept.join(", ")
-        );
+    if kept.is_empty() {
+        return None;
     }
+    Some(format!(
+        "reload: {} changes only on restart; keeping {}",
+        if kept.len() == 1 { "this" } else { "these" },
+        kept.join(", ")
+    ))
 }
 
 /// Upstreams added, removed, or whose block changed (by name).
@@ -354,6 +391,7 @@ impl Plan {
         config: &Config,
         tables: &Tables,
         running: &[Arc<Origin>],
+        winding_down: &[Arc<Origin>],
         workers: usize,
     ) -> Result<Plan, BindError> {
         let mut origins = Vec::with_capacity(config.listeners.len());
@@ -366,9 +404,16 @@ impl Plan {
                     Arc::new(crate::metrics::ListenerStats::new(conf.proto, conf.addr))
                 });
             let kept = running.iter().find(|o| o.same_listener(conf));
-            let (addr, sockets) = match kept {
-                Some(o) => (o.addr, None),
-                None => {
+            let back = winding_down.iter().find(|o| o.same_listener(conf));
+            let (addr, sockets) = match (kept, back) {
+                (Some(o), _) => (o.addr, None),
+                // Back before its sessions ended: a worker that still has the old socket takes
+                // it up again (and drops this one); the others use this one.
+                (None, Some(o)) => {
+                    let bound = listeners::bind_beside(conf, o.addr, workers)?;
+                    (bound.addr, Some(bound.sockets))
+                }
+                (None, None) => {
                     let bound = listeners::bind(conf, workers)?;
                     (bound.addr, Some(bound.sockets))
                 }
@@ -427,7 +472,16 @@ impl Proxy {
         let tables = stats.tables();
         // Every listener is bound for every worker before any runs: one that cannot bind fails
         // the start (what was bound closes as it drops).
-        let mut plan = Plan::make(&config, &tables, &[], count)?;
+        let mut plan = Plan::make(&config, &tables, &[], &[], count)?;
+        let mut admin = match &config.admin {
+            Some(a) => {
+                let (listener, bound) =
+                    crate::tcp::listener::bind(a.addr, crate::part::Sharing::Alone)?;
+                log::info!("admin endpoint on http://{bound}/");
+                Some((listener, a.allow.clone()))
+            }
+            None => None,
+        };
         let mut per_worker = plan.per_worker(count);
         let mut workers = Vec::with_capacity(count);
         let mut inboxes = Vec::with_capacity(count);
@@ -440,7 +494,8 @@ impl Proxy {
                 fresh: std::mem::take(fresh),
                 done: None,
             };
-            let worker = worker::Worker::new(first, Arc::clone(&stats), inbox, index)?;
+            let worker =
+                worker::Worker::new(first, Arc::clone(&stats), inbox, index, admin.take())?;
             inboxes.push((commands, worker.waker()));
             workers.push(worker);
         }
@@ -458,6 +513,7 @@ impl Proxy {
                     config,
                     origins: plan.origins,
                     stopping: false,
+                    winding_down: Vec::new(),
                 }),
             }),
         };

@@ -17,16 +17,19 @@ use mio::{Events, Poll, Waker};
 
 use super::listeners::Socket;
 use super::{Command, RuntimeError, Stats};
+use crate::admin::AdminPart;
+use crate::config::Cidr;
 use crate::config::Config;
 use crate::health::Prober;
 use crate::metrics::Tables;
-use crate::part::{Ctx, Origin};
+use crate::part::{BindError, Ctx, Origin};
 use crate::reactor::timer::TimerWheel;
 use crate::reactor::token::{self, Target};
 use crate::reactor::{after, End, Timer};
 use crate::tcp::proxy::TcpProxy;
 use crate::udp::UdpProxy;
 use crate::upstream::{self, Group};
+use mio::net::TcpListener;
 
 /// Where the worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,16 @@ pub struct Reload {
     pub done: Option<mpsc::Sender<()>>,
 }
 
+/// The parts of a worker and what they share, lent for one call.
+struct Parts<'a> {
+    tcp: &'a mut TcpProxy,
+    udp: &'a mut UdpProxy,
+    probes: &'a mut Prober,
+    /// Worker 0's, when the config has `admin`.
+    admin: Option<&'a mut AdminPart>,
+    ctx: Ctx<'a>,
+}
+
 pub struct Worker {
     poll: Poll,
     events: Option<Events>,
@@ -63,6 +76,7 @@ pub struct Worker {
     tcp: TcpProxy,
     udp: UdpProxy,
     probes: Prober,
+    admin: Option<AdminPart>,
     /// Reloads that arrived this turn, applied once its events are handled.
     reloads: Vec<Reload>,
     /// This worker's number; worker 0 also runs the health probes.
@@ -83,6 +97,7 @@ impl Worker {
         stats: Arc<Stats>,
         inbox: mpsc::Receiver<Command>,
         index: usize,
+        admin: Option<(TcpListener, Vec<Cidr>)>,
     ) -> Result<Worker, RuntimeError> {
         let io_err = |what| move |error| RuntimeError::Io { what, error };
         let poll = Poll::new().map_err(io_err("cannot create the poller"))?;
@@ -90,6 +105,13 @@ impl Worker {
             .map_err(io_err("cannot create the waker"))?;
         let tcp = TcpProxy::new(&first.config, Arc::clone(&stats.pool), index);
         let now = Instant::now();
+        let admin = match admin {
+            Some((listener, allow)) => Some(
+                AdminPart::new(listener, allow, now, poll.registry())
+                    .map_err(io_err("cannot serve the admin endpoint"))?,
+            ),
+            None => None,
+        };
         let mut worker = Worker {
             poll,
             events: Some(Events::with_capacity(1024)),
@@ -101,6 +123,7 @@ impl Worker {
             tcp,
             udp: UdpProxy::new(),
             probes: Prober::default(),
+            admin,
             reloads: Vec::new(),
             index,
             timers: TimerWheel::new(now),
@@ -108,8 +131,12 @@ impl Worker {
             phase: Phase::Running,
             last_event: now,
         };
-        worker.apply(first);
-        Ok(worker)
+        // A listener this worker cannot register would leave it deaf on that address: at start
+        // that fails the start.
+        match worker.apply(first).into_iter().next() {
+            Some(e) => Err(RuntimeError::Bind(e)),
+            None => Ok(worker),
+        }
     }
 
     pub fn waker(&self) -> Arc<Waker> {
@@ -125,10 +152,19 @@ impl Worker {
                 }
             }
         }
-        let (tcp, udp, _, mut ctx) = self.split();
+        let Parts {
+            tcp,
+            udp,
+            admin,
+            mut ctx,
+            ..
+        } = self.split();
         let left = tcp.open_pairs();
         tcp.close_all(End::Shutdown, &mut ctx);
         udp.close_all(End::Shutdown, &mut ctx);
+        if let Some(admin) = admin {
+            admin.close_all(&mut ctx);
+        }
         if left > 0 {
             log::info!("stopped; {} connections closed unfinished", left);
         } else {
@@ -165,7 +201,8 @@ impl Worker {
         }
         self.events = Some(events);
         for reload in std::mem::take(&mut self.reloads) {
-            self.apply(reload);
+            // Logged where it failed; the listener is missing in this worker only.
+            let _ = self.apply(reload);
         }
         self.expire_timers();
         self.run_pending();
@@ -175,7 +212,7 @@ impl Worker {
     /// Takes on a config: new groups that carry over what stays, the listeners it keeps, opens
     /// and closes, and (on worker 0) probes started afresh from the verdicts carried over. Pairs
     /// and sessions in flight keep their settings and their server.
-    fn apply(&mut self, reload: Reload) {
+    fn apply(&mut self, reload: Reload) -> Vec<BindError> {
         let Reload {
             config,
             tables,
@@ -183,10 +220,15 @@ impl Worker {
             fresh,
             done,
         } = reload;
+        let mut failed = Vec::new();
         if self.phase == Phase::Running {
             let old = std::mem::take(&mut self.groups);
             let (groups, remap) = upstream::rebuild(old, &config.upstreams, &tables);
             self.groups = groups;
+            let config_for_admin = match self.admin {
+                Some(_) => config.clone(),
+                None => Config::default(),
+            };
             self.config = config;
             let (mut tcp_fresh, mut udp_fresh) = (Vec::new(), Vec::new());
             for (origin, socket) in fresh {
@@ -197,21 +239,32 @@ impl Worker {
             }
             let max_connections = self.config.max_connections;
             let probing = self.index == 0;
-            let (tcp, udp, probes, mut ctx) = self.split();
-            tcp.reload(&origins, tcp_fresh, max_connections, &remap, &mut ctx);
-            udp.reload(&origins, udp_fresh, &remap, &mut ctx);
+            let Parts {
+                tcp,
+                udp,
+                admin,
+                mut ctx,
+                ..
+            } = self.split();
+            failed = tcp.reload(&origins, tcp_fresh, max_connections, &remap, &mut ctx);
+            failed.extend(udp.reload(&origins, udp_fresh, &remap, &mut ctx));
+            if let Some(admin) = admin {
+                admin.reload(&config_for_admin, &origins);
+            }
             if probing {
                 // One worker probes; the verdicts reach the others through the shared state.
-                probes.stop(&mut ctx);
                 let upstreams = std::mem::take(&mut self.config.upstreams);
-                let (_, _, probes, mut ctx) = self.split();
-                *probes = Prober::start(&upstreams, &mut ctx);
+                let Parts {
+                    probes, mut ctx, ..
+                } = self.split();
+                probes.reload(&upstreams, &mut ctx);
                 self.config.upstreams = upstreams;
             }
         }
         if let Some(done) = done {
             let _ = done.send(());
         }
+        failed
     }
 
     /// Polls for events: at once while work is pending; else, with `busy_poll` set and an event
@@ -243,7 +296,7 @@ impl Worker {
     }
 
     /// The parts, each with the context they share, lent for one call.
-    fn split(&mut self) -> (&mut TcpProxy, &mut UdpProxy, &mut Prober, Ctx<'_>) {
+    fn split(&mut self) -> Parts<'_> {
         let ctx = Ctx {
             registry: self.poll.registry(),
             timers: &mut self.timers,
@@ -252,7 +305,13 @@ impl Worker {
             now: self.now,
             access_log: self.config.access_log,
         };
-        (&mut self.tcp, &mut self.udp, &mut self.probes, ctx)
+        Parts {
+            tcp: &mut self.tcp,
+            udp: &mut self.udp,
+            probes: &mut self.probes,
+            admin: self.admin.as_mut(),
+            ctx,
+        }
     }
 
     fn dispatch(&mut self, event: &mio::event::Event) {
@@ -261,13 +320,29 @@ impl Worker {
             self.read_inbox();
             return;
         }
-        let (tcp, udp, probes, mut ctx) = self.split();
+        let Parts {
+            tcp,
+            udp,
+            probes,
+            admin,
+            mut ctx,
+        } = self.split();
         match target {
             Target::Listener(slot) => tcp.listener_ready(slot, &mut ctx),
             Target::Pair(key, half) => tcp.socket_ready(key, half, event, &mut ctx),
             Target::UdpListener(slot) => udp.listener_ready(slot, &mut ctx),
             Target::UdpSession(key) => udp.session_ready(key, event, &mut ctx),
             Target::Probe(key) => probes.ready(key, event, &mut ctx),
+            Target::AdminListener => {
+                if let Some(admin) = admin {
+                    admin.listener_ready(&mut ctx);
+                }
+            }
+            Target::Admin(key) => {
+                if let Some(admin) = admin {
+                    admin.conn_ready(key, event, &mut ctx);
+                }
+            }
             Target::Waker | Target::Unknown => {}
         }
     }
@@ -288,9 +363,19 @@ impl Worker {
         let until = after(self.now, timeout);
         self.phase = Phase::Draining { until };
         self.timers.insert(until, Timer::DrainDeadline);
-        let (tcp, udp, _, mut ctx) = self.split();
+        let Parts {
+            tcp,
+            udp,
+            admin,
+            mut ctx,
+            ..
+        } = self.split();
         tcp.stop_listening(&mut ctx);
         udp.shut(&mut ctx);
+        // Its port too is free for the next instance at once.
+        if let Some(admin) = admin {
+            admin.close_all(&mut ctx);
+        }
         let limit = match timeout.as_millis() {
             ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
             ms => format!("{ms}ms"),
@@ -301,11 +386,22 @@ impl Worker {
     fn expire_timers(&mut self) {
         let now = self.now;
         while let Some(timer) = self.timers.expire(now) {
-            let (tcp, udp, probes, mut ctx) = self.split();
+            let Parts {
+                tcp,
+                udp,
+                probes,
+                admin,
+                mut ctx,
+            } = self.split();
             match timer {
                 Timer::Pair(key) => tcp.timer(key, &mut ctx),
                 Timer::Session(key) => udp.timer(key, &mut ctx),
                 Timer::Probe(key) => probes.timer(key, &mut ctx),
+                Timer::Admin(key) => {
+                    if let Some(admin) = admin {
+                        admin.timer(key, &mut ctx);
+                    }
+                }
                 Timer::AcceptResume => tcp.accept_resume(),
                 // The loop sees the deadline once this turn ends.
                 Timer::DrainDeadline => {}
@@ -316,7 +412,9 @@ impl Worker {
     /// Drives what a budget cut short: pairs that yielded or waited for buffers, listeners with
     /// clients waiting, sessions with datagrams left.
     fn run_pending(&mut self) {
-        let (tcp, udp, _, mut ctx) = self.split();
+        let Parts {
+            tcp, udp, mut ctx, ..
+        } = self.split();
         tcp.run_pending(&mut ctx);
         if udp.has_pending_work() {
             udp.run_pending(&mut ctx);

@@ -31,7 +31,7 @@ use mio::{Interest, Registry};
 
 use crate::accounting::{self, Settle};
 use crate::config::{ServerId, UpstreamId};
-use crate::part::{Ctx, Origin};
+use crate::part::{BindError, Ctx, Origin};
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, retry, End, LogLimit, Readiness, Suppressed, Timer};
@@ -172,7 +172,8 @@ impl UdpProxy {
         fresh: Vec<(Arc<Origin>, UdpSocket)>,
         remap: &Remap,
         ctx: &mut Ctx<'_>,
-    ) {
+    ) -> Vec<BindError> {
+        let mut failed = Vec::new();
         for slot in &mut self.listeners {
             let Some(l) = slot else {
                 continue;
@@ -189,8 +190,21 @@ impl UdpProxy {
                 None => l.taking = Taking::KnownClients,
             }
         }
-        for (origin, socket) in fresh {
-            self.listen(origin, socket, ctx.registry);
+        for (origin, mut socket) in fresh {
+            let revived = self
+                .listeners
+                .iter()
+                .flatten()
+                .any(|l| Arc::ptr_eq(&l.origin, &origin));
+            if revived {
+                // Added back while this worker still served its sessions: the old socket goes
+                // on, so this one is not needed.
+                let _ = ctx.registry.deregister(&mut socket);
+                continue;
+            }
+            if let Err(e) = self.listen(origin, socket, ctx.registry) {
+                failed.push(e);
+            }
         }
         for l in self.listeners.iter_mut().flatten() {
             for s in l.sessions.values_mut() {
@@ -198,10 +212,16 @@ impl UdpProxy {
                 s.upstream = remap.upstream(s.upstream);
             }
         }
+        failed
     }
 
     /// Registers a listening socket in a free slot.
-    fn listen(&mut self, origin: Arc<Origin>, mut socket: UdpSocket, registry: &Registry) {
+    fn listen(
+        &mut self,
+        origin: Arc<Origin>,
+        mut socket: UdpSocket,
+        registry: &Registry,
+    ) -> Result<(), BindError> {
         let slot = match self.listeners.iter().position(Option::is_none) {
             Some(free) => free,
             None => {
@@ -209,20 +229,26 @@ impl UdpProxy {
                 self.listeners.len() - 1
             }
         };
-        if slot > token::MAX_INDEX >> SESSION_BITS {
-            // Its sessions' tokens could not name it (only on 32-bit targets).
-            log::error!("cannot serve udp {}: too many listeners", origin.addr);
-            return;
-        }
-        let token = token::udp_listener(slot);
-        if let Err(e) = registry.register(&mut socket, token, Interest::READABLE) {
+        let fail = |error: io::Error| {
             log::error!(
                 "cannot receive on udp {}: {}",
                 origin.addr,
-                crate::sys::io_reason(&e)
+                crate::sys::io_reason(&error)
             );
-            return;
+            BindError {
+                proto: origin.conf.proto,
+                addr: origin.addr,
+                error,
+            }
+        };
+        if slot > token::MAX_INDEX >> SESSION_BITS {
+            // Its sessions' tokens could not name it (only on 32-bit targets).
+            return Err(fail(io::Error::other("too many listeners")));
         }
+        let token = token::udp_listener(slot);
+        registry
+            .register(&mut socket, token, Interest::READABLE)
+            .map_err(fail)?;
         if self.buf.is_empty() {
             self.buf = vec![0u8; DATAGRAM_BUFFER].into_boxed_slice();
         }
@@ -236,6 +262,7 @@ impl UdpProxy {
                 sessions: SessionTable::default(),
             });
         }
+        Ok(())
     }
 
     pub(crate) fn has_pending_work(&self) -> bool {
@@ -593,7 +620,7 @@ impl UdpProxy {
         if retired {
             if let Some(mut l) = slot.take() {
                 let _ = ctx.registry.deregister(&mut l.socket);
-                log::info!("udp {}: closed, its last session ended", l.origin.addr);
+                log::debug!("udp {}: closed, its last session ended", l.origin.addr);
             }
         }
     }

@@ -134,6 +134,7 @@ pub(super) fn process_seed(name: &str) -> u64 {
 }
 
 /// splitmix64: tiny, fast, and plenty for picking two servers.
+#[derive(Clone)]
 struct Rng(u64);
 
 impl Rng {
@@ -153,12 +154,14 @@ fn load_cmp(a: &ServerState, b: &ServerState) -> Ordering {
 }
 
 /// The servers of one pool (primaries or backups) and the state of its method.
+#[derive(Clone)]
 pub(super) struct Pool {
     /// Group indices of the pool's servers, in config order. "Position" below indexes this.
     members: Vec<usize>,
     method: Method,
 }
 
+#[derive(Clone)]
 enum Method {
     RoundRobin { next: usize },
     Weighted(Smooth),
@@ -240,6 +243,7 @@ fn scan<F: Fn(usize) -> bool>(members: &[usize], start: usize, eligible: &F) -> 
 }
 
 /// One period of nginx's smooth weighted round robin, plus the live state of its fallback pass.
+#[derive(Clone)]
 struct Smooth {
     /// Pool positions. With every server eligible, reading it in a circle *is* nginx's sequence.
     schedule: Vec<u32>,
@@ -335,6 +339,7 @@ fn schedule(weights: &[u64]) -> Vec<u32> {
 
 /// Tournament tree for `least_conn`: leaf p is pool position p, an inner node holds the better of
 /// its children's winners, the root the best server of the pool.
+#[derive(Clone)]
 struct Tournament {
     /// Leaves in the tree: a power of two ≥ the pool size.
     leaves: usize,
@@ -445,6 +450,7 @@ impl Tournament {
 }
 
 /// Cumulative weights: a value in `0..total` falls on a position with probability weight/total.
+#[derive(Clone)]
 struct Weights {
     cumulative: Vec<u64>,
     total: u64,
@@ -521,6 +527,7 @@ fn server_key(addr: SocketAddr) -> u64 {
 }
 
 /// Weighted rendezvous (highest random weight) hashing for `ip_hash`.
+#[derive(Clone)]
 struct Rendezvous {
     /// `server_key` of each pool position.
     keys: Vec<u64>,
@@ -580,6 +587,7 @@ impl Rendezvous {
 
 /// Consistent-hash ring. A ring rather than Maglev because a ring guarantees that removing a server
 /// moves only that server's clients; Maglev's table also reshuffles a few between the others.
+#[derive(Clone)]
 struct Ring {
     /// (point, pool position), sorted by point and, on the rare equal points, by server address.
     points: Vec<(u32, u32)>,

@@ -132,9 +132,16 @@ impl Tried {
     /// The same servers under the ids a reload gave them (`map` by old id); servers gone are left out.
     pub fn remap(&self, map: &[Option<ServerId>]) -> Tried {
         let mut out = Tried::default();
-        for (old, new) in map.iter().enumerate() {
-            if let Some(new) = new {
-                if self.contains(ServerId(old)) {
+        let words = self
+            .inline
+            .iter()
+            .chain(self.more.iter().flat_map(|m| m.iter()));
+        for (w, &word) in words.enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let old = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(Some(new)) = map.get(old) {
                     out.insert(*new);
                 }
             }
@@ -419,6 +426,45 @@ impl Group {
         self.next_expiry = next;
     }
 
+    /// The server a client from `client` would get now, without advancing the balancer (a
+    /// copy of its state picks): exact for `ip_hash` and `hash`, the next in turn for the others.
+    pub fn peek(&mut self, client: IpAddr, now: Instant) -> Option<ServerId> {
+        self.sync(now);
+        self.expire_marks(now);
+        let servers = &self.servers;
+        let eligible = |i: usize| servers.get(i).is_some_and(|s| s.available(now));
+        let (mut primary, mut backup) = (self.primary.clone(), self.backup.clone());
+        primary
+            .pick(servers, client, &eligible)
+            .or_else(|| backup.pick(servers, client, &eligible))
+            .map(ServerId)
+    }
+
+    /// Whether server `id` can be picked now, and if not, why (the first reason that applies).
+    pub fn availability(&self, id: ServerId, now: Instant) -> Availability {
+        let Some(s) = self.servers.get(id.0) else {
+            return Availability::Retired;
+        };
+        let until = s.unavailable_until().filter(|&t| now < t);
+        if s.retired {
+            Availability::Retired
+        } else if s.conf.down {
+            Availability::Down
+        } else if s.shared.admin() == AdminState::Down {
+            Availability::AdminDown
+        } else if s.shared.admin() == AdminState::Drain {
+            Availability::Drained
+        } else if !s.shared.healthy.load(Ordering::Relaxed) {
+            Availability::CheckDown
+        } else if let Some(until) = until {
+            Availability::Failed { until }
+        } else if s.full() {
+            Availability::Full
+        } else {
+            Availability::Up
+        }
+    }
+
     pub fn is_available(&self, id: ServerId, now: Instant) -> bool {
         self.servers.get(id.0).is_some_and(|s| s.available(now))
     }
@@ -458,6 +504,62 @@ impl Group {
             &mut self.primary
         };
         pool.update(&self.servers, s.pool_pos);
+    }
+}
+
+/// Whether a server can be picked, and if not, why: what the admin endpoint shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Up,
+    /// `down` in the config.
+    Down,
+    /// Set down by an operator (admin endpoint).
+    AdminDown,
+    /// Drained by an operator: open connections go on, no new ones.
+    Drained,
+    /// The active health checks say down.
+    CheckDown,
+    /// Passive health marked it after failed connects, until then.
+    Failed {
+        until: Instant,
+    },
+    /// At `max_conns`.
+    Full,
+    /// A reload removed it; connections still hold it.
+    Retired,
+}
+
+impl Availability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Availability::Up => "up",
+            Availability::Down => "down",
+            Availability::AdminDown => "down_by_admin",
+            Availability::Drained => "drained",
+            Availability::CheckDown => "down_by_check",
+            Availability::Failed { .. } => "failed",
+            Availability::Full => "full",
+            Availability::Retired => "retired",
+        }
+    }
+
+    /// A sentence for an operator ("failed connects: unavailable for 3 s more").
+    pub fn reason(self, now: Instant) -> String {
+        match self {
+            Availability::Up => "available".into(),
+            Availability::Down => "marked down in the config".into(),
+            Availability::AdminDown => "set down through the admin endpoint".into(),
+            Availability::Drained => {
+                "drained through the admin endpoint: no new connections".into()
+            }
+            Availability::CheckDown => "health checks failed".into(),
+            Availability::Failed { until } => format!(
+                "failed connects (max_fails): unavailable for {} ms more",
+                until.saturating_duration_since(now).as_millis()
+            ),
+            Availability::Full => "at max_conns".into(),
+            Availability::Retired => "removed by a reload, still held by connections".into(),
+        }
     }
 }
 
@@ -565,6 +667,17 @@ impl Group {
                 if let Some(n) = self.servers.get_mut(i) {
                     n.active = s.active;
                     n.connect_failures = s.connect_failures;
+                    if !Arc::ptr_eq(&n.shared, &s.shared) {
+                        // Back after a reload retired it: this worker's connections now count
+                        // (and will be released) in the fresh shared state.
+                        let mine = u64::from(s.active);
+                        n.shared.active.fetch_add(mine, Ordering::Relaxed);
+                        let _ = s.shared.active.fetch_update(
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                            |v| Some(v.saturating_sub(mine)),
+                        );
+                    }
                 }
                 self.touch(i);
                 Some(ServerId(i))

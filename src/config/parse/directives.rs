@@ -10,16 +10,23 @@ pub(super) enum Context {
     Main,
     Upstream,
     Listen,
+    Admin,
 }
 
 impl Context {
-    pub(super) const ALL: [Context; 3] = [Context::Main, Context::Upstream, Context::Listen];
+    pub(super) const ALL: [Context; 4] = [
+        Context::Main,
+        Context::Upstream,
+        Context::Listen,
+        Context::Admin,
+    ];
 
     pub(super) fn place(self) -> &'static str {
         match self {
             Context::Main => "the main context",
             Context::Upstream => "an upstream block",
             Context::Listen => "a listen block",
+            Context::Admin => "an admin block",
         }
     }
 
@@ -68,7 +75,7 @@ const fn only(proto: Proto, d: Directive) -> Directive {
     }
 }
 
-use Context::{Listen, Main, Upstream};
+use Context::{Admin, Listen, Main, Upstream};
 
 pub(super) const DIRECTIVES: &[Directive] = &[
     once("workers", Main, "a number or 'auto'"),
@@ -81,6 +88,8 @@ pub(super) const DIRECTIVES: &[Directive] = &[
     once("access_log", Main, "'on' or 'off'"),
     many("upstream", Main),
     many("listen", Main),
+    once("admin", Main, "an address"),
+    many("allow", Admin),
     once("balance", Upstream, "a balance method"),
     many("server", Upstream),
     once("health_check", Upstream, ""),

@@ -25,6 +25,7 @@ impl Parser<'_> {
             match d.name {
                 "upstream" => self.upstream(&stmt)?,
                 "listen" => self.listen(&stmt)?,
+                "admin" => self.admin(&stmt)?,
                 "max_connections" => {
                     let arg = self.single(&stmt, d.takes)?;
                     self.config.max_connections =

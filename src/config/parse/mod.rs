@@ -15,6 +15,7 @@
 //! function so that tests never touch DNS. Nothing here panics on any input: numbers use checked
 //! arithmetic, slices use `get`.
 
+mod admin;
 mod directives;
 mod listen;
 mod main;

@@ -559,7 +559,12 @@ fn unknown_directives_suggest_from_their_context() {
     let e = fail("listen 80 {\n  servr 127.0.0.1:1;\n}");
     assert_eq!(e.message, "unknown directive 'servr'");
     // Directives of DESIGN.md this build does not know yet.
-    assert_err("admin 127.0.0.1:9901;", 1, 1, "unknown directive 'admin'");
+    assert_err(
+        "listen 80 {\n  proxy 127.0.0.1:1;\n  proxy_protocol v2;\n}",
+        3,
+        3,
+        "unknown directive 'proxy_protocol'",
+    );
 }
 
 #[test]
@@ -1369,4 +1374,56 @@ fn mangled_input_never_panics() {
     }
     run(&format!("listen 1 {{ proxy {}; }}", "9".repeat(100_000)));
     run(&format!("max_connections {};", "x".repeat(100_000)));
+}
+
+const ONE_LISTENER: &str = "listen 127.0.0.1:1 { proxy 127.0.0.1:2; }\n";
+
+#[test]
+fn admin_on_loopback_or_with_an_allow_list() {
+    let c = ok(&format!("admin 127.0.0.1:9901;\n{ONE_LISTENER}"));
+    let admin = c.admin.expect("admin");
+    assert_eq!(admin.addr, v4(9901));
+    assert!(admin.allow.is_empty());
+    let c = ok(&format!(
+        "admin 0.0.0.0:9901 {{\n  allow 10.0.0.0/8;\n  allow ::1;\n}}\n{ONE_LISTENER}"
+    ));
+    let admin = c.admin.expect("admin");
+    assert_eq!(admin.addr, any(9901));
+    assert_eq!(admin.allow.len(), 2);
+    assert!(admin.allow[0].contains("10.9.8.7".parse().expect("ip")));
+    assert!(ok(ONE_LISTENER).admin.is_none());
+}
+
+#[test]
+fn admin_errors_name_the_line() {
+    assert_err(
+        &format!("{ONE_LISTENER}admin 0.0.0.0:9901;\n"),
+        2,
+        7,
+        "admin 0.0.0.0:9901 is reachable from other hosts: add an allow list",
+    );
+    assert_err(
+        &format!("admin 127.0.0.1:9901 {{\n  allow 10.1.0.0/8;\n}}\n{ONE_LISTENER}"),
+        2,
+        9,
+        "'10.1.0.0/8' has host bits set",
+    );
+    assert_err(
+        &format!("admin 127.0.0.1:9901 {{\n  proxy u;\n}}\n{ONE_LISTENER}"),
+        2,
+        3,
+        "'proxy' is not allowed here (it belongs in a listen block)",
+    );
+    assert_err(
+        &format!("admin 127.0.0.1:1;\nadmin 127.0.0.1:2;\n{ONE_LISTENER}"),
+        2,
+        1,
+        "duplicate 'admin'",
+    );
+    assert_err(
+        &format!("{ONE_LISTENER}listen 127.0.0.1:3 {{ proxy 127.0.0.1:2; allow 10.0.0.0/8; }}\n"),
+        2,
+        41,
+        "'allow' is not allowed here (it belongs in an admin block)",
+    );
 }

@@ -29,7 +29,7 @@ use super::Side;
 use crate::accounting::{self, Settle};
 use crate::config::{Config, Listen, ServerId};
 use crate::metrics::PoolStats;
-use crate::part::{Ctx, Origin};
+use crate::part::{BindError, Ctx, Origin};
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, End, LogLimit, Readiness, Suppressed, Timer};
@@ -94,7 +94,8 @@ impl TcpProxy {
     /// a listener already here that is among them keeps its socket and backlog and takes the new
     /// settings for new pairs; one that is not stops accepting and is closed. `fresh` are the
     /// sockets of the new listeners, bound for this worker. Pairs in flight keep their settings
-    /// and their server; their upstream and server ids are translated by `remap`.
+    /// and their server; their upstream and server ids are translated by `remap`. Returns the
+    /// new listeners that could not be registered in the poll (each also logged).
     pub fn reload(
         &mut self,
         origins: &[Arc<Origin>],
@@ -102,7 +103,7 @@ impl TcpProxy {
         max_connections: usize,
         remap: &Remap,
         ctx: &mut Ctx<'_>,
-    ) {
+    ) -> Vec<BindError> {
         for slot in &mut self.listeners {
             let Some(l) = slot else {
                 continue;
@@ -117,9 +118,10 @@ impl TcpProxy {
                 }
             }
         }
-        for (origin, socket) in fresh {
-            self.listen(origin, socket, ctx.registry);
-        }
+        let failed = fresh
+            .into_iter()
+            .filter_map(|(origin, socket)| self.listen(origin, socket, ctx.registry).err())
+            .collect();
         self.max_connections = max_connections;
         for (_, pair) in self.pairs.iter_mut() {
             let upstream = pair.upstream;
@@ -138,10 +140,16 @@ impl TcpProxy {
             };
         }
         self.reopen_accepting();
+        failed
     }
 
     /// Registers a listening socket in a free slot.
-    fn listen(&mut self, origin: Arc<Origin>, mut socket: TcpListener, registry: &Registry) {
+    fn listen(
+        &mut self,
+        origin: Arc<Origin>,
+        mut socket: TcpListener,
+        registry: &Registry,
+    ) -> Result<(), BindError> {
         let slot = match self.listeners.iter().position(Option::is_none) {
             Some(free) => free,
             None => {
@@ -149,13 +157,19 @@ impl TcpProxy {
                 self.listeners.len() - 1
             }
         };
-        if let Err(e) = registry.register(&mut socket, token::listener(slot), Interest::READABLE) {
+        if let Err(error) =
+            registry.register(&mut socket, token::listener(slot), Interest::READABLE)
+        {
             log::error!(
                 "cannot accept on {}: {}",
                 origin.addr,
-                crate::sys::io_reason(&e)
+                crate::sys::io_reason(&error)
             );
-            return;
+            return Err(BindError {
+                proto: origin.conf.proto,
+                addr: origin.addr,
+                error,
+            });
         }
         if let Some(entry) = self.listeners.get_mut(slot) {
             *entry = Some(TcpListen {
@@ -164,6 +178,7 @@ impl TcpProxy {
                 ready: Readiness::default(),
             });
         }
+        Ok(())
     }
 
     pub fn has_pending_work(&self) -> bool {
@@ -375,7 +390,13 @@ impl TcpProxy {
 
     /// The server socket reported readiness while connecting: find out how the connect went.
     /// True when the pair now streams.
-    fn finish_connect(&mut self, key: Key, server: ServerId, ctx: &mut Ctx<'_>) -> bool {
+    fn finish_connect(
+        &mut self,
+        key: Key,
+        server: ServerId,
+        since: Instant,
+        ctx: &mut Ctx<'_>,
+    ) -> bool {
         let Some(pair) = live(&mut self.pairs, key) else {
             return false;
         };
@@ -402,6 +423,11 @@ impl TcpProxy {
                 let (upstream, idle) = (pair.upstream, pair.origin.conf.idle_timeout);
                 let now = ctx.now;
                 if let Some(group) = ctx.upstreams.get_mut(upstream.0) {
+                    if let Some(s) = group.server(server) {
+                        s.shared
+                            .connect_time
+                            .observe(now.saturating_duration_since(since));
+                    }
                     group.connected(server, now);
                 }
                 self.arm(key, after(now, idle), ctx);
@@ -457,8 +483,8 @@ impl TcpProxy {
                 self.abandon_server(key, ctx);
                 self.close(key, End::ClientClosed, ctx);
             }
-            PairState::Connecting { server, .. } => {
-                if self.finish_connect(key, server, ctx) {
+            PairState::Connecting { server, since } => {
+                if self.finish_connect(key, server, since, ctx) {
                     self.pump(key, ctx);
                 }
             }
