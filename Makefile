@@ -7,7 +7,7 @@ HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 BIN     := target/release/sluice
 STATIC  := target/$(HOST)/release/sluice
 
-.PHONY: all build run test lint static install clean bench bench-compare bench-micro
+.PHONY: all build run test lint static install clean bench bench-compare bench-micro fuzz
 
 all: build
 
@@ -50,3 +50,16 @@ bench-compare:
 
 bench-micro:
 	cd bench && CARGO_TARGET_DIR=$(CURDIR)/bench/target $(CARGO) run --release --bin sluice-micro -- $(MICRO_ARGS)
+
+# Fuzzing needs nightly and cargo-fuzz (cargo install cargo-fuzz). Each target runs for
+# FUZZ_SECONDS; new inputs that reach new code are added to fuzz/corpus/<target>/, which
+# `make test` replays on stable (tests/fuzz_corpus.rs). A crash is saved under
+# fuzz/artifacts/<target>/: fix it, then move the file into the corpus so it stays fixed.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := admin_http config cidr
+
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+	    echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+	    $(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=16384 || exit 1; \
+	done

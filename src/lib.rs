@@ -7,7 +7,8 @@
 //! Layers, top to bottom. A module names (through `crate::`) only modules of its own layer or
 //! of a layer below it, so there are no cycles; `tests/layers.rs` reads this list and checks it.
 //!
-//! 1. `runtime`: the `Proxy` handle, the worker loop that dispatches tokens and timers
+//! 1. `runtime` `fuzzing`: the `Proxy` handle, the worker loop that dispatches tokens and timers;
+//!    the fuzz targets' entry points
 //! 2. `tcp` `udp` `health` `admin`: the I/O parts; each owns its sockets and state machines
 //! 3. `part` `accounting`: what the parts share (`Ctx`, binding) and how a pair or session ends
 //! 4. `upstream`: groups, balancing and health verdicts; pure, no sockets
@@ -18,6 +19,7 @@
 pub mod accounting;
 pub mod admin;
 pub mod config;
+pub mod fuzzing;
 pub mod health;
 pub mod logging;
 pub mod metrics;

@@ -1,7 +1,9 @@
 //! The things a scenario runs against: `direct` (the backend itself), `sluice`, and, when
 //! installed, `haproxy`, `nginx` (stream module) and `socat`. `sluice-bp` and `haproxy-bp` are
 //! the same two proxies with busy polling on (`busy_poll 200us`; haproxy's `busy-polling`),
-//! which trades CPU for the latency of waking a sleeping CPU.
+//! which trades CPU for the latency of waking a sleeping CPU. `sluice-scrape` is `sluice` with its
+//! admin endpoint on and a scraper fetching `/metrics` every 100 ms for as long as it runs: what
+//! being watched by Prometheus costs the data path.
 //!
 //! Each run starts a fresh proxy process with one listener on a free 127.0.0.1 port forwarding to
 //! the case's backend, written as a generated config under `bench/out/<kind>/`, waits until it
@@ -17,6 +19,8 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::{procfs, sys};
@@ -35,6 +39,8 @@ pub enum Kind {
     SluiceBusy,
     /// sluice with `-w 2`: two workers sharing the listening ports.
     SluiceWorkers,
+    /// sluice with `admin` on, scraped every 100 ms.
+    SluiceScraped,
     Haproxy,
     HaproxyBusy,
     Nginx,
@@ -42,11 +48,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Direct,
         Kind::Sluice,
         Kind::SluiceBusy,
         Kind::SluiceWorkers,
+        Kind::SluiceScraped,
         Kind::Haproxy,
         Kind::HaproxyBusy,
         Kind::Nginx,
@@ -59,6 +66,7 @@ impl Kind {
             Kind::Sluice => "sluice",
             Kind::SluiceBusy => "sluice-bp",
             Kind::SluiceWorkers => "sluice-w2",
+            Kind::SluiceScraped => "sluice-scrape",
             Kind::Haproxy => "haproxy",
             Kind::HaproxyBusy => "haproxy-bp",
             Kind::Nginx => "nginx",
@@ -114,11 +122,14 @@ pub fn which(name: &str) -> Option<PathBuf> {
 pub fn available(kind: Kind, env: &Env) -> Result<(), String> {
     match kind {
         Kind::Direct => Ok(()),
-        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers if env.sluice.is_file() => Ok(()),
-        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers => Err(format!(
-            "{} not found (cargo build --release)",
-            env.sluice.display()
-        )),
+        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers | Kind::SluiceScraped
+            if env.sluice.is_file() =>
+        {
+            Ok(())
+        }
+        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers | Kind::SluiceScraped => Err(
+            format!("{} not found (cargo build --release)", env.sluice.display()),
+        ),
         Kind::Haproxy | Kind::HaproxyBusy => which("haproxy")
             .map(|_| ())
             .ok_or_else(|| "not installed".to_string()),
@@ -162,6 +173,53 @@ pub struct Running {
     pub kind: Kind,
     pub addr: SocketAddr,
     child: Option<Child>,
+    scraper: Option<Scraper>,
+}
+
+/// Fetches `/metrics` from a sluice admin endpoint every 100 ms until dropped.
+struct Scraper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Scraper {
+    fn start(admin: SocketAddr) -> Scraper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            // Bounded: a run lasts seconds; this is an upper limit, not the expected count.
+            for _ in 0..100_000 {
+                if flag.load(Ordering::Relaxed) {
+                    return;
+                }
+                let _ = scrape(admin);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Scraper {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One `GET /metrics`, read to the end.
+fn scrape(admin: SocketAddr) -> io::Result<usize> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out.len())
 }
 
 impl Running {
@@ -181,6 +239,7 @@ impl Running {
 
     /// Stops the proxy and every process it started.
     pub fn stop(mut self) {
+        drop(self.scraper.take());
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -231,6 +290,7 @@ pub fn start(
             kind,
             addr: backend,
             child: None,
+            scraper: None,
         });
     }
     if matches!(kind, Kind::Haproxy | Kind::HaproxyBusy) && proto == Proto::Udp {
@@ -241,7 +301,14 @@ pub fn start(
     let dir = env.out.join(kind.name());
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let conf = dir.join(format!("{label}.conf"));
-    let (program, args) = command(kind, env, &dir, &conf, proto, port, backend)?;
+    let admin = match kind {
+        Kind::SluiceScraped => {
+            let port = free_port(Proto::Tcp).map_err(|e| format!("no free port: {e}"))?;
+            Some(SocketAddr::from(([127, 0, 0, 1], port)))
+        }
+        _ => None,
+    };
+    let (program, args) = command(kind, env, &dir, &conf, proto, port, backend, admin)?;
 
     let log_path = dir.join(format!("{}.log", kind.name()));
     let log = OpenOptions::new()
@@ -275,11 +342,16 @@ pub fn start(
         kind,
         addr,
         child: Some(child),
+        scraper: None,
     };
     if let Err(e) = wait_ready(&mut running, proto) {
         let tail = log_tail(&log_path);
         running.stop();
         return Err(format!("{e}; log {}: {tail}", log_path.display()));
+    }
+    if let Some(admin) = admin {
+        scrape(admin).map_err(|e| format!("admin endpoint {admin}: {e}"))?;
+        running.scraper = Some(Scraper::start(admin));
     }
     Ok(running)
 }
@@ -292,6 +364,7 @@ fn cpu_list(cpus: &[usize]) -> String {
 }
 
 /// Writes the config for `kind` (where it has one) and returns the program and its arguments.
+#[allow(clippy::too_many_arguments)]
 fn command(
     kind: Kind,
     env: &Env,
@@ -300,20 +373,19 @@ fn command(
     proto: Proto,
     port: u16,
     backend: SocketAddr,
+    admin: Option<SocketAddr>,
 ) -> Result<(PathBuf, Vec<String>), String> {
     let write =
         |text: String| fs::write(conf, text).map_err(|e| format!("{}: {e}", conf.display()));
     let conf_arg = conf.display().to_string();
     match kind {
         Kind::Direct => Err("direct has no process".to_string()),
-        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers => {
-            write(sluice_config(
-                proto,
-                port,
-                backend,
-                env.max_conns,
-                kind.busy(),
-            ))?;
+        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers | Kind::SluiceScraped => {
+            let mut text = sluice_config(proto, port, backend, env.max_conns, kind.busy());
+            if let Some(admin) = admin {
+                text.push_str(&format!("admin {admin};\n"));
+            }
+            write(text)?;
             let mut args = vec!["-c".into(), conf_arg];
             if kind == Kind::SluiceWorkers {
                 args.extend(["-w".into(), "2".into()]);

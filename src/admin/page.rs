@@ -1,6 +1,6 @@
 //! `GET /`: the status page. One HTML document with its style inline, no script and no external
-//! asset; it refreshes itself every 5 s (`<meta refresh>`). Tables sit in boxes that scroll
-//! sideways, so the page reads on a 375 px phone as on a desktop.
+//! asset; it refreshes itself every 5 s (`<meta refresh>`). On a narrow screen (a 375 px phone)
+//! each table row becomes a card of `label value` lines, so nothing needs scrolling sideways.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -12,15 +12,20 @@ const STYLE: &str = "\
 body{font:15px/1.4 system-ui,sans-serif;margin:0;padding:12px;color:#1d2329;background:#f4f6f8}\
 h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:20px 0 6px}\
 .meta{color:#56606b;margin:0 0 8px}.meta span{display:inline-block;margin-right:14px}\
-.box{overflow-x:auto;background:#fff;border:1px solid #d8dde3;border-radius:6px}\
-table{border-collapse:collapse;width:100%;min-width:560px}\
+.box{background:#fff;border:1px solid #d8dde3;border-radius:6px;overflow:hidden}\
+table{border-collapse:collapse;width:100%}\
 th,td{padding:6px 10px;text-align:right;white-space:nowrap;border-bottom:1px solid #eceff2}\
 th{font-weight:600;color:#56606b;background:#fafbfc}\
-th:first-child,td:first-child{text-align:left}td.reason{text-align:left;white-space:normal;min-width:180px}\
-tr:last-child td{border-bottom:0}\
+th.t,td.t{text-align:left}td.why{white-space:normal}tr:last-child td{border-bottom:0}\
 .st{display:inline-block;padding:1px 8px;border-radius:9px;font-size:13px;font-weight:600}\
-.up{background:#dcf5e3;color:#17652e}.warn{background:#fff1cc;color:#7a5300}.down{background:#fde0e0;color:#9b1c1c}\
-.dim{color:#8a939c}@media (max-width:480px){body{padding:8px;font-size:14px}}";
+.up{background:#dcf5e3;color:#17652e}.warn{background:#fff1cc;color:#7a5300}\
+.down{background:#fde0e0;color:#9b1c1c}.dim{color:#8a939c}\
+@media (max-width:600px){body{padding:8px;font-size:14px}\
+table,tbody,tr,td{display:block}tr.head{display:none}\
+tr{border-bottom:1px solid #d8dde3;padding:4px 0}tr:last-child{border-bottom:0}\
+td{border:0;padding:2px 10px;text-align:right;white-space:normal}\
+td.t{text-align:right}td::before{content:attr(data-label);float:left;color:#56606b;margin-right:10px}\
+td:first-child{font-weight:600}}";
 
 /// The page's HTML.
 pub fn render(v: &View) -> String {
@@ -44,33 +49,33 @@ pub fn render(v: &View) -> String {
         bytes(v.buffer_pool_bytes),
     );
     h.push_str(
-        "<h2>Listeners</h2><div class=\"box\"><table><tr><th>listener</th><th>upstream</th>\
-         <th>active</th><th>total</th><th>client&rarr;server</th><th>server&rarr;client</th>\
-         <th>denied</th></tr>",
+        "<h2>Listeners</h2><div class=\"box\"><table><tr class=\"head\"><th class=\"t\">listener</th>\
+         <th class=\"t\">upstream</th><th>active</th><th>total</th><th>client&rarr;server</th>\
+         <th>server&rarr;client</th><th>denied</th></tr>",
     );
     for l in &v.listeners {
         let active = match l.proto {
             crate::config::Proto::Tcp => l.connections_active,
             crate::config::Proto::Udp => l.udp_sessions_active,
         };
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{active}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&l.name()),
-            esc(&l.upstream),
-            l.connections_total,
-            bytes(l.bytes_up),
-            bytes(l.bytes_down),
-            l.denied
-        );
+        h.push_str("<tr>");
+        cell(&mut h, "listener", "t", &esc(&l.name()));
+        cell(&mut h, "upstream", "t", &esc(&l.upstream));
+        cell(&mut h, "active", "", &active.to_string());
+        cell(&mut h, "total", "", &l.connections_total.to_string());
+        cell(&mut h, "client→server", "", &bytes(l.bytes_up));
+        cell(&mut h, "server→client", "", &bytes(l.bytes_down));
+        cell(&mut h, "denied", "", &l.denied.to_string());
+        h.push_str("</tr>");
     }
     h.push_str("</table></div>");
     for u in &v.upstreams {
         let _ = write!(
             h,
             "<h2>Upstream {} <span class=\"dim\">({})</span></h2><div class=\"box\"><table>\
-             <tr><th>server</th><th>state</th><th>active</th><th>failures</th><th>connect</th>\
-             <th>weight</th><th>why</th></tr>",
+             <tr class=\"head\"><th class=\"t\">server</th><th class=\"t\">state</th>\
+             <th>active</th><th>failures</th><th>connect</th><th>weight</th>\
+             <th class=\"t\">why</th></tr>",
             esc(&u.name),
             u.balance
         );
@@ -107,15 +112,23 @@ fn server_row(h: &mut String, s: &ServerView) {
         || "-".to_string(),
         |d| format!("{:.2} ms", d.as_secs_f64() * 1e3),
     );
+    h.push_str("<tr>");
+    cell(h, "server", "t", &s.addr.to_string());
+    let badge = format!("<span class=\"st {class}\">{label}</span>");
+    cell(h, "state", "t", &badge);
+    cell(h, "active", "", &s.active.to_string());
+    cell(h, "failures", "", &s.connect_failures.to_string());
+    cell(h, "connect", "", &connect);
+    cell(h, "weight", "", &s.weight.to_string());
+    cell(h, "why", "t why", &esc(&s.reason));
+    h.push_str("</tr>");
+}
+
+/// One table cell, labelled for the narrow layout. `html` is already escaped.
+fn cell(h: &mut String, label: &str, class: &str, html: &str) {
     let _ = write!(
         h,
-        "<tr><td>{}</td><td><span class=\"st {class}\">{label}</span></td><td>{}</td><td>{}</td>\
-         <td>{connect}</td><td>{}</td><td class=\"reason\">{}</td></tr>",
-        s.addr,
-        s.active,
-        s.connect_failures,
-        s.weight,
-        esc(&s.reason)
+        "<td class=\"{class}\" data-label=\"{label}\">{html}</td>"
     );
 }
 

@@ -134,6 +134,8 @@ struct Running {
 struct Control {
     /// Each worker's inbox and the waker of its poll, by worker number.
     workers: Vec<(mpsc::Sender<Command>, Arc<mio::Waker>)>,
+    /// The admin endpoint's bound address.
+    admin: Option<SocketAddr>,
     stats: Arc<Stats>,
     running: Mutex<Running>,
 }
@@ -473,14 +475,14 @@ impl Proxy {
         // Every listener is bound for every worker before any runs: one that cannot bind fails
         // the start (what was bound closes as it drops).
         let mut plan = Plan::make(&config, &tables, &[], &[], count)?;
-        let mut admin = match &config.admin {
+        let (mut admin, admin_addr) = match &config.admin {
             Some(a) => {
                 let (listener, bound) =
                     crate::tcp::listener::bind(a.addr, crate::part::Sharing::Alone)?;
                 log::info!("admin endpoint on http://{bound}/");
-                Some((listener, a.allow.clone()))
+                (Some((listener, a.allow.clone())), Some(bound))
             }
-            None => None,
+            None => (None, None),
         };
         let mut per_worker = plan.per_worker(count);
         let mut workers = Vec::with_capacity(count);
@@ -508,6 +510,7 @@ impl Proxy {
         let handle = Handle {
             control: Arc::new(Control {
                 workers: inboxes,
+                admin: admin_addr,
                 stats,
                 running: Mutex::new(Running {
                     config,
@@ -569,6 +572,11 @@ impl Proxy {
 
     pub fn stats(&self) -> &Stats {
         &self.handle.control.stats
+    }
+
+    /// The admin endpoint's bound address, if the config has `admin`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.handle.control.admin
     }
 
     pub fn stats_handle(&self) -> Arc<Stats> {

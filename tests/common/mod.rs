@@ -13,6 +13,7 @@
 mod backend;
 mod child;
 mod client;
+pub mod http;
 mod payload;
 mod udp;
 
