@@ -6,7 +6,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::metrics::{ServerId, UpstreamId};
+use crate::config::AccessRule;
+use crate::metrics::{Denial, ServerId, UpstreamId};
 use crate::part::{Ctx, Origin};
 use crate::reactor::End;
 
@@ -62,6 +63,7 @@ pub fn settle(ctx: &mut Ctx<'_>, s: &Settle<'_>) {
             datagrams: s.datagrams,
             duration: now.saturating_duration_since(s.started),
             end: s.end,
+            extra: "",
         });
     }
 }
@@ -89,8 +91,53 @@ pub fn refuse(
             datagrams: Some((0, 0)),
             duration: Duration::ZERO,
             end,
+            extra: "",
         });
     }
+}
+
+/// A client refused before any server saw it: by an access rule (`end=denied rule="..."`) or a
+/// per-client limit (`end=limit limit=...`). Counted always; logged when `log` (a UDP listener
+/// refuses datagram by datagram, and logs at most once a second).
+pub fn deny(
+    ctx: &mut Ctx<'_>,
+    origin: &Origin,
+    client: SocketAddr,
+    why: Denial,
+    rule: Option<&AccessRule>,
+    log: bool,
+) {
+    let end = match why {
+        Denial::Acl => End::Denied,
+        _ => End::Limit,
+    };
+    ctx.metrics.deny(&origin.stats, why, end);
+    if !ctx.access_log || !log {
+        return;
+    }
+    let extra = match rule {
+        Some(rule) => format!(" rule=\"{rule}\""),
+        None => format!(" limit={}", why.as_str()),
+    };
+    let upstream = ctx
+        .upstreams
+        .get(origin.conf.upstream.0)
+        .map_or("-", |g| g.name.as_str());
+    write(&Entry {
+        listen: origin.addr,
+        client,
+        upstream,
+        server: None,
+        up_bytes: 0,
+        down_bytes: 0,
+        datagrams: match origin.conf.proto {
+            crate::config::Proto::Tcp => None,
+            crate::config::Proto::Udp => Some((0, 0)),
+        },
+        duration: Duration::ZERO,
+        end,
+        extra: &extra,
+    });
 }
 
 /// A connect to `server` failed (for UDP: the server refused a datagram): counted, logged, and
@@ -142,6 +189,8 @@ struct Entry<'a> {
     datagrams: Option<(u64, u64)>,
     duration: Duration,
     end: End,
+    /// Appended as is: ` rule="..."` or ` limit=...` for refused clients.
+    extra: &'a str,
 }
 
 fn write(entry: &Entry<'_>) {
@@ -152,7 +201,7 @@ fn write(entry: &Entry<'_>) {
     match entry.datagrams {
         None => log::info!(
             target: TARGET,
-            "listen={} client={} upstream={} server={} up_bytes={} down_bytes={} duration_ms={} end={}",
+            "listen={} client={} upstream={} server={} up_bytes={} down_bytes={} duration_ms={} end={}{}",
             entry.listen,
             entry.client,
             entry.upstream,
@@ -160,11 +209,12 @@ fn write(entry: &Entry<'_>) {
             entry.up_bytes,
             entry.down_bytes,
             entry.duration.as_millis(),
-            entry.end.as_str()
+            entry.end.as_str(),
+            entry.extra
         ),
         Some((up, down)) => log::info!(
             target: TARGET,
-            "listen=udp:{} client={} upstream={} server={} up_datagrams={} down_datagrams={} up_bytes={} down_bytes={} duration_ms={} end={}",
+            "listen=udp:{} client={} upstream={} server={} up_datagrams={} down_datagrams={} up_bytes={} down_bytes={} duration_ms={} end={}{}",
             entry.listen,
             entry.client,
             entry.upstream,
@@ -174,7 +224,8 @@ fn write(entry: &Entry<'_>) {
             entry.up_bytes,
             entry.down_bytes,
             entry.duration.as_millis(),
-            entry.end.as_str()
+            entry.end.as_str(),
+            entry.extra
         ),
     }
 }

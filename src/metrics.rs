@@ -121,8 +121,52 @@ pub struct ListenerStats {
     /// Datagrams dropped because a socket's send buffer was full.
     pub udp_dropped: AtomicU64,
     pub ends: Ends,
-    /// Clients refused by an access rule (none are refused while no rule exists).
-    pub denied: AtomicU64,
+    /// Clients (for UDP: datagrams of new clients) refused, by `Denial::ALL`.
+    pub denied: [AtomicU64; Denial::ALL.len()],
+}
+
+/// Why a client was refused before any server saw it: `sluice_denied_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// An access rule.
+    Acl,
+    MaxConnectionsPerIp,
+    RatePerIp,
+    MaxSessionsPerIp,
+    /// The per-client table had no room (every entry holds connections).
+    PerIpTableFull,
+}
+
+impl Denial {
+    pub const ALL: [Denial; 5] = [
+        Denial::Acl,
+        Denial::MaxConnectionsPerIp,
+        Denial::RatePerIp,
+        Denial::MaxSessionsPerIp,
+        Denial::PerIpTableFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denial::Acl => "acl",
+            Denial::MaxConnectionsPerIp => "max_connections_per_ip",
+            Denial::RatePerIp => "rate_per_ip",
+            Denial::MaxSessionsPerIp => "max_sessions_per_ip",
+            Denial::PerIpTableFull => "per_ip_table_full",
+        }
+    }
+}
+
+impl ListenerStats {
+    /// Clients refused for `why`.
+    pub fn denied(&self, why: Denial) -> u64 {
+        self.denied.get(why as usize).map_or(0, get)
+    }
+
+    /// All clients refused.
+    pub fn denied_total(&self) -> u64 {
+        self.denied.iter().map(get).sum()
+    }
 }
 
 impl ListenerStats {
@@ -139,7 +183,7 @@ impl ListenerStats {
             udp_datagrams_down: AtomicU64::new(0),
             udp_dropped: AtomicU64::new(0),
             ends: Ends::default(),
-            denied: AtomicU64::new(0),
+            denied: Default::default(),
         }
     }
 }
@@ -528,10 +572,12 @@ impl Metrics {
     }
 
     /// A TCP client was accepted on listener `l` by `worker`, in a slot `reserve` took.
-    pub fn opened(&self, l: &ListenerStats, worker: usize) {
+    pub fn opened(&self, l: &ListenerStats, worker: usize, reserved_on_listener: bool) {
         add(&self.connections_total, 1);
         add(&l.connections_total, 1);
-        add(&l.connections_active, 1);
+        if !reserved_on_listener {
+            add(&l.connections_active, 1);
+        }
         if let Some(w) = self.workers.get(worker) {
             add(&w.connections_total, 1);
         }
@@ -581,6 +627,31 @@ impl Metrics {
         l.ends.count(end);
     }
 
+    /// A client was refused for `why` before any server saw it (counted with its `end`).
+    pub fn deny(&self, l: &ListenerStats, why: Denial, end: End) {
+        self.ends.count(end);
+        l.ends.count(end);
+        if let Some(c) = l.denied.get(why as usize) {
+            add(c, 1);
+        }
+    }
+
+    /// Takes one of listener `l`'s `max` connection slots (a compare-and-swap on its active
+    /// count, shared by every worker); false at its cap. `opened` then leaves the count alone.
+    pub fn reserve_listener(&self, l: &ListenerStats, max: usize) -> bool {
+        let max = u64::try_from(max).unwrap_or(u64::MAX);
+        l.connections_active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                (v < max).then_some(v + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back a slot `reserve_listener` took for an accept that brought no pair.
+    pub fn unreserve_listener(&self, l: &ListenerStats) {
+        sub(&l.connections_active, 1);
+    }
+
     /// A datagram was dropped on listener `l`.
     pub fn dropped(&self, l: &ListenerStats) {
         add(&self.udp_dropped, 1);
@@ -611,7 +682,7 @@ mod tests {
         assert!(m.reserve(1));
         assert!(!m.reserve(1), "one slot in all");
         let l = m.listener(ListenerId(0)).expect("listener");
-        m.opened(&l, 0);
+        m.opened(&l, 0, false);
         m.closed(&l, End::ClientClosed, (3, 4), None);
         // A listener a reload removed: its pairs still count in the process totals.
         let gone = ListenerStats::new(Proto::Tcp, "127.0.0.1:9".parse().expect("addr"));

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::acl::Acl;
 use crate::config::{Listen, Proto};
+use crate::limit::{PerIp, Policy};
 use crate::metrics::{ListenerStats, Metrics};
 use crate::reactor::timer::TimerWheel;
 use crate::reactor::Timer;
@@ -26,6 +28,8 @@ pub struct Ctx<'a> {
     pub metrics: &'a Metrics,
     pub now: Instant,
     pub access_log: bool,
+    /// The worker's per-client table (connections at once, connection rates).
+    pub per_ip: &'a mut PerIp,
 }
 
 /// One listener as the running config has it, shared by every worker and held by each pair and
@@ -36,9 +40,37 @@ pub struct Origin {
     pub conf: Listen,
     pub addr: SocketAddr,
     pub stats: Arc<ListenerStats>,
+    /// The access rules, compiled.
+    pub acl: Acl,
+    /// What the listener allows each client.
+    pub per_ip: Policy,
+    /// Names the listener in the per-client table, the same across reloads (its protocol and
+    /// configured address), so a kept listener's clients keep their counts.
+    pub tag: u64,
 }
 
 impl Origin {
+    pub fn new(conf: Listen, addr: SocketAddr, stats: Arc<ListenerStats>) -> Origin {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (conf.proto, conf.addr).hash(&mut h);
+        let per_ip = Policy {
+            max_per_ip: match conf.proto {
+                Proto::Tcp => conf.max_connections_per_ip,
+                Proto::Udp => conf.max_sessions_per_ip,
+            },
+            rate: conf.rate_per_ip,
+        };
+        Origin {
+            acl: Acl::new(conf.access.clone()),
+            per_ip,
+            tag: h.finish(),
+            conf,
+            addr,
+            stats,
+        }
+    }
+
     /// Whether `conf` is the same listener (same protocol and configured address): a reload keeps
     /// its socket.
     pub fn same_listener(&self, conf: &Listen) -> bool {

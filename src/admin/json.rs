@@ -188,6 +188,11 @@ pub fn stats(v: &View) -> String {
         j.count("connections_total", l.connections_total)
             .count("connections_active", l.connections_active)
             .count("denied", l.denied);
+        j.key("denied_by").open();
+        for (why, n) in &l.denied_by {
+            j.count(why.as_str(), *n);
+        }
+        j.close();
         j.key("bytes").open();
         j.count("client_to_server", l.bytes_up)
             .count("server_to_client", l.bytes_down)

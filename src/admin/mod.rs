@@ -510,18 +510,60 @@ impl AdminPart {
             .connections_active
             .load(std::sync::atomic::Ordering::Relaxed);
         let max = self.config.max_connections as u64;
+        let rule = origin.acl.matching(ip);
+        let access = match rule {
+            None if origin.acl.is_empty() => "allow: no rules".to_string(),
+            None => "allow: no rule matches".to_string(),
+            Some(r) => r.to_string(),
+        };
         let mut j = Json::new();
         j.open()
             .field("listener", &listener)
             .field("client", &ip.to_string())
             .field("upstream", name)
-            .field("access", "allow: no rules");
+            .field("access", &access)
+            .key("denied")
+            .bool(rule.is_some_and(|r| !r.allow));
         j.key("limits").open();
         j.count("max_connections", max)
             .count("connections_active", active)
             .key("at_capacity")
-            .bool(active >= max)
-            .close();
+            .bool(active >= max);
+        let conf = &origin.conf;
+        j.count("listener_max_connections", conf.max_connections as u64)
+            .count(
+                "listener_connections_active",
+                origin
+                    .stats
+                    .connections_active
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .count("max_per_ip", u64::from(origin.per_ip.max_per_ip));
+        match conf.rate_per_ip {
+            Some((rate, burst)) => {
+                j.key("rate_per_ip").open();
+                j.count("per_second", u64::from(rate))
+                    .count("burst", u64::from(burst))
+                    .close();
+            }
+            None => {
+                j.key("rate_per_ip").null();
+            }
+        }
+        // This worker's count of the client (worker 0's: with several workers, each counts its own).
+        match ctx.per_ip.state(origin.tag, ip, now) {
+            Some((open, tokens)) => {
+                j.count("client_open", u64::from(open));
+                match tokens {
+                    Some(t) => j.count("client_rate_tokens", t),
+                    None => j.key("client_rate_tokens").null(),
+                };
+            }
+            None => {
+                j.count("client_open", 0).key("client_rate_tokens").null();
+            }
+        }
+        j.close();
         match ctx.upstreams.get_mut(upstream.0) {
             Some(group) => {
                 j.field("balance", group.balance().name());

@@ -117,14 +117,16 @@ pub fn render(v: &View) -> String {
     out.family(
         "sluice_denied_total",
         "counter",
-        "Clients refused by an access rule or a limit.",
+        "Clients refused by an access rule or a per-client limit (UDP: datagrams of new clients).",
     );
     for l in listeners {
-        out.sample(
-            "sluice_denied_total",
-            &[("listener", &l.name()), ("reason", "rule")],
-            l.denied,
-        );
+        for (why, n) in &l.denied_by {
+            out.sample(
+                "sluice_denied_total",
+                &[("listener", &l.name()), ("reason", why.as_str())],
+                *n,
+            );
+        }
     }
     servers(&mut out, v);
     out.family(

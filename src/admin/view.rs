@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, Listen, Proto, ServerId, UpstreamId};
-use crate::metrics::{AdminState, ListenerStats, Metrics, ServerShared};
+use crate::metrics::{AdminState, Denial, ListenerStats, Metrics, ServerShared};
 use crate::part::Origin;
 use crate::reactor::End;
 use crate::upstream::{Availability, Group};
@@ -41,7 +41,10 @@ pub struct ListenerView {
     pub udp_datagrams_up: u64,
     pub udp_datagrams_down: u64,
     pub udp_dropped: u64,
+    /// All refused clients.
     pub denied: u64,
+    /// By `Denial::ALL`.
+    pub denied_by: Vec<(Denial, u64)>,
     /// By `End::ALL`.
     pub ends: Vec<(End, u64)>,
 }
@@ -181,7 +184,8 @@ fn listener(o: &Origin, l: &ListenerStats, config: &Config) -> ListenerView {
         udp_datagrams_up: get(&l.udp_datagrams_up),
         udp_datagrams_down: get(&l.udp_datagrams_down),
         udp_dropped: get(&l.udp_dropped),
-        denied: get(&l.denied),
+        denied: l.denied_total(),
+        denied_by: Denial::ALL.iter().map(|&d| (d, l.denied(d))).collect(),
         ends: End::ALL.iter().map(|&e| (e, l.ends.get(e))).collect(),
     }
 }

@@ -53,12 +53,23 @@ impl Cidr {
         Ok(cidr)
     }
 
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
+    /// How many leading bits a client must share.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The range's address bits (an IPv4 address in the low 32).
+    pub fn bits(&self) -> u128 {
+        self.network()
+    }
+
     /// Whether `ip` is in the range.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = unmapped(ip);
         if ip.is_ipv4() != self.addr.is_ipv4() {
             return false;
         }
@@ -87,10 +98,19 @@ impl Cidr {
     }
 }
 
-fn bits_of(ip: IpAddr) -> u128 {
+/// An address's bits (an IPv4 address in the low 32), as ranges hold them.
+pub fn bits_of(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+/// An IPv4 client seen on an IPv6 socket (`::ffff:a.b.c.d`) as the IPv4 address it is.
+pub fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 

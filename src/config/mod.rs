@@ -12,7 +12,7 @@ mod lexer;
 mod parse;
 
 pub use addr::listen_addr;
-pub use cidr::Cidr;
+pub use cidr::{bits_of, unmapped, Cidr};
 pub use error::ConfigError;
 pub use lexer::{Lexer, Token, TokenKind};
 pub use parse::{parse_duration, parse_size};
@@ -59,6 +59,33 @@ pub struct Config {
     pub listeners: Vec<Listen>,
     /// The admin endpoint (`admin ADDR;`), if any.
     pub admin: Option<Admin>,
+    /// `allow`/`deny` of the main context: the rules of every listener that has none.
+    pub access: Vec<AccessRule>,
+    /// Clients each worker keeps per-client state for (`per_ip_table_size`).
+    pub per_ip_table_size: usize,
+}
+
+/// One `allow` or `deny` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessRule {
+    pub allow: bool,
+    /// `None`: `all`.
+    pub range: Option<Cidr>,
+}
+
+impl std::fmt::Display for AccessRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verb = if self.allow { "allow" } else { "deny" };
+        match self.range {
+            None => write!(f, "{verb} all"),
+            // A one-address range reads as the address, as it was most likely written.
+            Some(r) if u32::from(r.prefix()) == if r.is_ipv4() { 32 } else { 128 } => {
+                let shown = r.to_string();
+                write!(f, "{verb} {}", shown.split('/').next().unwrap_or(&shown))
+            }
+            Some(r) => write!(f, "{verb} {r}"),
+        }
+    }
 }
 
 /// The `admin` directive: where the admin endpoint listens and who may use it.
@@ -103,6 +130,20 @@ pub struct Listen {
     pub udp_responses: u32,
     /// UDP: sessions at once on this listener; 0 = unlimited.
     pub max_sessions: usize,
+    /// `allow`/`deny`, in order (the main context's when the block has none).
+    pub access: Vec<AccessRule>,
+    /// TCP: connections at once on this listener; 0 = unlimited.
+    pub max_connections: usize,
+    /// TCP: connections at once per client address; 0 = unlimited.
+    pub max_connections_per_ip: u32,
+    /// UDP: sessions at once per client address; 0 = unlimited.
+    pub max_sessions_per_ip: u32,
+    /// New connections (or sessions) per second per client, and the burst.
+    pub rate_per_ip: Option<(u32, u32)>,
+    /// TCP: bytes per second per connection and direction; 0 = unlimited.
+    pub limit_rate: u64,
+    /// TCP: bytes each direction moves at full speed before `limit_rate` applies.
+    pub limit_rate_after: u64,
 }
 
 /// One `upstream` block (or the implicit group of `proxy ADDR;` and of `-U`).
@@ -231,6 +272,8 @@ impl Default for Config {
             upstreams: Vec::new(),
             listeners: Vec::new(),
             admin: None,
+            access: Vec::new(),
+            per_ip_table_size: 100_000,
         }
     }
 }
@@ -255,6 +298,13 @@ impl Listen {
             next_upstream_timeout: None,
             udp_responses: 0,
             max_sessions: DEFAULT_MAX_SESSIONS,
+            access: Vec::new(),
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            max_sessions_per_ip: 0,
+            rate_per_ip: None,
+            limit_rate: 0,
+            limit_rate_after: 0,
         }
     }
 }

@@ -420,11 +420,7 @@ impl Plan {
                     (bound.addr, Some(bound.sockets))
                 }
             };
-            let origin = Arc::new(Origin {
-                conf: conf.clone(),
-                addr,
-                stats,
-            });
+            let origin = Arc::new(Origin::new(conf.clone(), addr, stats));
             if let Some(sockets) = sockets {
                 fresh.push((sockets, Arc::clone(&origin)));
             }

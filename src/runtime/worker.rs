@@ -21,6 +21,7 @@ use crate::admin::AdminPart;
 use crate::config::Cidr;
 use crate::config::Config;
 use crate::health::Prober;
+use crate::limit::PerIp;
 use crate::metrics::Tables;
 use crate::part::{BindError, Ctx, Origin};
 use crate::reactor::timer::TimerWheel;
@@ -77,6 +78,8 @@ pub struct Worker {
     udp: UdpProxy,
     probes: Prober,
     admin: Option<AdminPart>,
+    /// Per-client counts and rates of this worker's listeners.
+    per_ip: PerIp,
     /// Reloads that arrived this turn, applied once its events are handled.
     reloads: Vec<Reload>,
     /// This worker's number; worker 0 also runs the health probes.
@@ -124,6 +127,7 @@ impl Worker {
             udp: UdpProxy::new(),
             probes: Prober::default(),
             admin,
+            per_ip: PerIp::new(first.config.per_ip_table_size),
             reloads: Vec::new(),
             index,
             timers: TimerWheel::new(now),
@@ -225,6 +229,7 @@ impl Worker {
             let old = std::mem::take(&mut self.groups);
             let (groups, remap) = upstream::rebuild(old, &config.upstreams, &tables);
             self.groups = groups;
+            self.per_ip.set_capacity(config.per_ip_table_size);
             let config_for_admin = match self.admin {
                 Some(_) => config.clone(),
                 None => Config::default(),
@@ -304,6 +309,7 @@ impl Worker {
             metrics: &self.stats,
             now: self.now,
             access_log: self.config.access_log,
+            per_ip: &mut self.per_ip,
         };
         Parts {
             tcp: &mut self.tcp,

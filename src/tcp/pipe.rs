@@ -18,6 +18,7 @@ use mio::net::TcpStream;
 use super::buffer::{Buffer, BufferPool};
 use super::Side;
 use crate::config::{ServerId, UpstreamId};
+use crate::limit::Ticket;
 use crate::part::Origin;
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::Gen;
@@ -431,6 +432,10 @@ pub struct Pair {
     pub origin: Arc<Origin>,
     /// The upstream the pair's server comes from; a reload translates the id.
     pub upstream: UpstreamId,
+    /// Its place in the per-client table, given back when it closes.
+    pub ticket: Option<Ticket>,
+    /// It took one of its listener's `max_connections` slots.
+    pub listener_slot: bool,
     pub state: PairState,
     pub client: TcpStream,
     pub client_addr: SocketAddr,
@@ -467,6 +472,8 @@ impl Pair {
         Pair {
             gen,
             upstream: origin.conf.upstream,
+            ticket: None,
+            listener_slot: false,
             origin,
             state: PairState::Unassigned,
             client,
@@ -1094,11 +1101,8 @@ mod tests {
             crate::config::UpstreamId(0),
             1,
         );
-        let origin = Origin {
-            stats: Arc::new(crate::metrics::ListenerStats::new(listen.proto, addr)),
-            conf: listen,
-            addr,
-        };
+        let stats = Arc::new(crate::metrics::ListenerStats::new(listen.proto, addr));
+        let origin = Origin::new(listen, addr, stats);
         let mut pair = Pair::new(0, Arc::new(origin), client, addr, now);
         pair.server = Some(server);
         pair.state = PairState::Streaming {

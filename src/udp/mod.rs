@@ -31,6 +31,8 @@ use mio::{Interest, Registry};
 
 use crate::accounting::{self, Settle};
 use crate::config::{ServerId, UpstreamId};
+use crate::limit::{Refusal, Ticket};
+use crate::metrics::Denial;
 use crate::part::{BindError, Ctx, Origin};
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
@@ -80,6 +82,8 @@ pub(crate) struct Session {
     /// The upstream of `server`; a reload translates both ids.
     upstream: UpstreamId,
     server: ServerId,
+    /// Its place in the per-client table, given back when it ends.
+    ticket: Option<Ticket>,
     /// On a wildcard listener: the address the client last sent to, where replies leave from.
     local: Option<IpAddr>,
     socket: UdpSocket,
@@ -150,6 +154,8 @@ pub(crate) struct UdpProxy {
     /// Sessions that stopped reading with datagrams left (budget); drained before sleeping.
     ready: Vec<Key>,
     warnings: LogLimit,
+    /// Refused datagrams of new clients are counted each, logged at most once a second.
+    denial_log: LogLimit,
 }
 
 impl UdpProxy {
@@ -161,6 +167,7 @@ impl UdpProxy {
             next_gen: 0,
             ready: Vec::new(),
             warnings: LogLimit::new(WARN_INTERVAL),
+            denial_log: LogLimit::new(WARN_INTERVAL),
         }
     }
 
@@ -382,6 +389,13 @@ impl UdpProxy {
                     );
                     continue;
                 }
+                None if l.origin.acl.denies(client.ip()).is_some() => {
+                    let origin = Arc::clone(&l.origin);
+                    let rule = origin.acl.denies(client.ip()).copied();
+                    let log = self.denial_log.pass(ctx.now).is_some();
+                    accounting::deny(ctx, &origin, client, Denial::Acl, rule.as_ref(), log);
+                    continue;
+                }
                 None => match self.open(id, client, ctx) {
                     Some(slot) => slot,
                     None => continue,
@@ -492,6 +506,30 @@ impl UdpProxy {
             return None;
         };
         let addr = group.server(server)?.conf.addr;
+        let ticket = match origin.per_ip.is_none() {
+            true => None,
+            false => match ctx
+                .per_ip
+                .admit(origin.tag, client.ip(), &origin.per_ip, now)
+            {
+                Ok(t) => Some(t),
+                Err(refusal) => {
+                    let why = match refusal {
+                        Refusal::MaxPerIp => Denial::MaxSessionsPerIp,
+                        Refusal::Rate => Denial::RatePerIp,
+                        Refusal::TableFull => Denial::PerIpTableFull,
+                    };
+                    let log = self.denial_log.pass(now).is_some();
+                    accounting::deny(ctx, &origin, client, why, None, log);
+                    return None;
+                }
+            },
+        };
+        let give_back = |ctx: &mut Ctx<'_>| {
+            if let Some(t) = ticket {
+                ctx.per_ip.release(t);
+            }
+        };
         // Room is made only for a client that can be served: with no server available, a new
         // client must not push out a session that works.
         if max > 0 && l.sessions.len() >= max {
@@ -503,12 +541,15 @@ impl UdpProxy {
                 self.end(key, End::Limit, ctx);
             }
         }
-        let l = self.listeners.get_mut(id).and_then(Option::as_mut)?;
-        let group = ctx.upstreams.get_mut(upstream.0)?;
+        let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
+            give_back(ctx);
+            return None;
+        };
         let slot = l.sessions.next_key();
-        if slot > SESSION_MASK {
+        if slot > SESSION_MASK || ctx.upstreams.get(upstream.0).is_none() {
             // A token could not tell this session from another: refuse it instead.
             ctx.metrics.dropped(&origin.stats);
+            give_back(ctx);
             return None;
         }
         let gen = self.next_gen;
@@ -518,6 +559,7 @@ impl UdpProxy {
             Ok(socket) => socket,
             Err(e) => {
                 ctx.metrics.dropped(&origin.stats);
+                give_back(ctx);
                 if let Some(held_back) = self.warnings.pass(now) {
                     log::warn!(
                         "udp {}: cannot open a session to {} for {}: {}{}",
@@ -531,7 +573,9 @@ impl UdpProxy {
                 return None;
             }
         };
-        group.acquire(server);
+        if let Some(group) = ctx.upstreams.get_mut(upstream.0) {
+            group.acquire(server);
+        }
         let timer = ctx
             .timers
             .insert(after(now, origin.conf.idle_timeout), Timer::Session(key));
@@ -550,6 +594,7 @@ impl UdpProxy {
                 timer: Some(timer),
                 up: Tally::default(),
                 down: Tally::default(),
+                ticket,
             },
         );
         ctx.metrics.session_opened(&origin.stats);
@@ -591,6 +636,9 @@ impl UdpProxy {
         let _ = ctx.registry.deregister(&mut s.socket);
         if let Some(timer) = s.timer.take() {
             ctx.timers.cancel(timer);
+        }
+        if let Some(ticket) = s.ticket.take() {
+            ctx.per_ip.release(ticket);
         }
         accounting::settle(
             ctx,

@@ -19,6 +19,18 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// A client connection from loopback address `from` (any port), with timeouts.
+pub fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let domain = socket2::Domain::for_address(to);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(EVENTUALLY))?;
+    s.set_write_timeout(Some(EVENTUALLY))?;
+    Ok(s)
+}
+
 /// Writes `msg` and reads the same bytes back.
 pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
     s.write_all(msg)?;

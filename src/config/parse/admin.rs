@@ -1,8 +1,9 @@
-//! The `admin` directive: `admin ADDR;` or `admin ADDR { allow CIDR; ... }`.
+//! The `admin` directive (`admin ADDR;` or `admin ADDR { allow CIDR; ... }`), and the access
+//! rules of listeners and the main context (`allow`/`deny` RANGE|all) and `rate_per_ip`.
 
 use super::directives::Context;
 use super::{Item, Parser, Seen, Stmt, Term};
-use crate::config::{Admin, Cidr, ConfigError};
+use crate::config::{AccessRule, Admin, Cidr, ConfigError};
 
 impl Parser<'_> {
     pub(super) fn admin(&mut self, stmt: &Stmt) -> Result<(), ConfigError> {
@@ -53,5 +54,65 @@ impl Parser<'_> {
         }
         self.config.admin = Some(Admin { addr, allow });
         Ok(())
+    }
+
+    /// `allow RANGE;`, `deny RANGE;`, `allow all;`, `deny all;`. A range with host bits set
+    /// (`10.0.0.1/8`) is an error: it reads as a single host but would cover a whole network,
+    /// so the meaning is the writer's to say.
+    pub(super) fn access_rule(&self, stmt: &Stmt) -> Result<AccessRule, ConfigError> {
+        let arg = self.single(stmt, "an address range or 'all' (e.g. 10.0.0.0/8)")?;
+        let allow = stmt.name() == "allow";
+        let range = match arg.text.as_str() {
+            "all" => None,
+            text => Some(Cidr::parse(text).map_err(|e| self.err_at(arg, e))?),
+        };
+        Ok(AccessRule { allow, range })
+    }
+
+    /// `rate_per_ip N/s [burst=M];` (the burst defaults to N); `0` turns it off.
+    pub(super) fn rate_per_ip(&self, stmt: &Stmt) -> Result<Option<(u32, u32)>, ConfigError> {
+        let Some(arg) = stmt.args.first() else {
+            return Err(self.err(
+                stmt.term.pos(),
+                "expected a rate after 'rate_per_ip' (e.g. 20/s)",
+            ));
+        };
+        self.semi(stmt)?;
+        if arg.text == "0" {
+            self.no_more(stmt, 1)?;
+            return Ok(None);
+        }
+        let Some((count, unit)) = arg.text.split_once('/') else {
+            return Err(self.err_at(
+                arg,
+                format!(
+                    "rate '{}' has no unit (write e.g. {}/s)",
+                    arg.text, arg.text
+                ),
+            ));
+        };
+        if unit != "s" {
+            return Err(self.err_at(
+                arg,
+                format!("unknown rate unit '/{unit}' in '{}' (use /s)", arg.text),
+            ));
+        }
+        let rate = self.u32_value(count, arg, "rate_per_ip", 1, u32::MAX)?;
+        // One second's worth may come at once unless `burst=` says otherwise.
+        let mut burst = rate;
+        for extra in stmt.args.iter().skip(1) {
+            match extra.text.split_once('=') {
+                Some(("burst", value)) => {
+                    burst = self.u32_value(value, extra, "burst", 1, u32::MAX)?;
+                }
+                _ => {
+                    return Err(self.err_at(
+                        extra,
+                        format!("unknown rate_per_ip option '{}' (burst=N)", extra.text),
+                    ))
+                }
+            }
+        }
+        Ok(Some((rate, burst)))
     }
 }

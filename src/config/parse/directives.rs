@@ -89,6 +89,9 @@ pub(super) const DIRECTIVES: &[Directive] = &[
     many("upstream", Main),
     many("listen", Main),
     once("admin", Main, "an address"),
+    many("allow", Main),
+    many("deny", Main),
+    once("per_ip_table_size", Main, "a number"),
     many("allow", Admin),
     once("balance", Upstream, "a balance method"),
     many("server", Upstream),
@@ -104,6 +107,20 @@ pub(super) const DIRECTIVES: &[Directive] = &[
     ),
     only(Proto::Udp, once("udp_responses", Listen, "a number")),
     only(Proto::Udp, once("max_sessions", Listen, "a number")),
+    many("allow", Listen),
+    many("deny", Listen),
+    only(Proto::Tcp, once("max_connections", Listen, "a number")),
+    only(
+        Proto::Tcp,
+        once("max_connections_per_ip", Listen, "a number"),
+    ),
+    only(Proto::Udp, once("max_sessions_per_ip", Listen, "a number")),
+    once("rate_per_ip", Listen, "a rate (e.g. 20/s)"),
+    only(
+        Proto::Tcp,
+        once("limit_rate", Listen, "a size per second (e.g. 4m)"),
+    ),
+    only(Proto::Tcp, once("limit_rate_after", Listen, "a size")),
 ];
 
 /// The directive `name` of `context`.

@@ -108,6 +108,30 @@ impl Parser<'_> {
                     let arg = self.single(&inner, d.takes)?;
                     listen.max_sessions = self.usize_value(&arg.text, arg, name, 0)?;
                 }
+                "allow" | "deny" => listen.access.push(self.access_rule(&inner)?),
+                "max_connections" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.max_connections = self.usize_value(&arg.text, arg, name, 0)?;
+                }
+                "max_connections_per_ip" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.max_connections_per_ip =
+                        self.u32_value(&arg.text, arg, name, 0, u32::MAX)?;
+                }
+                "max_sessions_per_ip" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.max_sessions_per_ip =
+                        self.u32_value(&arg.text, arg, name, 0, u32::MAX)?;
+                }
+                "rate_per_ip" => listen.rate_per_ip = self.rate_per_ip(&inner)?,
+                "limit_rate" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.limit_rate = self.size(arg)? as u64;
+                }
+                "limit_rate_after" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.limit_rate_after = self.size(arg)? as u64;
+                }
                 _ => return Err(self.unknown(Context::Listen, &inner.name)),
             }
         }

@@ -26,6 +26,15 @@ impl Parser<'_> {
                 "upstream" => self.upstream(&stmt)?,
                 "listen" => self.listen(&stmt)?,
                 "admin" => self.admin(&stmt)?,
+                "allow" | "deny" => {
+                    let rule = self.access_rule(&stmt)?;
+                    self.config.access.push(rule);
+                }
+                "per_ip_table_size" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    self.config.per_ip_table_size =
+                        self.usize_value(&arg.text, arg, "per_ip_table_size", 1)?;
+                }
                 "max_connections" => {
                     let arg = self.single(&stmt, d.takes)?;
                     self.config.max_connections =

@@ -37,6 +37,9 @@ impl Parser<'_> {
             self.no_loop(&pending, upstream, &own)?;
             let mut listen = pending.listen;
             listen.upstream = UpstreamId(upstream);
+            if listen.access.is_empty() {
+                listen.access = self.config.access.clone();
+            }
             listen.next_upstream_tries = match pending.tries {
                 Some(n) if n > 0 => n,
                 _ => u32::try_from(servers.max(1)).unwrap_or(u32::MAX),

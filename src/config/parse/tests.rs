@@ -610,10 +610,10 @@ fn directives_in_the_wrong_context() {
         "'upstream' is not allowed here (it belongs in the main context)",
     );
     assert_err(
-        "listen 80 {\n proxy 127.0.0.1:1;\n max_connections 5;\n}",
+        "listen 80 {\n proxy 127.0.0.1:1;\n buffer_size 16k;\n}",
         3,
         2,
-        "'max_connections' is not allowed here (it belongs in the main context)",
+        "'buffer_size' is not allowed here (it belongs in the main context)",
     );
 }
 
@@ -1420,10 +1420,80 @@ fn admin_errors_name_the_line() {
         1,
         "duplicate 'admin'",
     );
-    assert_err(
-        &format!("{ONE_LISTENER}listen 127.0.0.1:3 {{ proxy 127.0.0.1:2; allow 10.0.0.0/8; }}\n"),
-        2,
-        41,
-        "'allow' is not allowed here (it belongs in an admin block)",
+}
+
+#[test]
+fn access_rules_in_order_and_inherited_from_the_main_context() {
+    let c = ok("deny 10.0.0.0/8;\nallow all;\n\
+                listen 127.0.0.1:1 { proxy 127.0.0.1:2; }\n\
+                listen 127.0.0.1:3 { proxy 127.0.0.1:2; allow 127.0.0.2; deny 127.0.0.0/8; }\n");
+    let text = |l: &Listen| l.access.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        text(&c.listeners[0]),
+        ["deny 10.0.0.0/8", "allow all"],
+        "inherited"
     );
+    assert_eq!(
+        text(&c.listeners[1]),
+        ["allow 127.0.0.2", "deny 127.0.0.0/8"],
+        "its own"
+    );
+    assert_err(
+        "listen 127.0.0.1:1 {\n  proxy 127.0.0.1:2;\n  deny 10.0.0.1/8;\n}",
+        3,
+        8,
+        "'10.0.0.1/8' has host bits set (the range is 10.0.0.0/8)",
+    );
+    assert_err(
+        "listen 127.0.0.1:1 {\n  proxy 127.0.0.1:2;\n  deny 10.0.0.0/33;\n}",
+        3,
+        8,
+        "bad prefix length '/33'",
+    );
+    assert_err("allow;\n", 1, 6, "expected an address range or 'all'");
+}
+
+#[test]
+fn limits_and_their_errors() {
+    let c = ok("per_ip_table_size 5000;\n\
+                listen 127.0.0.1:1 { proxy 127.0.0.1:2; max_connections 100; max_connections_per_ip 5;\n\
+                rate_per_ip 20/s burst=40; limit_rate 4m; limit_rate_after 1m; }\n\
+                listen udp 127.0.0.1:1 { proxy 127.0.0.1:2; max_sessions_per_ip 3; rate_per_ip 7/s; }\n");
+    assert_eq!(c.per_ip_table_size, 5000);
+    let (t, u) = (&c.listeners[0], &c.listeners[1]);
+    assert_eq!((t.max_connections, t.max_connections_per_ip), (100, 5));
+    assert_eq!(t.rate_per_ip, Some((20, 40)));
+    assert_eq!((t.limit_rate, t.limit_rate_after), (4 << 20, 1 << 20));
+    assert_eq!(
+        (u.max_sessions_per_ip, u.rate_per_ip),
+        (3, Some((7, 7))),
+        "burst: a second's worth"
+    );
+    let listen = |body: &str| format!("listen 127.0.0.1:1 {{\n  proxy 127.0.0.1:2;\n  {body}\n}}");
+    assert_err(
+        &listen("rate_per_ip 20;"),
+        3,
+        15,
+        "rate '20' has no unit (write e.g. 20/s)",
+    );
+    assert_err(
+        &listen("rate_per_ip 20/h;"),
+        3,
+        15,
+        "unknown rate unit '/h' in '20/h' (use /s)",
+    );
+    assert_err(
+        &listen("rate_per_ip 20/s burst;"),
+        3,
+        20,
+        "unknown rate_per_ip option 'burst'",
+    );
+    assert_err(&listen("limit_rate 4q;"), 3, 14, "bad size '4q'");
+    assert_err(
+        "listen udp 127.0.0.1:1 {\n  proxy 127.0.0.1:2;\n  max_connections_per_ip 5;\n}",
+        3,
+        3,
+        "max_connections_per_ip",
+    );
+    assert_eq!(ok(&listen("rate_per_ip 0;")).listeners[0].rate_per_ip, None);
 }

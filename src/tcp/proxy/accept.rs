@@ -12,6 +12,9 @@ use mio::net::TcpStream;
 use mio::Interest;
 
 use super::TcpProxy;
+use crate::accounting;
+use crate::limit::{Refusal, Ticket};
+use crate::metrics::Denial;
 use crate::part::{Ctx, Origin};
 use crate::reactor::token::{self, Key};
 use crate::reactor::{Suppressed, Timer};
@@ -72,7 +75,7 @@ impl TcpProxy {
             let Some(Some(l)) = self.listeners.get_mut(slot) else {
                 return;
             };
-            if !l.ready.readable {
+            if !l.ready.readable || l.full {
                 return;
             }
             let Some(socket) = &l.socket else {
@@ -86,14 +89,25 @@ impl TcpProxy {
                 self.resume_at(ctx.now + CAPACITY_RECHECK, ctx);
                 return;
             }
+            // And one of this listener's own, if it has a cap: at it, only this listener waits.
+            let cap = l.origin.conf.max_connections;
+            if cap > 0 && !ctx.metrics.reserve_listener(&l.origin.stats, cap) {
+                ctx.metrics.unreserve();
+                l.full = true;
+                self.resume_at(ctx.now + CAPACITY_RECHECK, ctx);
+                return;
+            }
             let accepted = listener::accept(socket);
             if !matches!(accepted, Accept::Client(..)) {
                 ctx.metrics.unreserve();
+                if cap > 0 {
+                    ctx.metrics.unreserve_listener(&l.origin.stats);
+                }
             }
             match accepted {
                 Accept::Client(stream, addr) => {
                     let origin = Arc::clone(&l.origin);
-                    self.admit(origin, stream, addr, ctx);
+                    self.admit(origin, stream, addr, cap > 0, ctx);
                 }
                 Accept::Drained => l.ready.readable = false,
                 Accept::OutOfFds(error) => {
@@ -126,9 +140,61 @@ impl TcpProxy {
         }
     }
 
-    /// A pair ended or a wait ran out: take clients again (the next accept checks the cap).
+    /// A pair ended or a wait ran out: take clients again (the next accept checks the caps).
     pub(super) fn reopen_accepting(&mut self) {
         self.accept = AcceptState::Open;
+        for l in self.listeners.iter_mut().flatten() {
+            l.full = false;
+        }
+    }
+
+    /// Gives back what an accepted client took that no pair will hold.
+    fn unreserve(&self, origin: &Origin, listener_slot: bool, ctx: &mut Ctx<'_>) {
+        ctx.metrics.unreserve();
+        if listener_slot {
+            ctx.metrics.unreserve_listener(&origin.stats);
+        }
+    }
+
+    /// The access rules and the per-client limits, before any server is asked: a refused client
+    /// is closed at once. Returns its place in the per-client table, if it has one.
+    fn screen(
+        &mut self,
+        origin: &Origin,
+        client: SocketAddr,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<Option<Ticket>, ()> {
+        if let Some(rule) = origin.acl.denies(client.ip()) {
+            accounting::deny(ctx, origin, client, Denial::Acl, Some(rule), true);
+            return Err(());
+        }
+        if origin.per_ip.is_none() {
+            return Ok(None);
+        }
+        match ctx
+            .per_ip
+            .admit(origin.tag, client.ip(), &origin.per_ip, ctx.now)
+        {
+            Ok(ticket) => Ok(Some(ticket)),
+            Err(refusal) => {
+                let why = match refusal {
+                    Refusal::MaxPerIp => Denial::MaxConnectionsPerIp,
+                    Refusal::Rate => Denial::RatePerIp,
+                    Refusal::TableFull => Denial::PerIpTableFull,
+                };
+                if refusal == Refusal::TableFull {
+                    if let Some(held_back) = self.table_warnings.pass(ctx.now) {
+                        log::warn!(
+                            "per-client table full ({} clients with open connections): refusing new addresses{}",
+                            ctx.per_ip.len(),
+                            Suppressed(held_back)
+                        );
+                    }
+                }
+                accounting::deny(ctx, origin, client, why, None, true);
+                Err(())
+            }
+        }
     }
 
     fn admit(
@@ -136,18 +202,29 @@ impl TcpProxy {
         origin: Arc<Origin>,
         stream: TcpStream,
         client_addr: SocketAddr,
+        listener_slot: bool,
         ctx: &mut Ctx<'_>,
     ) {
+        let Ok(ticket) = self.screen(&origin, client_addr, ctx) else {
+            self.unreserve(&origin, listener_slot, ctx);
+            return;
+        };
+        let give_back = |ctx: &mut Ctx<'_>| {
+            if let Some(t) = ticket {
+                ctx.per_ip.release(t);
+            }
+        };
         // Nagle would hold back small writes that the client already sent without delay.
         if !crate::sys::ACCEPT_INHERITS_NODELAY {
             let _ = stream.set_nodelay(true);
         }
-        let entry = self.pairs.vacant_entry();
-        if entry.key() > token::MAX_INDEX >> 1 {
+        if self.pairs.vacant_key() > token::MAX_INDEX >> 1 {
             // Its tokens could not name the slot (only on 32-bit targets, past 2M pairs).
-            ctx.metrics.unreserve();
+            self.unreserve(&origin, listener_slot, ctx);
+            give_back(ctx);
             return;
         }
+        let entry = self.pairs.vacant_entry();
         let gen = self.next_gen;
         self.next_gen = token::next_gen(self.next_gen);
         let key = Key::new(entry.key(), gen);
@@ -163,9 +240,16 @@ impl TcpProxy {
                 crate::sys::io_reason(&e)
             );
             ctx.metrics.unreserve();
+            if listener_slot {
+                ctx.metrics.unreserve_listener(&pair.origin.stats);
+            }
+            give_back(ctx);
             return;
         }
-        ctx.metrics.opened(&pair.origin.stats, self.worker);
+        ctx.metrics
+            .opened(&pair.origin.stats, self.worker, listener_slot);
+        pair.ticket = ticket;
+        pair.listener_slot = listener_slot;
         entry.insert(pair);
         self.connect_next(key, ctx);
     }

@@ -45,6 +45,8 @@ struct TcpListen {
     /// What each pair accepted here holds: the settings, the bound address, the counters.
     origin: Arc<Origin>,
     ready: Readiness,
+    /// At its own `max_connections`: not accepting until a pair ends or the recheck timer.
+    full: bool,
 }
 
 pub struct TcpProxy {
@@ -68,6 +70,7 @@ pub struct TcpProxy {
     accept: AcceptState,
     fd_warnings: LogLimit,
     no_server_warnings: LogLimit,
+    table_warnings: LogLimit,
 }
 
 impl TcpProxy {
@@ -87,6 +90,7 @@ impl TcpProxy {
             accept: AcceptState::Open,
             fd_warnings: LogLimit::new(WARN_INTERVAL),
             no_server_warnings: LogLimit::new(WARN_INTERVAL),
+            table_warnings: LogLimit::new(WARN_INTERVAL),
         }
     }
 
@@ -176,6 +180,7 @@ impl TcpProxy {
                 socket: Some(socket),
                 origin,
                 ready: Readiness::default(),
+                full: false,
             });
         }
         Ok(())
@@ -189,7 +194,7 @@ impl TcpProxy {
                     .listeners
                     .iter()
                     .flatten()
-                    .any(|l| l.ready.readable && l.socket.is_some()))
+                    .any(|l| l.ready.readable && l.socket.is_some() && !l.full))
     }
 
     // ---- events ----------------------------------------------------------------------------
@@ -282,7 +287,7 @@ impl TcpProxy {
             for i in 0..self.listeners.len() {
                 if self.listeners[i]
                     .as_ref()
-                    .is_some_and(|l| l.ready.readable && l.socket.is_some())
+                    .is_some_and(|l| l.ready.readable && l.socket.is_some() && !l.full)
                 {
                     self.accept_from(i, ctx);
                 }
@@ -562,6 +567,9 @@ impl TcpProxy {
         }
         pair.reset_cut_peers(end);
         pair.release_buffers(&mut self.pool);
+        if let Some(ticket) = pair.ticket.take() {
+            ctx.per_ip.release(ticket);
+        }
         if let Some(timer) = pair.timer.take() {
             ctx.timers.cancel(timer);
         }
