@@ -216,7 +216,7 @@ impl Drop for Scraper {
 fn scrape(admin: SocketAddr) -> io::Result<usize> {
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\n\r\n").as_bytes())?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
     Ok(out.len())

@@ -25,6 +25,8 @@ pub enum Status {
     BadRequest,
     Forbidden,
     NotFound,
+    /// A `Host` that is not the endpoint's (DNS rebinding).
+    Misdirected,
     MethodNotAllowed,
     RequestTimeout,
     HeaderTooLarge,
@@ -37,6 +39,7 @@ impl Status {
             Status::BadRequest => 400,
             Status::Forbidden => 403,
             Status::NotFound => 404,
+            Status::Misdirected => 421,
             Status::MethodNotAllowed => 405,
             Status::RequestTimeout => 408,
             Status::HeaderTooLarge => 431,
@@ -49,6 +52,7 @@ impl Status {
             Status::BadRequest => "Bad Request",
             Status::Forbidden => "Forbidden",
             Status::NotFound => "Not Found",
+            Status::Misdirected => "Misdirected Request",
             Status::MethodNotAllowed => "Method Not Allowed",
             Status::RequestTimeout => "Request Timeout",
             Status::HeaderTooLarge => "Request Header Fields Too Large",
@@ -80,7 +84,13 @@ pub enum Parse<'a> {
 
 /// Parses the request head at the start of `buf`.
 pub fn parse(buf: &[u8]) -> Parse<'_> {
-    let Some(end) = head_end(buf) else {
+    parse_from(buf, &mut 0)
+}
+
+/// `parse`, resuming the search for the head's end at `*scanned` (where the last call left it)
+/// so that a head arriving a byte at a time is scanned once, not once per byte.
+pub fn parse_from<'b>(buf: &'b [u8], scanned: &mut usize) -> Parse<'b> {
+    let Some(end) = head_end(buf, scanned) else {
         return match buf.len() > MAX_HEAD {
             true => Parse::Bad(Status::HeaderTooLarge),
             false => Parse::Partial,
@@ -98,23 +108,21 @@ pub fn parse(buf: &[u8]) -> Parse<'_> {
     }
 }
 
-/// Where the empty line that ends the head begins (CRLF or bare LF line ends).
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let scan = &buf[..buf.len().min(MAX_HEAD + 4)];
-    let mut line_start = 0;
-    for (i, &b) in scan.iter().enumerate() {
+/// Where the empty line that ends the head begins (CRLF or bare LF line ends), searching from
+/// the line that starts at `*line_start` (left at the last incomplete line when not found). An
+/// empty first line is not an end: it makes the request line empty, which is a 400.
+fn head_end(buf: &[u8], line_start: &mut usize) -> Option<usize> {
+    let scan = buf.get(..buf.len().min(MAX_HEAD + 4))?;
+    let from = (*line_start).min(scan.len());
+    for (i, &b) in scan.iter().enumerate().skip(from) {
         if b != b'\n' {
             continue;
         }
-        let line = &scan[line_start..i];
-        if line.is_empty() || line == b"\r" {
-            // A request may not start with an empty line's worth of head; RFC 9112 lets a
-            // server skip leading empty lines, which a head of only those is.
-            if line_start > 0 {
-                return Some(line_start);
-            }
+        let line = scan.get(*line_start..i).unwrap_or_default();
+        if (line.is_empty() || line == b"\r") && *line_start > 0 {
+            return Some(*line_start);
         }
-        line_start = i + 1;
+        *line_start = i + 1;
     }
     None
 }
@@ -202,9 +210,12 @@ fn decode(text: &str) -> Option<String> {
     while let Some(b) = bytes.next() {
         match b {
             b'%' => {
-                let hex = [bytes.next()?, bytes.next()?];
-                let hex = std::str::from_utf8(&hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+                let (hi, lo) = (bytes.next()?, bytes.next()?);
+                if !hi.is_ascii_hexdigit() || !lo.is_ascii_hexdigit() {
+                    return None;
+                }
+                let hex = [hi, lo];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
             }
             b'+' => out.push(b' '),
             b => out.push(b),
@@ -277,6 +288,17 @@ mod tests {
     }
 
     #[test]
+    fn a_head_fed_a_byte_at_a_time_is_found_once() {
+        let text = b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut scanned = 0;
+        for n in 1..text.len() {
+            assert_eq!(parse_from(&text[..n], &mut scanned), Parse::Partial, "{n}");
+            assert!(scanned <= n);
+        }
+        assert!(matches!(parse_from(text, &mut scanned), Parse::Done(r) if r.path == "/stats"));
+    }
+
+    #[test]
     fn partial_heads_wait_for_more() {
         for text in [
             "",
@@ -319,6 +341,7 @@ mod tests {
         assert_eq!(param("a=%zz", "a"), None);
         assert_eq!(param("a=%4", "a"), None);
         assert_eq!(param("a=%ff", "a"), None, "not UTF-8");
+        assert_eq!(param("a=%+f", "a"), None, "a sign is not a hex digit");
         assert_eq!(param("", "a"), None);
     }
 

@@ -28,7 +28,7 @@ use crate::metrics::AdminState;
 use crate::part::{Ctx, Origin};
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
-use crate::reactor::{after, retry, Readiness, Timer};
+use crate::reactor::{after, retry, LogLimit, Readiness, Suppressed, Timer};
 use http::{Method, Parse, Request, Status};
 use json::Json;
 use view::{Sources, View};
@@ -39,6 +39,12 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the answer: how long to wait for the client to close before closing on it.
 const LINGER: Duration = Duration::from_secs(1);
+/// After the answer: at most this much more of a client's bytes are read and dropped.
+const MAX_DRAIN: usize = 64 * 1024;
+/// Admin clients taken per readiness event before the proxy's own work gets a turn.
+const ACCEPT_BUDGET: usize = 16;
+/// After an accept error (out of descriptors), how soon to try again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -62,6 +68,10 @@ struct Conn {
     peer: SocketAddr,
     phase: Phase,
     head: Vec<u8>,
+    /// How far the search for the head's end got (see `http::parse_from`).
+    scanned: usize,
+    /// Bytes read and dropped while closing, bounded by `MAX_DRAIN`.
+    drained: usize,
     answer: Vec<u8>,
     written: usize,
     ready: Readiness,
@@ -69,7 +79,8 @@ struct Conn {
 }
 
 pub struct AdminPart {
-    listener: TcpListener,
+    /// `None` once the proxy stops (a drain frees the port at once).
+    listener: Option<TcpListener>,
     /// The bound address (port 0 in the config shows the port chosen).
     addr: SocketAddr,
     allow: Vec<Cidr>,
@@ -77,6 +88,11 @@ pub struct AdminPart {
     next_gen: Gen,
     /// Clients may be waiting in the backlog (set by readiness, cleared by `WouldBlock`).
     pending: bool,
+    /// Inside `accept`: a connection closed meanwhile must not start another accept loop.
+    accepting: bool,
+    /// The armed retry after an accept error (out of descriptors).
+    retry: Option<TimerKey>,
+    refusals: LogLimit,
     started: Instant,
     /// The running config and its listeners, for the views and `/explain`.
     config: Config,
@@ -94,12 +110,15 @@ impl AdminPart {
         registry.register(&mut listener, token::admin_listener(), Interest::READABLE)?;
         let addr = listener.local_addr()?;
         Ok(AdminPart {
-            listener,
+            listener: Some(listener),
             addr,
             allow,
             conns: Slab::new(),
             next_gen: 0,
             pending: false,
+            accepting: false,
+            retry: None,
+            refusals: LogLimit::new(Duration::from_secs(1)),
             started,
             config: Config::default(),
             origins: Vec::new(),
@@ -117,21 +136,69 @@ impl AdminPart {
         self.accept(ctx);
     }
 
+    /// Whether clients wait that a turn's budget left in the backlog.
+    pub fn has_pending_work(&self) -> bool {
+        self.pending && self.listener.is_some() && self.conns.len() < MAX_CONNS
+    }
+
+    pub fn run_pending(&mut self, ctx: &mut Ctx<'_>) {
+        if self.has_pending_work() {
+            self.accept(ctx);
+        }
+    }
+
+    /// The retry timer after an accept error fired.
+    pub fn accept_retry(&mut self, ctx: &mut Ctx<'_>) {
+        self.retry = None;
+        self.pending = true;
+        self.accept(ctx);
+    }
+
+    /// Takes clients from the backlog, at most `ACCEPT_BUDGET` a call and `MAX_CONNS` at once.
     fn accept(&mut self, ctx: &mut Ctx<'_>) {
-        while self.pending && self.conns.len() < MAX_CONNS {
-            let (mut socket, peer) = match self.listener.accept() {
+        if self.accepting {
+            return;
+        }
+        self.accepting = true;
+        for _ in 0..ACCEPT_BUDGET {
+            if !self.pending || self.conns.len() >= MAX_CONNS {
+                break;
+            }
+            let Some(listener) = &self.listener else {
+                break;
+            };
+            let (mut socket, peer) = match listener.accept() {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.pending = false;
-                    return;
+                    break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Out of descriptors or the like: try again when a connection closes.
+                Err(e) if crate::tcp::listener::is_fd_exhaustion(&e) => {
+                    // Out of descriptors: look again in a while (clients wait in the backlog).
                     log::debug!("admin: accept failed: {}", crate::sys::io_reason(&e));
-                    return;
+                    if self.retry.is_none() {
+                        let at = after(ctx.now, ACCEPT_RETRY);
+                        self.retry = Some(ctx.timers.insert(at, Timer::AdminAccept));
+                    }
+                    self.pending = false;
+                    break;
                 }
+                // This client gave up before we took it (ECONNABORTED and the like): next.
+                Err(_) => continue,
             };
+            if !self.allowed(peer.ip()) {
+                // Never a slot, never a timer: a best-effort 403 and the socket is dropped.
+                let answer = text(Status::Forbidden, "not in the admin allow list\n", false);
+                let _ = socket.write(&answer);
+                if let Some(held_back) = self.refusals.pass(ctx.now) {
+                    log::info!(
+                        "admin: refused {} (not in the allow list){}",
+                        peer,
+                        Suppressed(held_back)
+                    );
+                }
+                continue;
+            }
             let entry = self.conns.vacant_entry();
             let gen = self.next_gen;
             self.next_gen = token::next_gen(gen);
@@ -153,17 +220,15 @@ impl AdminPart {
                 peer,
                 phase: Phase::Reading,
                 head: Vec::new(),
+                scanned: 0,
+                drained: 0,
                 answer: Vec::new(),
                 written: 0,
                 ready: Readiness::default(),
                 timer: Some(timer),
             });
-            if !self.allowed(peer.ip()) {
-                log::info!("admin: refused {} (not in the allow list)", peer);
-                let answer = text(Status::Forbidden, "not in the admin allow list\n", false);
-                self.answer(key, answer, ctx);
-            }
         }
+        self.accepting = false;
     }
 
     fn allowed(&self, ip: IpAddr) -> bool {
@@ -234,7 +299,7 @@ impl AdminPart {
                 }
             }
         }
-        let parsed = match http::parse(&c.head) {
+        let parsed = match http::parse_from(&c.head, &mut c.scanned) {
             Parse::Partial if ended => {
                 self.close(key, ctx);
                 return;
@@ -246,6 +311,7 @@ impl AdminPart {
         };
         let (local, peer) = (c.socket.local_addr().unwrap_or(fallback), c.peer);
         let answer = match parsed {
+            Err(Status::MethodNotAllowed) => with_allow("GET, HEAD, POST", false),
             Err(status) => text(status, &format!("{}\n", status.reason()), false),
             Ok(request) => self.route(&request, local, peer, ctx),
         };
@@ -300,10 +366,11 @@ impl AdminPart {
             return;
         };
         let mut sink = [0u8; 2048];
-        loop {
+        // A client that keeps sending is not waited for: past MAX_DRAIN it is closed on.
+        while c.drained < MAX_DRAIN {
             match retry(|| c.socket.read(&mut sink)) {
                 Ok(Some(0)) | Err(_) => break,
-                Ok(Some(_)) => {}
+                Ok(Some(n)) => c.drained += n,
                 Ok(None) => return,
             }
         }
@@ -319,18 +386,24 @@ impl AdminPart {
         if let Some(t) = c.timer.take() {
             ctx.timers.cancel(t);
         }
-        // A slot is free: clients that waited in the backlog may come in.
+        // A slot is free: clients that waited in the backlog may come in (unless this close
+        // happens inside an accept loop, which goes on by itself).
         self.accept(ctx);
     }
 
-    /// Closes every admin connection (the proxy stops).
+    /// Closes the listening socket (its port is free at once) and every admin connection.
     pub fn close_all(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(mut listener) = self.listener.take() {
+            let _ = ctx.registry.deregister(&mut listener);
+        }
+        self.pending = false;
+        if let Some(t) = self.retry.take() {
+            ctx.timers.cancel(t);
+        }
         let keys: Vec<Key> = self.conns.iter().map(|(i, c)| Key::new(i, c.gen)).collect();
         for key in keys {
             self.close(key, ctx);
         }
-        let _ = ctx.registry.deregister(&mut self.listener);
-        self.pending = false;
     }
 
     // ---- requests ------------------------------------------------------------------------
@@ -343,14 +416,17 @@ impl AdminPart {
         ctx: &mut Ctx<'_>,
     ) -> Vec<u8> {
         let head_only = r.method == Method::Head;
+        if let Some(why) = self.misdirected(r, local) {
+            return text(Status::Misdirected, why, head_only);
+        }
         match (r.path.as_str(), r.method) {
             ("/servers", Method::Post) => match self.refuse_cross_site(r, local) {
                 Some(why) => text(Status::Forbidden, why, false),
                 None => self.set_server_state(r, peer, ctx),
             },
-            ("/servers", _) => with_allow(Status::MethodNotAllowed, "POST"),
+            ("/servers", _) => with_allow("POST", head_only),
             ("/" | "/metrics" | "/stats" | "/explain", Method::Post) => {
-                with_allow(Status::MethodNotAllowed, "GET, HEAD")
+                with_allow("GET, HEAD", false)
             }
             ("/", _) => {
                 let body = page::render(&self.view(ctx));
@@ -401,12 +477,22 @@ impl AdminPart {
             return Some("cross-site request refused\n");
         }
         let origin = r.origin.as_deref()?;
-        let own = format!("http://{local}");
-        let localhost = format!("http://localhost:{}", local.port());
-        if origin == own || (local.ip().is_loopback() && origin == localhost) {
+        let host = origin.strip_prefix("http://")?;
+        match own_host(host, local) {
+            true => None,
+            false => Some("request from another origin refused\n"),
+        }
+    }
+
+    /// On a loopback endpoint, a `Host` that is not its own address: a page on another site
+    /// whose name was made to resolve to 127.0.0.1 (DNS rebinding) must not read it. On other
+    /// addresses the allow list guards it, and scrapers may name the host as they like.
+    fn misdirected(&self, r: &OwnedRequest, local: SocketAddr) -> Option<&'static str> {
+        let host = r.host.as_deref()?;
+        if !crate::config::unmapped(local.ip()).is_loopback() || own_host(host, local) {
             return None;
         }
-        Some("request from another origin refused\n")
+        Some("this endpoint answers to its own address only\n")
     }
 
     /// `POST /servers?upstream=NAME&server=ADDR&state=up|drain|down`.
@@ -490,10 +576,12 @@ impl AdminPart {
             return error(Status::BadRequest, format!("bad client address '{client}'"));
         };
         let found = self.origins.iter().find(|o| {
-            let bound = o.addr.to_string();
-            listener == bound
-                || listener == format!("udp:{bound}")
-                || listener == o.conf.addr.to_string()
+            let prefix = match o.conf.proto {
+                crate::config::Proto::Tcp => "",
+                crate::config::Proto::Udp => "udp:",
+            };
+            listener == format!("{prefix}{}", o.addr)
+                || listener == format!("{prefix}{}", o.conf.addr)
         });
         let Some(origin) = found else {
             return error(Status::NotFound, format!("no listener {listener}"));
@@ -530,15 +618,20 @@ impl AdminPart {
             .key("at_capacity")
             .bool(active >= max);
         let conf = &origin.conf;
-        j.count("listener_max_connections", conf.max_connections as u64)
-            .count(
-                "listener_connections_active",
-                origin
-                    .stats
-                    .connections_active
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            )
-            .count("max_per_ip", u64::from(origin.per_ip.max_per_ip));
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        match conf.proto {
+            crate::config::Proto::Tcp => j
+                .count("listener_max_connections", conf.max_connections as u64)
+                .count(
+                    "listener_connections_active",
+                    origin.stats.connections_active.load(relaxed),
+                ),
+            crate::config::Proto::Udp => j.count("max_sessions", conf.max_sessions as u64).count(
+                "sessions_active",
+                origin.stats.udp_sessions_active.load(relaxed),
+            ),
+        };
+        j.count("max_per_ip", u64::from(origin.per_ip.max_per_ip));
         match conf.rate_per_ip {
             Some((rate, burst)) => {
                 j.key("rate_per_ip").open();
@@ -601,6 +694,7 @@ struct OwnedRequest {
     method: Method,
     path: String,
     query: String,
+    host: Option<String>,
     origin: Option<String>,
     sec_fetch_site: Option<String>,
 }
@@ -611,6 +705,7 @@ impl From<&Request<'_>> for OwnedRequest {
             method: r.method,
             path: r.path.to_string(),
             query: r.query.to_string(),
+            host: r.host.map(str::to_string),
             origin: r.origin.map(str::to_string),
             sec_fetch_site: r.sec_fetch_site.map(str::to_string),
         }
@@ -621,7 +716,22 @@ fn text(status: Status, body: &str, head_only: bool) -> Vec<u8> {
     http::response(status, TEXT, "", body.as_bytes(), head_only)
 }
 
-fn with_allow(status: Status, allow: &str) -> Vec<u8> {
+fn with_allow(allow: &str, head_only: bool) -> Vec<u8> {
     let header = format!("Allow: {allow}\r\n");
-    http::response(status, TEXT, &header, b"method not allowed here\n", false)
+    http::response(
+        Status::MethodNotAllowed,
+        TEXT,
+        &header,
+        b"method not allowed here\n",
+        head_only,
+    )
+}
+
+/// Whether `host` (a `Host` header or an `Origin` without its scheme) names the endpoint
+/// itself: its address, or `localhost` when it is on loopback; the port may be left out only
+/// for `Host`, which browsers always send with the port here.
+fn own_host(host: &str, local: SocketAddr) -> bool {
+    let ip = crate::config::unmapped(local.ip());
+    let own = SocketAddr::new(ip, local.port()).to_string();
+    host == own || (ip.is_loopback() && host == format!("localhost:{}", local.port()))
 }

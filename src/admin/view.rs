@@ -120,16 +120,24 @@ impl View {
             .enumerate()
             .map(|(i, u)| {
                 let group = s.groups.get(i);
-                let shared = tables.servers(UpstreamId(i));
+                let table = tables.servers(UpstreamId(i));
+                // Worker 0's groups follow the same config as `s.config` (both change in one
+                // step of its loop); the tables change a little earlier in a reload.
+                let shared_of = |j: usize| {
+                    group
+                        .and_then(|g| g.servers().get(j))
+                        .map(|st| &st.shared)
+                        .or_else(|| table.get(j))
+                };
                 UpstreamView {
                     name: u.name.clone(),
                     balance: u.balance.name(),
                     servers: u
                         .servers
                         .iter()
-                        .zip(shared)
                         .enumerate()
-                        .map(|(j, (conf, shared))| {
+                        .filter_map(|(j, conf)| shared_of(j).map(|shared| (j, conf, shared)))
+                        .map(|(j, conf, shared)| {
                             let availability = group
                                 .map_or(Availability::Up, |g| g.availability(ServerId(j), s.now));
                             let marked = shared.unavailable_until().is_some_and(|t| s.now < t);

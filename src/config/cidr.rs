@@ -25,6 +25,14 @@ impl Cidr {
         let addr: IpAddr = ip
             .parse()
             .map_err(|_| format!("bad address '{ip}' in '{text}' (expected e.g. 10.0.0.0/8)"))?;
+        if let IpAddr::V6(v6) = addr {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                // Clients in that form are matched as the IPv4 address they are.
+                return Err(format!(
+                    "'{text}' is an IPv4 address in IPv6 form: write the IPv4 range ({v4}/...)"
+                ));
+            }
+        }
         let max = match addr {
             IpAddr::V4(_) => 32,
             IpAddr::V6(_) => 128,
@@ -163,6 +171,10 @@ mod tests {
             ("example.com/8", "bad address"),
             ("", "bad address"),
             ("::1/129", "(0 to 128)"),
+            (
+                "::ffff:10.0.0.0/104",
+                "an IPv4 address in IPv6 form: write the IPv4 range (10.0.0.0/...)",
+            ),
         ] {
             let e = Cidr::parse(text).expect_err(text);
             assert!(e.contains(says), "{text}: {e}");

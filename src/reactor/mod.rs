@@ -142,6 +142,8 @@ pub enum Timer {
     Probe(token::Key),
     /// An admin connection's deadline (its request head, its response, its close).
     Admin(token::Key),
+    /// The admin endpoint tries accepting again after an error.
+    AdminAccept,
     AcceptResume,
     /// A drain's `shutdown_timeout` ran out.
     DrainDeadline,

@@ -277,7 +277,8 @@ impl Worker {
     /// tens of microseconds on some machines: the `pingpong` bench scenario); then asleep until
     /// the next timer.
     fn wait(&mut self, events: &mut Events) -> io::Result<()> {
-        if self.tcp.has_pending_work() || self.udp.has_pending_work() {
+        let admin_waits = self.admin.as_ref().is_some_and(AdminPart::has_pending_work);
+        if self.tcp.has_pending_work() || self.udp.has_pending_work() || admin_waits {
             return self.poll.poll(events, Some(Duration::ZERO));
         }
         let mut now = Instant::now();
@@ -408,6 +409,11 @@ impl Worker {
                         admin.timer(key, &mut ctx);
                     }
                 }
+                Timer::AdminAccept => {
+                    if let Some(admin) = admin {
+                        admin.accept_retry(&mut ctx);
+                    }
+                }
                 Timer::AcceptResume => tcp.accept_resume(),
                 // The loop sees the deadline once this turn ends.
                 Timer::DrainDeadline => {}
@@ -419,8 +425,15 @@ impl Worker {
     /// clients waiting, sessions with datagrams left.
     fn run_pending(&mut self) {
         let Parts {
-            tcp, udp, mut ctx, ..
+            tcp,
+            udp,
+            admin,
+            mut ctx,
+            ..
         } = self.split();
+        if let Some(admin) = admin {
+            admin.run_pending(&mut ctx);
+        }
         tcp.run_pending(&mut ctx);
         if udp.has_pending_work() {
             udp.run_pending(&mut ctx);
