@@ -316,6 +316,15 @@ mod tests {
     };
 
     #[test]
+    fn an_entry_is_as_big_as_the_readme_says() {
+        assert_eq!(
+            PerIp::ENTRY_BYTES,
+            121,
+            "update README's per_ip_table_size line"
+        );
+    }
+
+    #[test]
     fn at_most_n_at_once_per_client() {
         let mut t = PerIp::new(100);
         let now = Instant::now();

@@ -283,3 +283,78 @@ fn explain_names_the_rule_that_matches() {
         "{body}"
     );
 }
+
+/// Reads `len` bytes of the stream for `seed`, verifying them; returns when the first
+/// `mark` bytes had arrived and when all had.
+fn timed_read(s: &mut std::net::TcpStream, seed: u64, len: u64, mark: u64) -> (Duration, Duration) {
+    let began = Instant::now();
+    let mut verifier = Verifier::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at_mark = None;
+    while verifier.pos < len {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "the stream ended at {}", verifier.pos);
+        verifier
+            .check(&buf[..n])
+            .unwrap_or_else(|at| panic!("byte {at} differs"));
+        if at_mark.is_none() && verifier.pos >= mark {
+            at_mark = Some(began.elapsed());
+        }
+    }
+    (at_mark.unwrap_or_default(), began.elapsed())
+}
+
+#[test]
+fn limit_rate_paces_each_direction_and_every_byte_arrives() {
+    const LEN: u64 = 8 << 20;
+    let server = Backend::stream(LEN, 21);
+    let echo = Backend::echo();
+    let proxy = start(parse(&format!(
+        "listen 127.0.0.1:0 {{ proxy {}; limit_rate 4m; }}\n\
+         listen 127.0.0.2:0 {{ proxy {}; limit_rate 4m; }}",
+        server.addr(),
+        echo.addr()
+    )));
+    // Download: 8 MiB at 4 MiB/s is 2 s.
+    let mut down = connect(proxy.local_addr(0).expect("addr"));
+    let (_, took) = timed_read(&mut down, 21, LEN, 0);
+    let window = Duration::from_millis(1400)..Duration::from_millis(3000);
+    assert!(window.contains(&took), "download took {took:?}");
+    assert!(
+        proxy.stats().buffers_peak() <= 2,
+        "one pair, at most two buffers"
+    );
+    drop(down);
+    // Upload through an echo: the upload is paced, and so is the echo coming back.
+    let mut up = connect(proxy.local_addr(1).expect("addr"));
+    let mut writer = up.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || write_payload(&mut writer, 22, LEN));
+    let (_, took) = timed_read(&mut up, 22, LEN, 0);
+    sender.join().expect("sender").expect("upload");
+    assert!(window.contains(&took), "upload and echo took {took:?}");
+    assert!(
+        proxy.stats().buffers_peak() <= 2,
+        "still at most two buffers"
+    );
+}
+
+#[test]
+fn limit_rate_after_lets_the_first_bytes_go_at_full_speed() {
+    const LEN: u64 = 3 << 20;
+    let server = Backend::stream(LEN, 23);
+    let proxy = start(parse(&format!(
+        "listen 127.0.0.1:0 {{ proxy {}; limit_rate 1m; limit_rate_after 1m; }}",
+        server.addr()
+    )));
+    let mut c = connect(proxy.local_addr(0).expect("addr"));
+    let (first, all) = timed_read(&mut c, 23, LEN, 1 << 20);
+    assert!(
+        first < Duration::from_millis(500),
+        "the first MiB took {first:?}"
+    );
+    // The other 2 MiB at 1 MiB/s: about 2 s more.
+    assert!(
+        all >= Duration::from_millis(1400),
+        "the rest was not paced: {all:?}"
+    );
+}

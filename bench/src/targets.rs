@@ -41,6 +41,8 @@ pub enum Kind {
     SluiceWorkers,
     /// sluice with `admin` on, scraped every 100 ms.
     SluiceScraped,
+    /// sluice with 100 access rules and per-client limits that let the bench through.
+    SluiceAcl,
     Haproxy,
     HaproxyBusy,
     Nginx,
@@ -48,12 +50,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Direct,
         Kind::Sluice,
         Kind::SluiceBusy,
         Kind::SluiceWorkers,
         Kind::SluiceScraped,
+        Kind::SluiceAcl,
         Kind::Haproxy,
         Kind::HaproxyBusy,
         Kind::Nginx,
@@ -67,6 +70,7 @@ impl Kind {
             Kind::SluiceBusy => "sluice-bp",
             Kind::SluiceWorkers => "sluice-w2",
             Kind::SluiceScraped => "sluice-scrape",
+            Kind::SluiceAcl => "sluice-acl",
             Kind::Haproxy => "haproxy",
             Kind::HaproxyBusy => "haproxy-bp",
             Kind::Nginx => "nginx",
@@ -122,14 +126,23 @@ pub fn which(name: &str) -> Option<PathBuf> {
 pub fn available(kind: Kind, env: &Env) -> Result<(), String> {
     match kind {
         Kind::Direct => Ok(()),
-        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers | Kind::SluiceScraped
+        Kind::Sluice
+        | Kind::SluiceBusy
+        | Kind::SluiceWorkers
+        | Kind::SluiceScraped
+        | Kind::SluiceAcl
             if env.sluice.is_file() =>
         {
             Ok(())
         }
-        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers | Kind::SluiceScraped => Err(
-            format!("{} not found (cargo build --release)", env.sluice.display()),
-        ),
+        Kind::Sluice
+        | Kind::SluiceBusy
+        | Kind::SluiceWorkers
+        | Kind::SluiceScraped
+        | Kind::SluiceAcl => Err(format!(
+            "{} not found (cargo build --release)",
+            env.sluice.display()
+        )),
         Kind::Haproxy | Kind::HaproxyBusy => which("haproxy")
             .map(|_| ())
             .ok_or_else(|| "not installed".to_string()),
@@ -380,10 +393,17 @@ fn command(
     let conf_arg = conf.display().to_string();
     match kind {
         Kind::Direct => Err("direct has no process".to_string()),
-        Kind::Sluice | Kind::SluiceBusy | Kind::SluiceWorkers | Kind::SluiceScraped => {
+        Kind::Sluice
+        | Kind::SluiceBusy
+        | Kind::SluiceWorkers
+        | Kind::SluiceScraped
+        | Kind::SluiceAcl => {
             let mut text = sluice_config(proto, port, backend, env.max_conns, kind.busy());
             if let Some(admin) = admin {
                 text.push_str(&format!("admin {admin};\n"));
+            }
+            if kind == Kind::SluiceAcl {
+                text = with_access_rules(&text, proto, env.max_conns);
             }
             write(text)?;
             let mut args = vec!["-c".into(), conf_arg];
@@ -438,6 +458,23 @@ fn command(
             Ok((program, args))
         }
     }
+}
+
+/// `text` with 100 rules in the listen block (98 that never match the bench's 127.0.0.1, then
+/// `allow 127.0.0.0/8;` and `deny all;`) and per-client limits the bench stays under.
+fn with_access_rules(text: &str, proto: Proto, max_conns: usize) -> String {
+    let mut rules = String::new();
+    for i in 0..98u32 {
+        rules.push_str(&format!("    deny 10.{}.{}.0/24;\n", i / 256, i % 256));
+    }
+    rules.push_str("    allow 127.0.0.0/8;\n    deny all;\n");
+    let per_ip = match proto {
+        Proto::Tcp => format!("    max_connections_per_ip {};\n", max_conns + 1000),
+        Proto::Udp => format!("    max_sessions_per_ip {};\n", max_conns + 1000),
+    };
+    rules.push_str(&per_ip);
+    rules.push_str("    rate_per_ip 1000000/s;\n");
+    text.replacen("    proxy ", &format!("{rules}    proxy "), 1)
 }
 
 fn sluice_config(

@@ -379,6 +379,34 @@ impl Config {
                 l.addr,
                 upstream
             ));
+            let mut limits = Vec::new();
+            if !l.access.is_empty() {
+                limits.push(plural(l.access.len(), "access rule"));
+            }
+            if l.max_connections > 0 {
+                limits.push(format!("max_connections {}", l.max_connections));
+            }
+            match (l.proto, l.max_connections_per_ip, l.max_sessions_per_ip) {
+                (Proto::Tcp, n, _) | (Proto::Udp, _, n) if n > 0 => {
+                    limits.push(format!("{n} at once per client"));
+                }
+                _ => {}
+            }
+            if let Some((rate, burst)) = l.rate_per_ip {
+                limits.push(format!("{rate}/s per client (burst {burst})"));
+            }
+            if l.limit_rate > 0 {
+                limits.push(format!("limit_rate {} B/s", l.limit_rate));
+            }
+            if !limits.is_empty() {
+                out.push_str(&format!(" ({})", limits.join(", ")));
+            }
+        }
+        if let Some(a) = &self.admin {
+            out.push_str(&format!("\n  admin {}", a.addr));
+            if !a.allow.is_empty() {
+                out.push_str(&format!(" ({})", plural(a.allow.len(), "allowed range")));
+            }
         }
         for u in &self.upstreams {
             let addrs: Vec<String> = u.servers.iter().map(|s| s.addr.to_string()).collect();

@@ -144,6 +144,8 @@ pub enum Timer {
     Admin(token::Key),
     /// The admin endpoint tries accepting again after an error.
     AdminAccept,
+    /// A pair's `limit_rate` wait ran out.
+    Throttle(token::Key),
     AcceptResume,
     /// A drain's `shutdown_timeout` ran out.
     DrainDeadline,

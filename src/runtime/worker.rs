@@ -402,6 +402,7 @@ impl Worker {
             } = self.split();
             match timer {
                 Timer::Pair(key) => tcp.timer(key, &mut ctx),
+                Timer::Throttle(key) => tcp.throttle_over(key, &mut ctx),
                 Timer::Session(key) => udp.timer(key, &mut ctx),
                 Timer::Probe(key) => probes.timer(key, &mut ctx),
                 Timer::Admin(key) => {

@@ -62,6 +62,76 @@ pub struct Direction {
     carrier: Carrier,
     /// Bytes delivered to the destination.
     pub bytes: u64,
+    /// `limit_rate`, if set.
+    pub throttle: Option<Throttle>,
+    /// Out of its byte budget, with bytes waiting in the source: read again at this time.
+    pub throttled_until: Option<Instant>,
+}
+
+/// `limit_rate` for one direction: a token bucket of bytes (`rate` a second, a tenth of a
+/// second's worth saved up at most), after `limit_rate_after` bytes that go at full speed. When
+/// it is empty the direction stops reading (the source's own buffer fills and TCP slows the
+/// sender, as with a slow reader) until a timer on the wheel says there is budget again: no
+/// busy loop, no timer per byte, and the pair's buffers stay as they are.
+#[derive(Debug, Clone, Copy)]
+pub struct Throttle {
+    rate: u64,
+    burst: u64,
+    tokens: u64,
+    /// What is left of `limit_rate_after`.
+    free: u64,
+    last: Instant,
+}
+
+/// Waiting for less than this would wake the worker for a handful of bytes.
+const MIN_THROTTLE_STEP: u64 = 4096;
+
+impl Throttle {
+    pub fn new(rate: u64, after: u64, now: Instant) -> Throttle {
+        let burst = (rate / 10).max(MIN_THROTTLE_STEP);
+        Throttle {
+            rate: rate.max(1),
+            burst,
+            tokens: MIN_THROTTLE_STEP.min(burst),
+            free: after,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let us = now.saturating_duration_since(self.last).as_micros();
+        let add =
+            u64::try_from(us.saturating_mul(u128::from(self.rate)) / 1_000_000).unwrap_or(u64::MAX);
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(self.burst);
+            self.last = now;
+        }
+    }
+
+    /// Bytes that may be read now.
+    pub fn allowance(&mut self, now: Instant) -> usize {
+        self.refill(now);
+        usize::try_from(self.free.saturating_add(self.tokens)).unwrap_or(usize::MAX)
+    }
+
+    /// `n` bytes were read.
+    pub fn consume(&mut self, n: usize) {
+        let mut n = n as u64;
+        let from_free = n.min(self.free);
+        self.free -= from_free;
+        n -= from_free;
+        self.tokens = self.tokens.saturating_sub(n);
+    }
+
+    /// When enough budget for one worthwhile read will be there.
+    pub fn ready_at(&self, now: Instant) -> Instant {
+        let need = MIN_THROTTLE_STEP
+            .min(self.burst)
+            .saturating_sub(self.tokens)
+            .max(1);
+        let us = need.saturating_mul(1_000_000) / self.rate;
+        crate::reactor::after(now, std::time::Duration::from_micros(us.max(1000)))
+    }
 }
 
 /// Why pumping stopped without a fault.
@@ -160,11 +230,12 @@ enum Got {
     /// Bytes moved on; `drained` when the read came back short, so the socket is empty
     /// (edge-triggered: new data raises a new event), which saves the read that would only say
     /// `WouldBlock`: one `recvfrom` per message per side in the `rr` bench scenario.
-    Data { drained: bool },
+    Data { drained: bool, n: usize },
     /// The source has nothing now.
     WouldBlock,
-    /// Bytes are waiting in the source for a destination that cannot take them now.
-    Left,
+    /// Bytes are waiting in the source for a destination that cannot take them now; `n` were
+    /// moved before it filled.
+    Left { n: usize },
 }
 
 impl Direction {
@@ -173,6 +244,8 @@ impl Direction {
             state: DirState::Open,
             carrier: Carrier::Empty,
             bytes: 0,
+            throttle: None,
+            throttled_until: None,
         }
     }
 
@@ -192,6 +265,7 @@ impl Direction {
         mut io: Ends<'_, S>,
         pool: &mut BufferPool,
         scratch: &mut [u8],
+        now: Instant,
     ) -> Result<Step, Fault> {
         let mut budget = READ_BUDGET;
         loop {
@@ -218,6 +292,14 @@ impl Direction {
             if budget == 0 {
                 return Ok(Step::Yield);
             }
+            let allowed = match self.throttle.as_mut() {
+                None => usize::MAX,
+                Some(t) => t.allowance(now),
+            };
+            if allowed == 0 {
+                self.throttled_until = self.throttle.map(|t| t.ready_at(now));
+                return Ok(Step::Idle);
+            }
             budget -= 1;
             let got = match &mut self.carrier {
                 // Bytes are waiting for the destination: read behind them, or wait if full.
@@ -226,12 +308,16 @@ impl Direction {
                     if spare.is_empty() {
                         return Ok(Step::Idle);
                     }
+                    let spare = cap(spare, allowed);
                     let asked = spare.len();
                     match read_some(io.src, spare).map_err(|e| io.src_fault(e))? {
                         Some(0) => Got::Eof,
                         Some(n) => {
                             buf.commit(n);
-                            Got::Data { drained: n < asked }
+                            Got::Data {
+                                drained: n < asked,
+                                n,
+                            }
                         }
                         None => Got::WouldBlock,
                     }
@@ -241,7 +327,7 @@ impl Direction {
                     let Some(mut buf) = pool.get() else {
                         return Ok(Step::Starved);
                     };
-                    let spare = buf.spare();
+                    let spare = cap(buf.spare(), allowed);
                     let asked = spare.len();
                     let got = read_some(io.src, spare);
                     match got {
@@ -253,41 +339,51 @@ impl Direction {
                     }
                     match got.map_err(|e| io.src_fault(e))? {
                         Some(0) => Got::Eof,
-                        Some(n) => Got::Data { drained: n < asked },
+                        Some(n) => Got::Data {
+                            drained: n < asked,
+                            n,
+                        },
                         None => Got::WouldBlock,
                     }
                 }
                 // The usual case: read into the worker's scratch buffer and write on at once;
                 // only what the destination refuses moves into a pooled buffer.
                 Carrier::Empty if pool.can_lend() => {
-                    match read_some(io.src, scratch).map_err(|e| io.src_fault(e))? {
+                    let into = cap(scratch, allowed);
+                    let asked = into.len();
+                    match read_some(io.src, into).map_err(|e| io.src_fault(e))? {
                         Some(0) => Got::Eof,
                         Some(n) => {
                             let chunk = scratch.get(..n).unwrap_or_default();
                             self.forward(chunk, io.dst, io.dst_ready, pool)
                                 .map_err(|e| io.dst_fault(e))?;
                             Got::Data {
-                                drained: n < scratch.len(),
+                                drained: n < asked,
+                                n,
                             }
                         }
                         None => Got::WouldBlock,
                     }
                 }
                 // The pool is dry but the destination takes bytes.
-                Carrier::Empty => self.pass_through(&mut io, scratch)?,
+                Carrier::Empty => self.pass_through(&mut io, cap(scratch, allowed))?,
             };
+            if let (Got::Data { n, .. } | Got::Left { n }, Some(t)) = (&got, self.throttle.as_mut())
+            {
+                t.consume(*n);
+            }
             match got {
                 Got::Eof => {
                     self.state = DirState::Draining;
                     io.src_ready.readable = false;
                 }
-                Got::Data { drained } => {
+                Got::Data { drained, .. } => {
                     if drained && !io.src_ready.read_closed {
                         io.src_ready.readable = false;
                     }
                 }
                 Got::WouldBlock => io.src_ready.readable = false,
-                Got::Left => {}
+                Got::Left { .. } => {}
             }
         }
     }
@@ -322,9 +418,10 @@ impl Direction {
         Ok(if taken == n {
             Got::Data {
                 drained: n < scratch.len(),
+                n,
             }
         } else {
-            Got::Left
+            Got::Left { n: taken }
         })
     }
 
@@ -376,6 +473,12 @@ impl Default for Direction {
     fn default() -> Self {
         Direction::new()
     }
+}
+
+/// At most `n` bytes of `buf`.
+fn cap(buf: &mut [u8], n: usize) -> &mut [u8] {
+    let len = buf.len().min(n);
+    buf.get_mut(..len).unwrap_or_default()
 }
 
 /// Writes as much of `from` as the destination takes while it is writable; returns how much.
@@ -454,6 +557,8 @@ pub struct Pair {
     pub last_active: Instant,
     /// The one timer this pair has armed (connect or activity deadline).
     pub timer: Option<TimerKey>,
+    /// Armed while a direction waits for its `limit_rate` budget.
+    pub throttle_timer: Option<TimerKey>,
     /// Which side sent EOF first; decides `client_closed` or `server_closed`.
     pub first_eof: Option<Side>,
     /// On the worker's list of pairs waiting for a buffer: listed once, however many events
@@ -469,6 +574,13 @@ impl Pair {
         client_addr: SocketAddr,
         now: Instant,
     ) -> Pair {
+        let throttle = |conf: &crate::config::Listen| {
+            (conf.limit_rate > 0)
+                .then(|| Throttle::new(conf.limit_rate, conf.limit_rate_after, now))
+        };
+        let (mut up, mut down) = (Direction::new(), Direction::new());
+        up.throttle = throttle(&origin.conf);
+        down.throttle = throttle(&origin.conf);
         Pair {
             gen,
             upstream: origin.conf.upstream,
@@ -481,14 +593,15 @@ impl Pair {
             client_ready: Readiness::default(),
             server: None,
             server_ready: Readiness::default(),
-            up: Direction::new(),
-            down: Direction::new(),
+            up,
+            down,
             tried: Tried::default(),
             tries: 0,
             last_server: None,
             started: now,
             last_active: now,
             timer: None,
+            throttle_timer: None,
             first_eof: None,
             starved: false,
         }
@@ -501,8 +614,13 @@ impl Pair {
         }
     }
 
-    /// Moves bytes both ways as far as readiness, budget and pool allow.
-    pub fn pump(&mut self, pool: &mut BufferPool, scratch: &mut [u8]) -> Result<Step, Fault> {
+    /// Moves bytes both ways as far as readiness, budget, pool and `limit_rate` allow.
+    pub fn pump(
+        &mut self,
+        pool: &mut BufferPool,
+        scratch: &mut [u8],
+        now: Instant,
+    ) -> Result<Step, Fault> {
         let Some(server) = self.server.as_mut() else {
             return Ok(Step::Idle);
         };
@@ -519,6 +637,7 @@ impl Pair {
             },
             pool,
             scratch,
+            now,
         )?;
         let down = self.down.pump(
             Ends {
@@ -532,6 +651,7 @@ impl Pair {
             },
             pool,
             scratch,
+            now,
         )?;
         if self.first_eof.is_none() {
             if before.0 == DirState::Open && self.up.state != DirState::Open {
@@ -541,6 +661,18 @@ impl Pair {
             }
         }
         Ok(up.merge(down))
+    }
+
+    /// When a direction out of its `limit_rate` budget may read again (the earlier of the two).
+    pub fn throttled_until(&mut self) -> Option<Instant> {
+        let (a, b) = (
+            self.up.throttled_until.take(),
+            self.down.throttled_until.take(),
+        );
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Both directions have delivered everything and shut down their destination.
@@ -718,6 +850,7 @@ mod tests {
         scratch: Vec<u8>,
         dir: Direction,
         last: bool,
+        now: Instant,
     }
 
     fn ready() -> Readiness {
@@ -740,6 +873,7 @@ mod tests {
                 scratch: vec![0; BUF],
                 dir: Direction::new(),
                 last: false,
+                now: Instant::now(),
             }
         }
 
@@ -756,12 +890,55 @@ mod tests {
                 },
                 &mut self.pool,
                 &mut self.scratch,
+                self.now,
             )
         }
     }
 
     fn data(bytes: &[u8]) -> Read {
         Read::Data(bytes.to_vec())
+    }
+
+    #[test]
+    fn a_throttle_lends_its_rate_and_says_when_to_come_back() {
+        let t0 = Instant::now();
+        let mut t = Throttle::new(100_000, 1000, t0);
+        // The free bytes, then one step's worth of the bucket.
+        assert_eq!(t.allowance(t0), 1000 + 4096);
+        t.consume(1000 + 4096);
+        assert_eq!(t.allowance(t0), 0);
+        let back = t.ready_at(t0);
+        // 4096 bytes at 100,000 B/s: about 41 ms.
+        let wait = back.duration_since(t0);
+        assert!(
+            wait >= std::time::Duration::from_millis(40)
+                && wait <= std::time::Duration::from_millis(42),
+            "{wait:?}"
+        );
+        assert!(t.allowance(back) >= 4096);
+        // At most a tenth of a second's worth saves up.
+        assert_eq!(t.allowance(t0 + std::time::Duration::from_secs(60)), 10_000);
+    }
+
+    #[test]
+    fn a_throttled_direction_reads_only_its_budget_then_waits() {
+        let mut r = Rig::new(
+            Script::reading(vec![Read::Data(vec![7u8; 10_000])]),
+            Script::default(),
+            1,
+        );
+        r.scratch = vec![0; 16_384];
+        r.dir.throttle = Some(Throttle::new(10_000, 0, r.now));
+        assert_eq!(r.pump().ok(), Some(Step::Idle));
+        assert_eq!(r.dst.written.len(), 4096, "one step of budget, no more");
+        let until = r.dir.throttled_until.expect("told when to come back");
+        assert!(until > r.now);
+        assert!(r.src_ready.readable, "the source still has bytes");
+        assert!(!r.dir.holds_buffer(), "waiting holds no buffer");
+        r.now = until;
+        r.dir.throttled_until = None;
+        assert_eq!(r.pump().ok(), Some(Step::Idle));
+        assert_eq!(r.dst.written.len(), 8192, "one more step after the wait");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `sluice-micro`: timings of sluice's inner pieces, in-process, no sockets: the timer wheel, the
-//! buffer pool, every balancer with 3 and 100 servers, and the config parser.
+//! buffer pool, every balancer with 3 and 100 servers, the config parser, and the access rules and
+//! per-client table that every new connection goes through.
 //!
 //! Each benchmark is a batch function that does a fixed amount of work and returns the time of
 //! the part it measures plus the operations done; batches repeat until the time budget is spent
@@ -239,6 +240,76 @@ fn config_benches() -> Vec<Bench> {
     })]
 }
 
+/// `n` pseudo-random IPv4 rules (prefixes /8 to /32, alternately allow and deny), then `deny all`.
+fn rules(n: usize) -> Vec<sluice::config::AccessRule> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut out: Vec<sluice::config::AccessRule> = (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let prefix = 8 + (x % 25) as u32;
+            let host = 32 - prefix;
+            let net = ((x >> 32) as u32)
+                .checked_shr(host)
+                .map_or(0, |b| b << host);
+            let text = format!("{}/{prefix}", Ipv4Addr::from(net));
+            sluice::config::AccessRule {
+                allow: i % 2 == 0,
+                range: Some(sluice::config::Cidr::parse(&text).expect("range")),
+            }
+        })
+        .collect();
+    out.push(sluice::config::AccessRule {
+        allow: false,
+        range: None,
+    });
+    out
+}
+
+fn access_benches() -> Vec<Bench> {
+    let mut v = Vec::new();
+    for n in [100, 10_000] {
+        let acl = sluice::acl::Acl::new(rules(n));
+        v.push(bench(
+            format!("acl: check a client ({n} rules)"),
+            move || {
+                let ops = 100_000u64;
+                timed(ops, || {
+                    let mut ip = 0x0a00_0001u32;
+                    for _ in 0..ops {
+                        ip = ip.wrapping_mul(2_654_435_761).wrapping_add(1);
+                        black_box(acl.denies(IpAddr::V4(Ipv4Addr::from(ip))));
+                    }
+                })
+            },
+        ));
+    }
+    let mut table = sluice::limit::PerIp::new(100_000);
+    let policy = sluice::limit::Policy {
+        max_per_ip: 50,
+        rate: Some((20, 40)),
+    };
+    let t0 = Instant::now();
+    v.push(bench(
+        "per-ip: admit + release (100k table, 1M clients)",
+        move || {
+            let ops = 100_000u64;
+            timed(ops, || {
+                let mut ip = 1u32;
+                for _ in 0..ops {
+                    ip = ip.wrapping_mul(2_654_435_761).wrapping_add(7) % 1_000_000;
+                    let client = IpAddr::V4(Ipv4Addr::from(ip));
+                    if let Ok(ticket) = table.admit(1, client, &policy, t0) {
+                        table.release(ticket);
+                    }
+                }
+            })
+        },
+    ));
+    v
+}
+
 /// Median ns/op of the batches that fit in `budget`.
 fn run_bench(b: &mut Bench, budget: Duration) -> f64 {
     let start = Instant::now();
@@ -293,6 +364,7 @@ fn main() -> ExitCode {
     all.extend(pool_benches());
     all.extend(balancer_benches());
     all.extend(config_benches());
+    all.extend(access_benches());
     let mut table =
         String::from("### micro: sluice's inner pieces (median batch, single thread)\n\n");
     table.push_str("| benchmark | ns/op | ops/s |\n|---|---:|---:|\n");

@@ -261,6 +261,15 @@ impl TcpProxy {
         }
     }
 
+    /// A pair's `limit_rate` wait ran out: its directions may read again.
+    pub fn throttle_over(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(pair) = live(&mut self.pairs, key) else {
+            return;
+        };
+        pair.throttle_timer = None;
+        self.drive(key, ctx);
+    }
+
     /// Drives pairs that yielded or waited for buffers, and listeners with clients waiting.
     pub fn run_pending(&mut self, ctx: &mut Ctx<'_>) {
         if !self.starved.is_empty() && self.pool.can_lend() {
@@ -502,7 +511,7 @@ impl TcpProxy {
             return;
         };
         let before = (pair.bytes(), pair.half_closed());
-        let step = match pair.pump(&mut self.pool, &mut self.scratch) {
+        let step = match pair.pump(&mut self.pool, &mut self.scratch, ctx.now) {
             Ok(step) => step,
             Err(fault) => {
                 self.fail(key, fault, ctx);
@@ -519,6 +528,11 @@ impl TcpProxy {
             };
             self.close(key, end, ctx);
             return;
+        }
+        if let Some(at) = pair.throttled_until() {
+            if pair.throttle_timer.is_none() {
+                pair.throttle_timer = Some(ctx.timers.insert(at, Timer::Throttle(key)));
+            }
         }
         let newly_starved = step == Step::Starved && !pair.starved;
         pair.starved |= newly_starved;
@@ -571,6 +585,9 @@ impl TcpProxy {
             ctx.per_ip.release(ticket);
         }
         if let Some(timer) = pair.timer.take() {
+            ctx.timers.cancel(timer);
+        }
+        if let Some(timer) = pair.throttle_timer.take() {
             ctx.timers.cancel(timer);
         }
         accounting::settle(
