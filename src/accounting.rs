@@ -108,16 +108,17 @@ pub fn deny(
     log: bool,
 ) {
     let end = match why {
-        Denial::Acl => End::Denied,
+        Denial::Acl | Denial::UntrustedProxy => End::Denied,
         _ => End::Limit,
     };
     ctx.metrics.deny(&origin.stats, why, end);
     if !ctx.access_log || !log {
         return;
     }
-    let extra = match rule {
-        Some(rule) => format!(" rule=\"{rule}\""),
-        None => format!(" limit={}", why.as_str()),
+    let extra = match (rule, why) {
+        (Some(rule), _) => format!(" rule=\"{rule}\""),
+        (None, Denial::UntrustedProxy) => " rule=\"proxy_protocol_trusted\"".to_string(),
+        (None, _) => format!(" limit={}", why.as_str()),
     };
     let upstream = ctx
         .upstreams

@@ -4,6 +4,17 @@
 //! parser promises about what it accepts.
 
 use crate::admin::http::{self, Parse};
+use crate::proxy_protocol as pp;
+use std::net::{IpAddr, SocketAddr};
+
+fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(v4.into(), a.port())),
+        IpAddr::V4(_) => a,
+    }
+}
 use crate::config::{Cidr, Config};
 
 /// The admin endpoint's request head parser.
@@ -44,6 +55,36 @@ pub fn cidr(data: &[u8]) {
         assert_eq!(again, range);
         for ip in ["127.0.0.1", "::1", "10.1.2.3", "::ffff:10.1.2.3", "0.0.0.0"] {
             let _ = range.contains(ip.parse().expect("ip"));
+        }
+    }
+}
+
+/// The PROXY header parser: a header found is found whole (every shorter prefix of it is
+/// `Incomplete`), and one re-encoded reads back the same.
+pub fn proxy_protocol(data: &[u8]) {
+    let data = data.get(..pp::MAX_HEADER + 16).unwrap_or(data);
+    if let pp::Parsed::Header(h, len) = pp::parse(data) {
+        assert!(len <= data.len());
+        for cut in 0..len {
+            assert_eq!(
+                pp::parse(data.get(..cut).unwrap_or_default()),
+                pp::Parsed::Incomplete,
+                "a prefix of a header is not incomplete"
+            );
+        }
+        if h.version == pp::Version::V2 && h.command == pp::Command::Proxy {
+            let again = pp::encode_v2(h.command, h.transport, h.addrs, &h.tlvs);
+            match pp::parse(&again) {
+                pp::Parsed::Header(back, _) => {
+                    // IPv4-mapped addresses may come back as IPv4: the same addresses.
+                    let plain = |a: Option<(SocketAddr, SocketAddr)>| {
+                        a.map(|(s, d)| (unmapped(s), unmapped(d)))
+                    };
+                    assert_eq!(plain(back.addrs), plain(h.addrs));
+                    assert_eq!(back.tlvs, h.tlvs);
+                }
+                other => panic!("a re-encoded header does not read back: {other:?}"),
+            }
         }
     }
 }

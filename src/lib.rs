@@ -11,8 +11,8 @@
 //!    the fuzz targets' entry points
 //! 2. `tcp` `udp` `health` `admin`: the I/O parts; each owns its sockets and state machines
 //! 3. `part` `accounting`: what the parts share (`Ctx`, binding) and how a pair or session ends
-//! 4. `upstream` `acl` `limit`: groups, balancing and health verdicts; access rules; per-client
-//!    limits; pure, no sockets
+//! 4. `upstream` `acl` `limit` `proxy_protocol`: groups, balancing and health verdicts; access
+//!    rules; per-client limits; the PROXY header codec; pure, no sockets
 //! 5. `metrics`: the registry of counters every worker writes and anything may read
 //! 6. `reactor`: tokens, the timer wheel, readiness, `End`, `LogLimit`, `after`, `retry`
 //! 7. `config` `sys` `logging` `testing`: the typed config, the OS calls below std, log output
@@ -27,6 +27,7 @@ pub mod limit;
 pub mod logging;
 pub mod metrics;
 pub mod part;
+pub mod proxy_protocol;
 pub mod reactor;
 pub mod runtime;
 pub mod sys;

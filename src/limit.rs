@@ -164,8 +164,15 @@ impl PerIp {
         self.slab.is_empty()
     }
 
+    /// A new capacity (a reload); a smaller one drops idle entries, oldest first, down to it.
     pub fn set_capacity(&mut self, capacity: usize) {
         self.capacity = capacity.max(1);
+        while self.slab.len() > self.capacity && self.oldest_idle != NIL {
+            let victim = self.oldest_idle;
+            self.unlink(victim);
+            let gone = self.slab.remove(victim);
+            self.map.remove(&gone.key);
+        }
     }
 
     /// Takes a place for a new connection of `ip` on listener `tag` under `policy`.
@@ -184,14 +191,27 @@ impl PerIp {
         let Some(e) = self.slab.get_mut(slot) else {
             return Err(Refusal::TableFull);
         };
+        // A reload may have changed the listener's rate: the entry follows the policy now.
+        let wanted = policy.rate;
+        let has = e.bucket.map(|b| (b.rate as u32, b.burst as u32));
+        if has != wanted {
+            e.bucket = wanted.map(|(rate, burst)| {
+                let mut fresh = TokenBucket::new(rate, burst, now);
+                if let Some(old) = e.bucket {
+                    fresh.milli_tokens = fresh.milli_tokens.min(old.milli_tokens);
+                }
+                fresh
+            });
+        }
+        // The cap first: a client refused for it keeps its tokens.
+        if policy.max_per_ip > 0 && e.open >= policy.max_per_ip {
+            return Err(Refusal::MaxPerIp);
+        }
         if let Some(bucket) = e.bucket.as_mut() {
             if !bucket.take(now) {
                 self.touch_idle(slot);
                 return Err(Refusal::Rate);
             }
-        }
-        if policy.max_per_ip > 0 && e.open >= policy.max_per_ip {
-            return Err(Refusal::MaxPerIp);
         }
         e.open += 1;
         if e.open == 1 {
@@ -227,7 +247,7 @@ impl PerIp {
         policy: &Policy,
         now: Instant,
     ) -> Result<usize, Refusal> {
-        if self.slab.len() >= self.capacity {
+        while self.slab.len() >= self.capacity {
             let victim = self.oldest_idle;
             if victim == NIL {
                 return Err(Refusal::TableFull);
@@ -385,6 +405,40 @@ mod tests {
             (0..30).filter(|_| t.admit(1, a, &p, soon).is_ok()).count(),
             3
         );
+    }
+
+    #[test]
+    fn a_changed_policy_applies_to_known_clients() {
+        let mut t = PerIp::new(100);
+        let now = Instant::now();
+        let a = v4(9);
+        let loose = Policy {
+            max_per_ip: 0,
+            rate: Some((100, 100)),
+        };
+        let tight = Policy {
+            max_per_ip: 0,
+            rate: Some((1, 1)),
+        };
+        let ticket = t.admit(1, a, &loose, now).expect("in");
+        t.release(ticket);
+        let through = (0..10)
+            .filter(|_| t.admit(1, a, &tight, now).is_ok())
+            .count();
+        assert_eq!(through, 1, "the new, lower rate");
+        let none = Policy::default();
+        assert!(
+            (0..10).all(|_| t.admit(1, a, &none, now).is_ok()),
+            "no rate any more"
+        );
+        // A smaller table drops idle entries at once.
+        let mut big = PerIp::new(50);
+        for i in 0..50 {
+            let ticket = big.admit(1, v4(i), &none, now).expect("in");
+            big.release(ticket);
+        }
+        big.set_capacity(10);
+        assert_eq!(big.len(), 10);
     }
 
     #[test]

@@ -135,15 +135,18 @@ pub enum Denial {
     MaxSessionsPerIp,
     /// The per-client table had no room (every entry holds connections).
     PerIpTableFull,
+    /// A PROXY header from a peer not in `proxy_protocol_trusted`.
+    UntrustedProxy,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 5] = [
+    pub const ALL: [Denial; 6] = [
         Denial::Acl,
         Denial::MaxConnectionsPerIp,
         Denial::RatePerIp,
         Denial::MaxSessionsPerIp,
         Denial::PerIpTableFull,
+        Denial::UntrustedProxy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -153,6 +156,7 @@ impl Denial {
             Denial::RatePerIp => "rate_per_ip",
             Denial::MaxSessionsPerIp => "max_sessions_per_ip",
             Denial::PerIpTableFull => "per_ip_table_full",
+            Denial::UntrustedProxy => "proxy_protocol_untrusted",
         }
     }
 }
@@ -471,6 +475,8 @@ pub struct Metrics {
     /// Datagrams dropped because a socket's send buffer was full, or because they came from a
     /// new client to a listener a reload removed.
     pub udp_dropped: AtomicU64,
+    /// Clients closed for a bad, missing or late PROXY header (or datagrams dropped for one).
+    pub proxy_protocol_errors: AtomicU64,
     /// Reloads applied.
     pub reloads: AtomicU64,
     /// Reloads refused (a config error, a listener that could not bind); the running config stayed.
@@ -645,6 +651,13 @@ impl Metrics {
                 (v < max).then_some(v + 1)
             })
             .is_ok()
+    }
+
+    /// A pair counted by `opened` was refused before it reached a server (after its PROXY
+    /// header): it leaves the active counts; its end is counted by `deny`.
+    pub fn unopened(&self, l: &ListenerStats) {
+        sub(&self.connections_active, 1);
+        sub(&l.connections_active, 1);
     }
 
     /// Gives back a slot `reserve_listener` took for an accept that brought no pair.

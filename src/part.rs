@@ -45,7 +45,7 @@ pub struct Origin {
     /// What the listener allows each client.
     pub per_ip: Policy,
     /// Names the listener in the per-client table, the same across reloads (its protocol and
-    /// configured address), so a kept listener's clients keep their counts.
+    /// bound address), so a kept listener's clients keep their counts.
     pub tag: u64,
 }
 
@@ -53,7 +53,9 @@ impl Origin {
     pub fn new(conf: Listen, addr: SocketAddr, stats: Arc<ListenerStats>) -> Origin {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (conf.proto, conf.addr).hash(&mut h);
+        // The bound address: stable across reloads (a kept listener keeps it) and distinct for
+        // two listeners whose configured port is 0.
+        (conf.proto, addr).hash(&mut h);
         let per_ip = Policy {
             max_per_ip: match conf.proto {
                 Proto::Tcp => conf.max_connections_per_ip,

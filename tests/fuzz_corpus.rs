@@ -33,3 +33,8 @@ fn config_corpus() {
 fn cidr_corpus() {
     replay("cidr", sluice::fuzzing::cidr);
 }
+
+#[test]
+fn proxy_protocol_corpus() {
+    replay("proxy_protocol", sluice::fuzzing::proxy_protocol);
+}

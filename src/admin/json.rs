@@ -166,6 +166,7 @@ pub fn stats(v: &View) -> String {
     j.count("connections_active", v.connections_active);
     j.count("max_connections", v.max_connections as u64);
     j.count("buffer_pool_bytes", v.buffer_pool_bytes);
+    j.count("proxy_protocol_errors", v.proxy_protocol_errors);
     j.key("listeners").open_array();
     for l in &v.listeners {
         j.open();

@@ -135,6 +135,16 @@ pub fn render(v: &View) -> String {
         "Bytes the buffer pools hold (lent and cached), all workers.",
     );
     out.sample("sluice_buffer_pool_bytes", &[], v.buffer_pool_bytes);
+    out.family(
+        "sluice_proxy_protocol_errors_total",
+        "counter",
+        "Clients closed (UDP: datagrams dropped) for a missing, bad or late PROXY header.",
+    );
+    out.sample(
+        "sluice_proxy_protocol_errors_total",
+        &[],
+        v.proxy_protocol_errors,
+    );
     out.family("sluice_reloads_total", "counter", "Reloads, by result.");
     out.sample("sluice_reloads_total", &[("result", "ok")], v.reloads);
     out.sample(

@@ -23,6 +23,7 @@ pub struct View {
     pub connections_active: u64,
     pub max_connections: usize,
     pub buffer_pool_bytes: u64,
+    pub proxy_protocol_errors: u64,
     pub listeners: Vec<ListenerView>,
     pub upstreams: Vec<UpstreamView>,
 }
@@ -169,6 +170,7 @@ impl View {
             connections_active: get(&m.connections_active),
             max_connections: s.config.max_connections,
             buffer_pool_bytes: m.pool.allocated_bytes.load(Ordering::Relaxed) as u64,
+            proxy_protocol_errors: get(&m.proxy_protocol_errors),
             listeners,
             upstreams,
         }

@@ -144,6 +144,16 @@ pub struct Listen {
     pub limit_rate: u64,
     /// TCP: bytes each direction moves at full speed before `limit_rate` applies.
     pub limit_rate_after: u64,
+    /// `proxy_protocol v1|v2`: the header sent to servers (a server's own option wins).
+    pub proxy_protocol: Option<ProxyVersion>,
+    /// UDP with `proxy_protocol v2`: which datagrams carry the header.
+    pub proxy_protocol_udp: UdpHeaders,
+    /// `accept_proxy_protocol on`: clients start with a PROXY header.
+    pub accept_proxy_protocol: bool,
+    /// How long a client may take to send its whole header.
+    pub proxy_protocol_timeout: Duration,
+    /// The peers that may send a header; empty: any peer.
+    pub proxy_protocol_trusted: Vec<Cidr>,
 }
 
 /// One `upstream` block (or the implicit group of `proxy ADDR;` and of `-U`).
@@ -200,6 +210,24 @@ pub struct Server {
     pub fail_timeout: Duration,
     pub backup: bool,
     pub down: bool,
+    /// `proxy_protocol=v1|v2`: the header this server gets (wins over the listener's).
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+/// A PROXY protocol version (`proxy_protocol v1|v2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// When a UDP listener with `proxy_protocol v2` prepends the header (`proxy_protocol_udp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpHeaders {
+    /// To the first datagram of each session only.
+    First,
+    /// To every datagram (the default: a server that lost its state still learns the client).
+    Every,
 }
 
 impl Server {
@@ -212,6 +240,7 @@ impl Server {
             fail_timeout: Duration::from_secs(10),
             backup: false,
             down: false,
+            proxy_protocol: None,
         }
     }
 }
@@ -305,6 +334,11 @@ impl Listen {
             rate_per_ip: None,
             limit_rate: 0,
             limit_rate_after: 0,
+            proxy_protocol: None,
+            proxy_protocol_udp: UdpHeaders::Every,
+            accept_proxy_protocol: false,
+            proxy_protocol_timeout: Duration::from_secs(5),
+            proxy_protocol_trusted: Vec::new(),
         }
     }
 }

@@ -16,8 +16,9 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use slab::Slab;
 
-use crate::config::{HealthCheck, ServerId, Upstream, UpstreamId};
+use crate::config::{HealthCheck, Listen, ProxyVersion, ServerId, Upstream, UpstreamId};
 use crate::part::Ctx;
+use crate::proxy_protocol as pp;
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, retry, Readiness, Timer};
@@ -84,6 +85,9 @@ struct Probe {
     server: ServerId,
     addr: SocketAddr,
     check: HealthCheck,
+    /// What a check sends: a PROXY header first when the server expects one (v2 `LOCAL` or v1
+    /// `UNKNOWN`, so its parser takes the probe for what it is), then the check's `send`.
+    payload: Vec<u8>,
     gen: Gen,
     phase: Phase,
     socket: Option<TcpStream>,
@@ -91,6 +95,16 @@ struct Probe {
     started: Instant,
     timer: Option<TimerKey>,
     verdict: Verdict,
+}
+
+/// A probe the config asks for.
+struct Wanted<'a> {
+    upstream: UpstreamId,
+    server: ServerId,
+    name: &'a str,
+    addr: SocketAddr,
+    check: &'a HealthCheck,
+    payload: Vec<u8>,
 }
 
 /// All probes of a worker.
@@ -109,31 +123,53 @@ impl Prober {
     /// frequent reloads never keep a failing server from being found down); others stop; new
     /// ones start at once, from the server's verdict in its group (carried over: a server that
     /// was down needs `rise` passed checks to be up).
-    pub(crate) fn reload(&mut self, upstreams: &[Upstream], ctx: &mut Ctx<'_>) {
-        let mut wanted: Vec<(UpstreamId, ServerId, &str, SocketAddr, &HealthCheck)> = Vec::new();
+    pub(crate) fn reload(
+        &mut self,
+        upstreams: &[Upstream],
+        listeners: &[Listen],
+        ctx: &mut Ctx<'_>,
+    ) {
+        let mut wanted: Vec<Wanted<'_>> = Vec::new();
         for (group, up) in upstreams.iter().enumerate() {
             let Some(check) = &up.health_check else {
                 continue;
             };
+            // A listener that sends PROXY headers to this upstream makes its servers expect one.
+            let by_listener = listeners
+                .iter()
+                .filter(|l| l.upstream == UpstreamId(group))
+                .find_map(|l| l.proxy_protocol);
             for (server, conf) in up.servers.iter().enumerate().filter(|(_, s)| !s.down) {
-                wanted.push((
-                    UpstreamId(group),
-                    ServerId(server),
-                    &up.name,
-                    conf.addr,
+                let mut payload = match conf.proxy_protocol.or(by_listener) {
+                    Some(ProxyVersion::V1) => pp::encode_v1_unknown(),
+                    Some(ProxyVersion::V2) => {
+                        pp::encode_v2(pp::Command::Local, pp::Transport::Unspecified, None, &[])
+                    }
+                    None => Vec::new(),
+                };
+                payload.extend_from_slice(&check.send);
+                wanted.push(Wanted {
+                    upstream: UpstreamId(group),
+                    server: ServerId(server),
+                    name: &up.name,
+                    addr: conf.addr,
                     check,
-                ));
+                    payload,
+                });
             }
         }
         let mut gone = Vec::new();
         for (key, p) in self.probes.iter_mut() {
-            let same = wanted
-                .iter()
-                .position(|w| w.2 == p.name && w.3 == p.addr && *w.4 == p.check);
+            let same = wanted.iter().position(|w| {
+                w.name == p.name
+                    && w.addr == p.addr
+                    && *w.check == p.check
+                    && w.payload == p.payload
+            });
             match same {
                 Some(i) => {
                     let w = wanted.swap_remove(i);
-                    (p.upstream, p.server) = (w.0, w.1);
+                    (p.upstream, p.server) = (w.upstream, w.server);
                 }
                 None => gone.push(key),
             }
@@ -147,7 +183,15 @@ impl Prober {
                 ctx.timers.cancel(timer);
             }
         }
-        for (upstream, server, name, addr, check) in wanted {
+        for Wanted {
+            upstream,
+            server,
+            name,
+            addr,
+            check,
+            payload,
+        } in wanted
+        {
             let healthy = ctx
                 .upstreams
                 .get(upstream.0)
@@ -159,6 +203,7 @@ impl Prober {
                 server,
                 addr,
                 check: check.clone(),
+                payload,
                 gen: 0,
                 phase: Phase::Idle,
                 socket: None,
@@ -292,7 +337,7 @@ impl Probe {
                     }
                 },
                 Phase::Sending { sent } => {
-                    let rest = self.check.send.get(sent..).unwrap_or_default();
+                    let rest = self.payload.get(sent..).unwrap_or_default();
                     if rest.is_empty() {
                         if self.check.expect.is_empty() {
                             return Ok(Some(()));

@@ -259,11 +259,13 @@ impl Worker {
             if probing {
                 // One worker probes; the verdicts reach the others through the shared state.
                 let upstreams = std::mem::take(&mut self.config.upstreams);
+                let listeners = std::mem::take(&mut self.config.listeners);
                 let Parts {
                     probes, mut ctx, ..
                 } = self.split();
-                probes.reload(&upstreams, &mut ctx);
+                probes.reload(&upstreams, &listeners, &mut ctx);
                 self.config.upstreams = upstreams;
+                self.config.listeners = listeners;
             }
         }
         if let Some(done) = done {

@@ -125,10 +125,10 @@ impl Throttle {
 
     /// When enough budget for one worthwhile read will be there.
     pub fn ready_at(&self, now: Instant) -> Instant {
-        let need = MIN_THROTTLE_STEP
-            .min(self.burst)
-            .saturating_sub(self.tokens)
-            .max(1);
+        // Half the bucket: about 20 wake-ups a second whatever the rate (a bucket is a tenth of
+        // a second's worth), never a wait for less than one small step.
+        let step = (self.burst / 2).max(MIN_THROTTLE_STEP).min(self.burst);
+        let need = step.saturating_sub(self.tokens).max(1);
         let us = need.saturating_mul(1_000_000) / self.rate;
         crate::reactor::after(now, std::time::Duration::from_micros(us.max(1000)))
     }
@@ -519,12 +519,25 @@ fn write_some<S: Stream>(dst: &mut S, from: &[u8]) -> io::Result<Option<usize>> 
 /// Where a pair is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PairState {
+    /// Accepted on a listener with `accept_proxy_protocol`: waiting for the client's PROXY
+    /// header (until `proxy_protocol_timeout` after `started`); nothing is read past it.
+    ReadingProxyHeader,
     /// Accepted, or between two connect attempts: no server socket.
     Unassigned,
     /// A non-blocking connect to `server` is under way, started at `since`.
     Connecting { server: ServerId, since: Instant },
+    /// Connected; the PROXY header goes to `server` before any client byte.
+    SendingProxyHeader { server: ServerId },
     /// Bytes flow between the client and `server`.
     Streaming { server: ServerId },
+}
+
+/// What a client's PROXY header said, kept to be passed on (chaining).
+#[derive(Debug, Clone)]
+pub struct Proxied {
+    /// The address the original client connected to.
+    pub dst: Option<SocketAddr>,
+    pub tlvs: Vec<crate::proxy_protocol::Tlv>,
 }
 
 /// One client connection and its server connection.
@@ -537,8 +550,6 @@ pub struct Pair {
     pub upstream: UpstreamId,
     /// Its place in the per-client table, given back when it closes.
     pub ticket: Option<Ticket>,
-    /// It took one of its listener's `max_connections` slots.
-    pub listener_slot: bool,
     pub state: PairState,
     pub client: TcpStream,
     pub client_addr: SocketAddr,
@@ -557,8 +568,14 @@ pub struct Pair {
     pub last_active: Instant,
     /// The one timer this pair has armed (connect or activity deadline).
     pub timer: Option<TimerKey>,
-    /// Armed while a direction waits for its `limit_rate` budget.
+    /// Armed while a direction waits for its `limit_rate` budget, and when it fires.
     pub throttle_timer: Option<TimerKey>,
+    pub throttle_at: Option<Instant>,
+    /// The PROXY header for the server while `SendingProxyHeader`, and how much of it went.
+    pub header_out: Vec<u8>,
+    pub header_sent: usize,
+    /// From the client's own PROXY header, if it sent one.
+    pub proxied: Option<Proxied>,
     /// Which side sent EOF first; decides `client_closed` or `server_closed`.
     pub first_eof: Option<Side>,
     /// On the worker's list of pairs waiting for a buffer: listed once, however many events
@@ -585,7 +602,6 @@ impl Pair {
             gen,
             upstream: origin.conf.upstream,
             ticket: None,
-            listener_slot: false,
             origin,
             state: PairState::Unassigned,
             client,
@@ -602,6 +618,10 @@ impl Pair {
             last_active: now,
             timer: None,
             throttle_timer: None,
+            throttle_at: None,
+            header_out: Vec::new(),
+            header_sent: 0,
+            proxied: None,
             first_eof: None,
             starved: false,
         }
@@ -908,14 +928,14 @@ mod tests {
         t.consume(1000 + 4096);
         assert_eq!(t.allowance(t0), 0);
         let back = t.ready_at(t0);
-        // 4096 bytes at 100,000 B/s: about 41 ms.
+        // Half the 10,000-byte bucket at 100,000 B/s: 50 ms.
         let wait = back.duration_since(t0);
         assert!(
-            wait >= std::time::Duration::from_millis(40)
-                && wait <= std::time::Duration::from_millis(42),
+            wait >= std::time::Duration::from_millis(49)
+                && wait <= std::time::Duration::from_millis(51),
             "{wait:?}"
         );
-        assert!(t.allowance(back) >= 4096);
+        assert!(t.allowance(back) >= 5000);
         // At most a tenth of a second's worth saves up.
         assert_eq!(t.allowance(t0 + std::time::Duration::from_secs(60)), 10_000);
     }

@@ -30,10 +30,12 @@ use mio::net::UdpSocket;
 use mio::{Interest, Registry};
 
 use crate::accounting::{self, Settle};
+use crate::config::UdpHeaders;
 use crate::config::{ServerId, UpstreamId};
 use crate::limit::{Refusal, Ticket};
 use crate::metrics::Denial;
 use crate::part::{BindError, Ctx, Origin};
+use crate::proxy_protocol as pp;
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, retry, End, LogLimit, Readiness, Suppressed, Timer};
@@ -84,6 +86,8 @@ pub(crate) struct Session {
     server: ServerId,
     /// Its place in the per-client table, given back when it ends.
     ticket: Option<Ticket>,
+    /// The client: the datagrams' source, or the client their PROXY header named.
+    client: SocketAddr,
     /// On a wildcard listener: the address the client last sent to, where replies leave from.
     local: Option<IpAddr>,
     socket: UdpSocket,
@@ -153,6 +157,8 @@ pub(crate) struct UdpProxy {
     next_gen: Gen,
     /// Sessions that stopped reading with datagrams left (budget); drained before sleeping.
     ready: Vec<Key>,
+    /// A datagram with its PROXY header in front, for servers that want one (kept, reused).
+    out: Vec<u8>,
     warnings: LogLimit,
     /// Refused datagrams of new clients are counted each, logged at most once a second.
     denial_log: LogLimit,
@@ -166,6 +172,7 @@ impl UdpProxy {
             buf: Box::default(),
             next_gen: 0,
             ready: Vec::new(),
+            out: Vec::new(),
             warnings: LogLimit::new(WARN_INTERVAL),
             denial_log: LogLimit::new(WARN_INTERVAL),
         }
@@ -378,7 +385,20 @@ impl UdpProxy {
                     continue;
                 }
             };
-            let slot = match l.sessions.find(&client) {
+            // Behind `accept_proxy_protocol` every datagram starts with a v2 header naming the
+            // real client: it is taken off here, and used for rules, limits and balancing.
+            let peer = client;
+            let (start, client) = match l.origin.conf.accept_proxy_protocol {
+                false => (0, peer),
+                true => match self.strip_header(id, n, peer, ctx) {
+                    Some(taken) => taken,
+                    None => continue,
+                },
+            };
+            let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
+                return;
+            };
+            let slot = match l.sessions.find(&peer) {
                 Some(slot) => slot,
                 None if l.taking == Taking::KnownClients => {
                     ctx.metrics.dropped(&l.origin.stats);
@@ -396,20 +416,61 @@ impl UdpProxy {
                     accounting::deny(ctx, &origin, client, Denial::Acl, rule.as_ref(), log);
                     continue;
                 }
-                None => match self.open(id, client, ctx) {
+                None => match self.open(id, peer, client, ctx) {
                     Some(slot) => slot,
                     None => continue,
                 },
             };
-            self.send_up(id, slot, n, local, ctx);
+            self.send_up(id, slot, start..n, local, ctx);
         }
+    }
+
+    /// Takes the v2 PROXY header off the datagram in `buf[..n]` from `peer`: where the payload
+    /// starts and the client it names. None: the datagram is dropped (no header, a bad one, or a
+    /// peer not trusted to send one), and counted.
+    fn strip_header(
+        &mut self,
+        id: usize,
+        n: usize,
+        peer: SocketAddr,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<(usize, SocketAddr)> {
+        let l = self.listeners.get_mut(id).and_then(Option::as_mut)?;
+        let trusted = &l.origin.conf.proxy_protocol_trusted;
+        if !trusted.is_empty() && !trusted.iter().any(|c| c.contains(peer.ip())) {
+            let origin = Arc::clone(&l.origin);
+            let log = self.denial_log.pass(ctx.now).is_some();
+            accounting::deny(ctx, &origin, peer, Denial::UntrustedProxy, None, log);
+            return None;
+        }
+        let datagram = self.buf.get(..n).unwrap_or_default();
+        let why = match pp::parse(datagram) {
+            pp::Parsed::Header(h, len) => return Some((len, h.client().unwrap_or(peer))),
+            pp::Parsed::Incomplete => "a PROXY header cut short",
+            pp::Parsed::Absent => "no PROXY header",
+            pp::Parsed::Bad(why) => why,
+        };
+        ctx.metrics.dropped(&l.origin.stats);
+        ctx.metrics
+            .proxy_protocol_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(held_back) = self.warnings.pass(ctx.now) {
+            log::warn!(
+                "udp {}: dropped a datagram from {}: {}{}",
+                l.origin.addr,
+                peer,
+                why,
+                Suppressed(held_back)
+            );
+        }
+        None
     }
 
     fn send_up(
         &mut self,
         id: usize,
         slot: usize,
-        n: usize,
+        payload: std::ops::Range<usize>,
         local: Option<IpAddr>,
         ctx: &mut Ctx<'_>,
     ) {
@@ -420,7 +481,28 @@ impl UdpProxy {
             return;
         };
         s.local = local;
-        let datagram = self.buf.get(..n).unwrap_or_default();
+        let n = payload.len();
+        let mut datagram = self.buf.get(payload).unwrap_or_default();
+        let header = match s.origin.conf.proxy_protocol {
+            Some(_) => s.origin.conf.proxy_protocol_udp == UdpHeaders::Every || s.up.datagrams == 0,
+            None => false,
+        };
+        if header {
+            // The header and the datagram go as one: one copy into a buffer that is kept.
+            let to = match local {
+                Some(ip) => SocketAddr::new(ip, l.origin.addr.port()),
+                None => l.origin.addr,
+            };
+            pp::encode_v2_into(
+                &mut self.out,
+                pp::Command::Proxy,
+                pp::Transport::Datagram,
+                Some((s.client, to)),
+                &[],
+            );
+            self.out.extend_from_slice(datagram);
+            datagram = &self.out;
+        }
         match retry(|| s.socket.send(datagram)) {
             Ok(Some(_)) => {
                 s.up.add(n);
@@ -495,17 +577,20 @@ impl UdpProxy {
     }
 
     /// Opens a session for a new client, evicting the least recently active one at the cap.
-    fn open(&mut self, id: usize, client: SocketAddr, ctx: &mut Ctx<'_>) -> Option<usize> {
+    /// A session for datagrams from `peer` (which replies go back to) on behalf of `client` (the
+    /// same, or the client a PROXY header named).
+    fn open(
+        &mut self,
+        id: usize,
+        peer: SocketAddr,
+        client: SocketAddr,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<usize> {
         let l = self.listeners.get_mut(id).and_then(Option::as_mut)?;
         let origin = Arc::clone(&l.origin);
         let (upstream, listen, max) = (origin.conf.upstream, origin.addr, origin.conf.max_sessions);
         let now = ctx.now;
-        let group = ctx.upstreams.get_mut(upstream.0)?;
-        let Some(server) = group.pick(client.ip(), now, &Tried::default()) else {
-            accounting::refuse(ctx, &origin, client, upstream, End::NoServer);
-            return None;
-        };
-        let addr = group.server(server)?.conf.addr;
+        // The per-client limits before the balancer: a refused client moves nothing on.
         let ticket = match origin.per_ip.is_none() {
             true => None,
             false => match ctx
@@ -520,6 +605,12 @@ impl UdpProxy {
                         Refusal::TableFull => Denial::PerIpTableFull,
                     };
                     let log = self.denial_log.pass(now).is_some();
+                    if refusal == Refusal::TableFull && log {
+                        log::warn!(
+                            "per-client table full ({} clients with open sessions or connections): refusing new addresses",
+                            ctx.per_ip.len()
+                        );
+                    }
                     accounting::deny(ctx, &origin, client, why, None, log);
                     return None;
                 }
@@ -529,6 +620,19 @@ impl UdpProxy {
             if let Some(t) = ticket {
                 ctx.per_ip.release(t);
             }
+        };
+        let Some(group) = ctx.upstreams.get_mut(upstream.0) else {
+            give_back(ctx);
+            return None;
+        };
+        let Some(server) = group.pick(client.ip(), now, &Tried::default()) else {
+            give_back(ctx);
+            accounting::refuse(ctx, &origin, client, upstream, End::NoServer);
+            return None;
+        };
+        let Some(addr) = group.server(server).map(|s| s.conf.addr) else {
+            give_back(ctx);
+            return None;
         };
         // Room is made only for a client that can be served: with no server available, a new
         // client must not push out a session that works.
@@ -580,12 +684,13 @@ impl UdpProxy {
             .timers
             .insert(after(now, origin.conf.idle_timeout), Timer::Session(key));
         let slot = l.sessions.insert(
-            client,
+            peer,
             Session {
                 gen,
                 origin: Arc::clone(&origin),
                 upstream,
                 server,
+                client,
                 local: None,
                 socket,
                 ready: Readiness::default(),
@@ -605,8 +710,8 @@ impl UdpProxy {
     fn refused(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let (id, slot) = split_key(key);
         if let Some(l) = self.listeners.get(id).and_then(Option::as_ref) {
-            if let (Some(s), Some(client)) = (l.sessions.get(slot), l.sessions.client(slot)) {
-                let (upstream, server) = (s.upstream, s.server);
+            if let Some(s) = l.sessions.get(slot) {
+                let (upstream, server, client) = (s.upstream, s.server, s.client);
                 accounting::connect_failed(
                     ctx,
                     upstream,
@@ -627,9 +732,6 @@ impl UdpProxy {
         if !l.sessions.get(slot).is_some_and(|s| s.gen == key.gen) {
             return;
         }
-        let Some(client) = l.sessions.client(slot) else {
-            return;
-        };
         let Some(mut s) = l.sessions.remove(slot) else {
             return;
         };
@@ -644,7 +746,7 @@ impl UdpProxy {
             ctx,
             &Settle {
                 origin: &s.origin,
-                client,
+                client: s.client,
                 upstream: s.upstream,
                 held: Some(s.server),
                 named: Some(s.server),

@@ -121,6 +121,14 @@ pub(super) const DIRECTIVES: &[Directive] = &[
         once("limit_rate", Listen, "a size per second (e.g. 4m)"),
     ),
     only(Proto::Tcp, once("limit_rate_after", Listen, "a size")),
+    once("proxy_protocol", Listen, "'off', 'v1' or 'v2'"),
+    only(
+        Proto::Udp,
+        once("proxy_protocol_udp", Listen, "'first' or 'every'"),
+    ),
+    once("accept_proxy_protocol", Listen, "'on' or 'off'"),
+    once("proxy_protocol_timeout", Listen, "a duration"),
+    many("proxy_protocol_trusted", Listen),
 ];
 
 /// The directive `name` of `context`.
@@ -137,6 +145,7 @@ pub(super) const SERVER_OPTIONS: &[&str] = &[
     "fail_timeout",
     "backup",
     "down",
+    "proxy_protocol",
 ];
 pub(super) const HEALTH_CHECK_OPTIONS: &[&str] =
     &["interval", "timeout", "rise", "fall", "send", "expect"];

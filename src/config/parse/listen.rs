@@ -3,7 +3,7 @@
 use super::directives::Context;
 use super::values::suggest;
 use super::{Item, Parser, PendingListen, Seen, Stmt};
-use crate::config::{ConfigError, Listen, Proto, UpstreamId};
+use crate::config::{ConfigError, Listen, Proto, ProxyVersion, UdpHeaders, UpstreamId};
 
 impl Parser<'_> {
     pub(super) fn listen(&mut self, stmt: &Stmt) -> Result<(), ConfigError> {
@@ -127,6 +127,71 @@ impl Parser<'_> {
                 "limit_rate" => {
                     let arg = self.single(&inner, d.takes)?;
                     listen.limit_rate = self.size(arg)? as u64;
+                }
+                "proxy_protocol" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.proxy_protocol = match arg.text.as_str() {
+                        "off" => None,
+                        "v1" if proto == Proto::Udp => return Err(self.err_at(
+                            arg,
+                            "a UDP listener sends the PROXY header as v2 only (v1 is text for TCP)",
+                        )),
+                        "v1" => Some(ProxyVersion::V1),
+                        "v2" => Some(ProxyVersion::V2),
+                        _ => {
+                            return Err(self.not_one_of(
+                                arg,
+                                "proxy_protocol value",
+                                &["off", "v1", "v2"],
+                            ))
+                        }
+                    };
+                }
+                "proxy_protocol_udp" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.proxy_protocol_udp = match arg.text.as_str() {
+                        "first" => UdpHeaders::First,
+                        "every" => UdpHeaders::Every,
+                        _ => {
+                            return Err(self.not_one_of(
+                                arg,
+                                "proxy_protocol_udp value",
+                                &["first", "every"],
+                            ))
+                        }
+                    };
+                }
+                "accept_proxy_protocol" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.accept_proxy_protocol = match arg.text.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => {
+                            return Err(self.not_one_of(
+                                arg,
+                                "accept_proxy_protocol value",
+                                &["on", "off"],
+                            ))
+                        }
+                    };
+                }
+                "proxy_protocol_timeout" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.proxy_protocol_timeout = self.positive_duration(&arg.text, arg, name)?;
+                }
+                "proxy_protocol_trusted" => {
+                    if inner.args.is_empty() {
+                        return Err(self.err(
+                            inner.term.pos(),
+                            "expected address ranges after 'proxy_protocol_trusted' (e.g. 10.0.0.0/8)",
+                        ));
+                    }
+                    self.semi(&inner)?;
+                    for arg in &inner.args {
+                        let range = crate::config::Cidr::parse(&arg.text)
+                            .map_err(|e| self.err_at(arg, e))?;
+                        listen.proxy_protocol_trusted.push(range);
+                    }
                 }
                 "limit_rate_after" => {
                     let arg = self.single(&inner, d.takes)?;

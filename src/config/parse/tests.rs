@@ -560,10 +560,10 @@ fn unknown_directives_suggest_from_their_context() {
     assert_eq!(e.message, "unknown directive 'servr'");
     // Directives of DESIGN.md this build does not know yet.
     assert_err(
-        "listen 80 {\n  proxy 127.0.0.1:1;\n  proxy_protocol v2;\n}",
+        "listen 80 {\n  proxy 127.0.0.1:1;\n  splice auto;\n}",
         3,
         3,
-        "unknown directive 'proxy_protocol'",
+        "unknown directive 'splice'",
     );
 }
 
@@ -1496,4 +1496,59 @@ fn limits_and_their_errors() {
         "max_connections_per_ip",
     );
     assert_eq!(ok(&listen("rate_per_ip 0;")).listeners[0].rate_per_ip, None);
+}
+
+#[test]
+fn proxy_protocol_directives() {
+    let c = ok(
+        "upstream u { server 127.0.0.1:1 proxy_protocol=v2; server 127.0.0.1:2; }\n\
+                listen 127.0.0.1:3 { proxy u; proxy_protocol v1; accept_proxy_protocol on;\n\
+                proxy_protocol_timeout 2s; proxy_protocol_trusted 10.0.0.0/8 127.0.0.1; }\n\
+                listen udp 127.0.0.1:4 { proxy u; proxy_protocol v2; proxy_protocol_udp first; }\n",
+    );
+    use crate::config::{ProxyVersion, UdpHeaders};
+    assert_eq!(
+        c.upstreams[0].servers[0].proxy_protocol,
+        Some(ProxyVersion::V2)
+    );
+    assert_eq!(c.upstreams[0].servers[1].proxy_protocol, None);
+    let (t, u) = (&c.listeners[0], &c.listeners[1]);
+    assert_eq!(t.proxy_protocol, Some(ProxyVersion::V1));
+    assert!(t.accept_proxy_protocol);
+    assert_eq!(t.proxy_protocol_timeout, Duration::from_secs(2));
+    assert_eq!(t.proxy_protocol_trusted.len(), 2);
+    assert_eq!(
+        (u.proxy_protocol, u.proxy_protocol_udp),
+        (Some(ProxyVersion::V2), UdpHeaders::First)
+    );
+    assert_eq!(
+        ok(ONE_LISTENER).listeners[0].proxy_protocol_udp,
+        UdpHeaders::Every
+    );
+    let listen = |body: &str| format!("listen 127.0.0.1:1 {{\n  proxy 127.0.0.1:2;\n  {body}\n}}");
+    assert_err(&listen("proxy_protocol v3;"), 3, 18, "proxy_protocol value");
+    assert_err(
+        &listen("proxy_protocol_trusted;"),
+        3,
+        25,
+        "expected address ranges",
+    );
+    assert_err(
+        &listen("proxy_protocol_trusted 10.0.0.1/8;"),
+        3,
+        26,
+        "host bits",
+    );
+    assert_err(
+        "listen udp 127.0.0.1:1 {\n  proxy 127.0.0.1:2;\n  proxy_protocol v1;\n}",
+        3,
+        18,
+        "a UDP listener sends the PROXY header as v2 only",
+    );
+    assert_err(
+        "upstream u { server 127.0.0.1:1 proxy_protocol=v9; }",
+        1,
+        33,
+        "proxy_protocol=v9: expected v1, v2 or off",
+    );
 }

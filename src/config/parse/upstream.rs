@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use super::directives::{Context, HEALTH_CHECK_OPTIONS, SERVER_OPTIONS};
 use super::values::suggest;
 use super::{Arg, Item, Parser, Seen, Stmt};
-use crate::config::{Balance, ConfigError, HealthCheck, Server, Upstream};
+use crate::config::{Balance, ConfigError, HealthCheck, ProxyVersion, Server, Upstream};
 
 impl Parser<'_> {
     pub(super) fn upstream(&mut self, stmt: &Stmt) -> Result<(), ConfigError> {
@@ -124,6 +124,19 @@ impl Parser<'_> {
                     );
                 }
                 ("weight", Some(v)) => options.weight = self.u32_value(v, arg, key, 1, 1000)?,
+                ("proxy_protocol", Some(v)) => {
+                    options.proxy_protocol = match v {
+                        "v1" => Some(ProxyVersion::V1),
+                        "v2" => Some(ProxyVersion::V2),
+                        "off" => None,
+                        _ => {
+                            return Err(self.err_at(
+                                arg,
+                                format!("proxy_protocol={v}: expected v1, v2 or off"),
+                            ))
+                        }
+                    };
+                }
                 ("max_conns", Some(v)) => {
                     options.max_conns = self.u32_value(v, arg, key, 0, u32::MAX)?;
                 }

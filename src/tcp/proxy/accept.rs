@@ -19,7 +19,7 @@ use crate::part::{Ctx, Origin};
 use crate::reactor::token::{self, Key};
 use crate::reactor::{Suppressed, Timer};
 use crate::tcp::listener::{self, Accept};
-use crate::tcp::pipe::Pair;
+use crate::tcp::pipe::{Pair, PairState};
 use crate::tcp::Side;
 
 /// Accepts per listener per loop turn before other work gets a go.
@@ -158,7 +158,7 @@ impl TcpProxy {
 
     /// The access rules and the per-client limits, before any server is asked: a refused client
     /// is closed at once. Returns its place in the per-client table, if it has one.
-    fn screen(
+    pub(super) fn screen(
         &mut self,
         origin: &Origin,
         client: SocketAddr,
@@ -205,9 +205,17 @@ impl TcpProxy {
         listener_slot: bool,
         ctx: &mut Ctx<'_>,
     ) {
-        let Ok(ticket) = self.screen(&origin, client_addr, ctx) else {
-            self.unreserve(&origin, listener_slot, ctx);
-            return;
+        // Behind a PROXY header the client is who the header says: screened once it is read.
+        let awaits_header = origin.conf.accept_proxy_protocol;
+        let ticket = match awaits_header {
+            true => None,
+            false => match self.screen(&origin, client_addr, ctx) {
+                Ok(ticket) => ticket,
+                Err(()) => {
+                    self.unreserve(&origin, listener_slot, ctx);
+                    return;
+                }
+            },
         };
         let give_back = |ctx: &mut Ctx<'_>| {
             if let Some(t) = ticket {
@@ -249,7 +257,13 @@ impl TcpProxy {
         ctx.metrics
             .opened(&pair.origin.stats, self.worker, listener_slot);
         pair.ticket = ticket;
-        pair.listener_slot = listener_slot;
+        if awaits_header {
+            pair.state = PairState::ReadingProxyHeader;
+            let deadline = crate::reactor::after(ctx.now, pair.origin.conf.proxy_protocol_timeout);
+            entry.insert(pair);
+            self.arm(key, deadline, ctx);
+            return;
+        }
         entry.insert(pair);
         self.connect_next(key, ctx);
     }

@@ -20,6 +20,7 @@ use mio::{Interest, Registry};
 use slab::Slab;
 
 mod accept;
+mod header;
 
 use super::buffer::BufferPool;
 use super::connect::{self, Outcome};
@@ -71,6 +72,7 @@ pub struct TcpProxy {
     fd_warnings: LogLimit,
     no_server_warnings: LogLimit,
     table_warnings: LogLimit,
+    header_warnings: LogLimit,
 }
 
 impl TcpProxy {
@@ -91,6 +93,7 @@ impl TcpProxy {
             fd_warnings: LogLimit::new(WARN_INTERVAL),
             no_server_warnings: LogLimit::new(WARN_INTERVAL),
             table_warnings: LogLimit::new(WARN_INTERVAL),
+            header_warnings: LogLimit::new(WARN_INTERVAL),
         }
     }
 
@@ -133,7 +136,11 @@ impl TcpProxy {
             pair.tried = remap.tried(upstream, &pair.tried);
             pair.last_server = pair.last_server.and_then(|s| remap.server(upstream, s));
             pair.state = match pair.state {
+                PairState::ReadingProxyHeader => PairState::ReadingProxyHeader,
                 PairState::Unassigned => PairState::Unassigned,
+                PairState::SendingProxyHeader { server } => PairState::SendingProxyHeader {
+                    server: remap.held(upstream, server),
+                },
                 PairState::Connecting { server, since } => PairState::Connecting {
                     server: remap.held(upstream, server),
                     since,
@@ -224,6 +231,7 @@ impl TcpProxy {
         let origin = Arc::clone(&pair.origin);
         let conf = &origin.conf;
         match pair.state {
+            PairState::ReadingProxyHeader => self.header_timeout(key, ctx),
             PairState::Unassigned => {}
             PairState::Connecting { server, since } => {
                 if ctx.now >= after(since, conf.connect_timeout) {
@@ -245,7 +253,7 @@ impl TcpProxy {
                     self.arm(key, deadline, ctx);
                 }
             }
-            PairState::Streaming { .. } => {
+            PairState::SendingProxyHeader { .. } | PairState::Streaming { .. } => {
                 let (timeout, end) = if pair.half_closed() {
                     (conf.half_close_timeout, End::HalfCloseTimeout)
                 } else {
@@ -267,6 +275,7 @@ impl TcpProxy {
             return;
         };
         pair.throttle_timer = None;
+        pair.throttle_at = None;
         self.drive(key, ctx);
     }
 
@@ -435,17 +444,31 @@ impl TcpProxy {
                 pair.state = PairState::Streaming { server };
                 pair.last_active = ctx.now;
                 let (upstream, idle) = (pair.upstream, pair.origin.conf.idle_timeout);
+                let mut version = pair.origin.conf.proxy_protocol;
                 let now = ctx.now;
                 if let Some(group) = ctx.upstreams.get_mut(upstream.0) {
                     if let Some(s) = group.server(server) {
                         s.shared
                             .connect_time
                             .observe(now.saturating_duration_since(since));
+                        // A server's own `proxy_protocol=` wins over the listener's.
+                        version = s.conf.proxy_protocol.or(version);
                     }
                     group.connected(server, now);
                 }
                 self.arm(key, after(now, idle), ctx);
-                true
+                let Some(version) = version else {
+                    return true;
+                };
+                let Some(header) = self.header_for(key, version, now) else {
+                    return false;
+                };
+                if let Some(pair) = live(&mut self.pairs, key) {
+                    pair.header_out = header;
+                    pair.header_sent = 0;
+                    pair.state = PairState::SendingProxyHeader { server };
+                }
+                self.send_proxy_header(key, ctx)
             }
         }
     }
@@ -490,6 +513,12 @@ impl TcpProxy {
             return;
         };
         match pair.state {
+            PairState::ReadingProxyHeader => self.read_proxy_header(key, ctx),
+            PairState::SendingProxyHeader { .. } => {
+                if self.send_proxy_header(key, ctx) {
+                    self.pump(key, ctx);
+                }
+            }
             PairState::Unassigned => {}
             PairState::Connecting { .. } if pair.client_ready.error => {
                 // The client reset while we were connecting for it: nothing to blame the
@@ -530,8 +559,15 @@ impl TcpProxy {
             return;
         }
         if let Some(at) = pair.throttled_until() {
-            if pair.throttle_timer.is_none() {
+            // One timer a pair; a direction that needs an earlier wake than the armed one
+            // re-arms it.
+            let earlier = pair.throttle_at.map_or(true, |armed| at < armed);
+            if earlier {
+                if let Some(old) = pair.throttle_timer.take() {
+                    ctx.timers.cancel(old);
+                }
                 pair.throttle_timer = Some(ctx.timers.insert(at, Timer::Throttle(key)));
+                pair.throttle_at = Some(at);
             }
         }
         let newly_starved = step == Step::Starved && !pair.starved;
@@ -570,8 +606,10 @@ impl TcpProxy {
         }
         let mut pair = self.pairs.remove(key.index);
         let held = match pair.state {
-            PairState::Unassigned => None,
-            PairState::Connecting { server, .. } | PairState::Streaming { server } => Some(server),
+            PairState::ReadingProxyHeader | PairState::Unassigned => None,
+            PairState::Connecting { server, .. }
+            | PairState::SendingProxyHeader { server }
+            | PairState::Streaming { server } => Some(server),
         };
         if !crate::sys::CLOSE_DEREGISTERS {
             let _ = ctx.registry.deregister(&mut pair.client);
