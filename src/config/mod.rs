@@ -432,6 +432,18 @@ impl Config {
             if l.limit_rate > 0 {
                 limits.push(format!("limit_rate {} B/s", l.limit_rate));
             }
+            if l.accept_proxy_protocol {
+                limits.push(match l.proxy_protocol_trusted.len() {
+                    0 => "takes PROXY headers from anyone".to_string(),
+                    n => format!("takes PROXY headers from {}", plural(n, "trusted range")),
+                });
+            }
+            if let Some(v) = l.proxy_protocol {
+                limits.push(format!(
+                    "sends PROXY {}",
+                    if v == ProxyVersion::V1 { "v1" } else { "v2" }
+                ));
+            }
             if !limits.is_empty() {
                 out.push_str(&format!(" ({})", limits.join(", ")));
             }
