@@ -197,7 +197,8 @@ impl PerIp {
         if has != wanted {
             e.bucket = wanted.map(|(rate, burst)| {
                 let mut fresh = TokenBucket::new(rate, burst, now);
-                if let Some(old) = e.bucket {
+                if let Some(mut old) = e.bucket {
+                    old.refill(now);
                     fresh.milli_tokens = fresh.milli_tokens.min(old.milli_tokens);
                 }
                 fresh

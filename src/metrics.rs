@@ -375,23 +375,31 @@ impl Tables {
     /// health, passive-health and admin state, and its counters, go on), an upstream with the
     /// same name. Everything else starts fresh, as at start-up.
     pub fn carry(old: &Tables, config: &Config) -> Tables {
+        let old_listeners: std::collections::HashMap<(Proto, SocketAddr), &Arc<ListenerStats>> =
+            old.listeners
+                .iter()
+                .map(|o| ((o.proto, o.addr), o))
+                .collect();
         let listeners = config
             .listeners
             .iter()
             .map(|l| {
-                old.listeners
-                    .iter()
-                    .find(|o| o.proto == l.proto && o.addr == l.addr)
-                    .cloned()
+                old_listeners
+                    .get(&(l.proto, l.addr))
+                    .map(|o| Arc::clone(o))
                     .unwrap_or_else(|| Arc::new(ListenerStats::new(l.proto, l.addr)))
             })
             .collect();
-        let old_upstream = |name: &str| {
-            old.upstreams
-                .iter()
-                .zip(&old.servers)
-                .find(|(shared, _)| shared.name == name)
-        };
+        let by_name: std::collections::HashMap<
+            &str,
+            (&Arc<UpstreamShared>, &Vec<Arc<ServerShared>>),
+        > = old
+            .upstreams
+            .iter()
+            .zip(&old.servers)
+            .map(|(shared, servers)| (shared.name.as_str(), (shared, servers)))
+            .collect();
+        let old_upstream = |name: &str| by_name.get(name).copied();
         let mut servers = Vec::with_capacity(config.upstreams.len());
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {

@@ -6,6 +6,7 @@
 //! what a pair or session keeps of the listener that took it, so a reload that changes or
 //! removes the listener leaves connections in flight as they were.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -77,6 +78,20 @@ impl Origin {
     /// its socket.
     pub fn same_listener(&self, conf: &Listen) -> bool {
         self.conf.proto == conf.proto && self.conf.addr == conf.addr
+    }
+
+    /// What `same_listener` compares, to look listeners up in a map (a reload of thousands of
+    /// listeners, a port range, must not compare every pair).
+    pub fn identity(conf: &Listen) -> (Proto, SocketAddr) {
+        (conf.proto, conf.addr)
+    }
+
+    /// The origins by identity.
+    pub fn by_identity(origins: &[Arc<Origin>]) -> HashMap<(Proto, SocketAddr), &Arc<Origin>> {
+        origins
+            .iter()
+            .map(|o| (Origin::identity(&o.conf), o))
+            .collect()
     }
 }
 

@@ -376,10 +376,14 @@ pub fn encode_v2_into(
     };
     out[family_byte_at] = family << 4 | if family == 0 { 0 } else { proto };
     let mut crc_at = None;
-    for t in tlvs
-        .iter()
-        .filter(|t| t.kind != TLV_CRC32C && t.kind != TLV_NOOP)
-    {
+    let passed = |t: &&Tlv| t.kind != TLV_CRC32C && t.kind != TLV_NOOP;
+    let tlv_bytes: usize = tlvs.iter().filter(passed).map(|t| 3 + t.value.len()).sum();
+    // What a receiver here takes at most: TLVs that would not fit are left out whole.
+    let tlvs: &[Tlv] = match out.len() - 16 + tlv_bytes + 7 <= MAX_V2_BODY {
+        true => tlvs,
+        false => &[],
+    };
+    for t in tlvs.iter().filter(passed) {
         let n = t.value.len().min(usize::from(u16::MAX));
         out.push(t.kind);
         out.extend_from_slice(&(n as u16).to_be_bytes());

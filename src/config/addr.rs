@@ -118,6 +118,26 @@ pub fn listen_addr(text: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// A port range at the end of an address: `ADDR:P1-P2` gives `ADDR:P1` and the number of ports;
+/// `None` when the text has no range (a plain address, parsed as before).
+pub fn port_range(text: &str) -> Option<Result<(String, u16, u16), String>> {
+    let (host, ports) = text.rsplit_once(':')?;
+    let (first, last) = ports.split_once('-')?;
+    if !port_digits(first) || !port_digits(last) {
+        return None;
+    }
+    let parsed = (first.parse::<u16>(), last.parse::<u16>());
+    Some(match parsed {
+        (Ok(p1), Ok(p2)) if p1 >= 1 && p1 <= p2 => Ok((host.to_string(), p1, p2 - p1 + 1)),
+        (Ok(p1), Ok(p2)) if p1 > p2 => {
+            Err(format!("port range '{ports}' runs backwards in '{text}'"))
+        }
+        _ => Err(format!(
+            "bad port range '{ports}' in '{text}' (expected P1-P2 within 1..65535)"
+        )),
+    })
+}
+
 /// Whether a connection to `server` would arrive at a listener on `listen`: the same address,
 /// or a wildcard listen address of the same family and a server address that is one of this
 /// host's (`local`; loopback always is). IPv4-mapped IPv6 server addresses count as IPv4.

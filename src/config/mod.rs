@@ -210,8 +210,9 @@ pub struct Server {
     pub fail_timeout: Duration,
     pub backup: bool,
     pub down: bool,
-    /// `proxy_protocol=v1|v2`: the header this server gets (wins over the listener's).
-    pub proxy_protocol: Option<ProxyVersion>,
+    /// `proxy_protocol=v1|v2|off`: the header this server gets, over the listener's choice
+    /// (`None`: as the listener says; `Some(None)`: none, whatever the listener says).
+    pub proxy_protocol: Option<Option<ProxyVersion>>,
 }
 
 /// A PROXY protocol version (`proxy_protocol v1|v2`).

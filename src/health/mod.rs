@@ -135,12 +135,13 @@ impl Prober {
                 continue;
             };
             // A listener that sends PROXY headers to this upstream makes its servers expect one.
+            // Probes are TCP: only TCP listeners' headers count.
             let by_listener = listeners
                 .iter()
-                .filter(|l| l.upstream == UpstreamId(group))
+                .filter(|l| l.upstream == UpstreamId(group) && l.proto == crate::config::Proto::Tcp)
                 .find_map(|l| l.proxy_protocol);
             for (server, conf) in up.servers.iter().enumerate().filter(|(_, s)| !s.down) {
-                let mut payload = match conf.proxy_protocol.or(by_listener) {
+                let mut payload = match conf.proxy_protocol.unwrap_or(by_listener) {
                     Some(ProxyVersion::V1) => pp::encode_v1_unknown(),
                     Some(ProxyVersion::V2) => {
                         pp::encode_v2(pp::Command::Local, pp::Transport::Unspecified, None, &[])

@@ -228,19 +228,21 @@ impl Handle {
             log::warn!("{kept}");
         }
         tables.checks_ended(&config);
+        let new_ids: std::collections::HashSet<_> =
+            config.listeners.iter().map(Origin::identity).collect();
         let done = Reloaded {
             added: plan.fresh.len(),
             removed: running
                 .origins
                 .iter()
-                .filter(|o| !config.listeners.iter().any(|l| o.same_listener(l)))
+                .filter(|o| !new_ids.contains(&Origin::identity(&o.conf)))
                 .count(),
             upstreams_changed: upstreams_changed(&running.config, &config),
         };
         let removed: Vec<Arc<Origin>> = running
             .origins
             .iter()
-            .filter(|o| !config.listeners.iter().any(|l| o.same_listener(l)))
+            .filter(|o| !new_ids.contains(&Origin::identity(&o.conf)))
             .cloned()
             .collect();
         for o in &removed {
@@ -352,15 +354,23 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) -> Option<String> {
 
 /// Upstreams added, removed, or whose block changed (by name).
 fn upstreams_changed(old: &Config, new: &Config) -> usize {
+    let by_name = |c: &Config| -> std::collections::HashMap<String, usize> {
+        c.upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.name.clone(), i))
+            .collect()
+    };
+    let (old_by, new_by) = (by_name(old), by_name(new));
     let changed = new
         .upstreams
         .iter()
-        .filter(|u| !old.upstreams.contains(u))
+        .filter(|u| old_by.get(&u.name).and_then(|&i| old.upstreams.get(i)) != Some(*u))
         .count();
     let removed = old
         .upstreams
         .iter()
-        .filter(|u| !new.upstreams.iter().any(|n| n.name == u.name))
+        .filter(|u| !new_by.contains_key(&u.name))
         .count();
     changed + removed
 }
@@ -398,6 +408,10 @@ impl Plan {
     ) -> Result<Plan, BindError> {
         let mut origins = Vec::with_capacity(config.listeners.len());
         let mut fresh = Vec::new();
+        let (running_by, winding_by) = (
+            Origin::by_identity(running),
+            Origin::by_identity(winding_down),
+        );
         for (i, conf) in config.listeners.iter().enumerate() {
             let stats = tables
                 .listener(crate::config::ListenerId(i))
@@ -405,8 +419,8 @@ impl Plan {
                 .unwrap_or_else(|| {
                     Arc::new(crate::metrics::ListenerStats::new(conf.proto, conf.addr))
                 });
-            let kept = running.iter().find(|o| o.same_listener(conf));
-            let back = winding_down.iter().find(|o| o.same_listener(conf));
+            let kept = running_by.get(&Origin::identity(conf));
+            let back = winding_by.get(&Origin::identity(conf));
             let (addr, sockets) = match (kept, back) {
                 (Some(o), _) => (o.addr, None),
                 // Back before its sessions ended: a worker that still has the old socket takes

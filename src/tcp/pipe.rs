@@ -565,6 +565,8 @@ pub struct Pair {
     /// The server of the last connect attempt, named in the access log of a failed pair.
     pub last_server: Option<ServerId>,
     pub started: Instant,
+    /// Where `next_upstream_timeout` counts from: the accept, or the end of its PROXY header.
+    pub budget_from: Instant,
     pub last_active: Instant,
     /// The one timer this pair has armed (connect or activity deadline).
     pub timer: Option<TimerKey>,
@@ -615,6 +617,7 @@ impl Pair {
             tries: 0,
             last_server: None,
             started: now,
+            budget_from: now,
             last_active: now,
             timer: None,
             throttle_timer: None,

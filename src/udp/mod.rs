@@ -88,6 +88,8 @@ pub(crate) struct Session {
     ticket: Option<Ticket>,
     /// The client: the datagrams' source, or the client their PROXY header named.
     client: SocketAddr,
+    /// The address the client sent to, from its PROXY header (passed on in the header sent).
+    proxied_dst: Option<SocketAddr>,
     /// On a wildcard listener: the address the client last sent to, where replies leave from.
     local: Option<IpAddr>,
     socket: UdpSocket,
@@ -159,6 +161,9 @@ pub(crate) struct UdpProxy {
     ready: Vec<Key>,
     /// A datagram with its PROXY header in front, for servers that want one (kept, reused).
     out: Vec<u8>,
+    /// Listeners with datagrams left over (a budget ran out): a few, even with thousands of
+    /// listeners.
+    waiting: Vec<usize>,
     warnings: LogLimit,
     /// Refused datagrams of new clients are counted each, logged at most once a second.
     denial_log: LogLimit,
@@ -173,6 +178,7 @@ impl UdpProxy {
             next_gen: 0,
             ready: Vec::new(),
             out: Vec::new(),
+            waiting: Vec::new(),
             warnings: LogLimit::new(WARN_INTERVAL),
             denial_log: LogLimit::new(WARN_INTERVAL),
         }
@@ -188,11 +194,12 @@ impl UdpProxy {
         ctx: &mut Ctx<'_>,
     ) -> Vec<BindError> {
         let mut failed = Vec::new();
+        let by_identity = Origin::by_identity(origins);
         for slot in &mut self.listeners {
             let Some(l) = slot else {
                 continue;
             };
-            match origins.iter().find(|o| o.same_listener(&l.origin.conf)) {
+            match by_identity.get(&Origin::identity(&l.origin.conf)) {
                 Some(origin) => {
                     l.origin = Arc::clone(origin);
                     l.taking = Taking::Everyone;
@@ -280,7 +287,7 @@ impl UdpProxy {
     }
 
     pub(crate) fn has_pending_work(&self) -> bool {
-        !self.ready.is_empty() || self.listeners.iter().flatten().any(|l| l.ready.readable)
+        !self.ready.is_empty() || !self.waiting.is_empty()
     }
 
     /// The listener in `id` (its slot) has datagrams waiting.
@@ -288,6 +295,11 @@ impl UdpProxy {
         if let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) {
             l.ready.readable = true;
             self.drain_listener(id, ctx);
+            if self.listener_mut(id).is_some_and(|l| l.ready.readable)
+                && !self.waiting.contains(&id)
+            {
+                self.waiting.push(id);
+            }
         }
     }
 
@@ -300,11 +312,21 @@ impl UdpProxy {
 
     /// Continues what a budget cut short.
     pub(crate) fn run_pending(&mut self, ctx: &mut Ctx<'_>) {
-        for i in 0..self.listeners.len() {
-            if self.listener_mut(i).is_some_and(|l| l.ready.readable) {
-                self.drain_listener(i, ctx);
+        // Only listeners with datagrams left over (a budget ran out), not every one.
+        let mut waiting = std::mem::take(&mut self.waiting);
+        for &id in &waiting {
+            if self.listener_mut(id).is_some_and(|l| l.ready.readable) {
+                self.drain_listener(id, ctx);
             }
         }
+        waiting.retain(|&id| {
+            self.listeners
+                .get(id)
+                .and_then(Option::as_ref)
+                .is_some_and(|l| l.ready.readable)
+        });
+        waiting.append(&mut self.waiting);
+        self.waiting = waiting;
         let ready = std::mem::take(&mut self.ready);
         for &key in &ready {
             self.drain_session(key, ctx);
@@ -388,8 +410,8 @@ impl UdpProxy {
             // Behind `accept_proxy_protocol` every datagram starts with a v2 header naming the
             // real client: it is taken off here, and used for rules, limits and balancing.
             let peer = client;
-            let (start, client) = match l.origin.conf.accept_proxy_protocol {
-                false => (0, peer),
+            let (start, client, dst) = match l.origin.conf.accept_proxy_protocol {
+                false => (0, peer, None),
                 true => match self.strip_header(id, n, peer, ctx) {
                     Some(taken) => taken,
                     None => continue,
@@ -399,6 +421,14 @@ impl UdpProxy {
                 return;
             };
             let slot = match l.sessions.find(&peer) {
+                // A session speaks for one client: a header naming another is not taken.
+                Some(slot) if l.sessions.get(slot).is_some_and(|s| s.client != client) => {
+                    ctx.metrics.dropped(&l.origin.stats);
+                    ctx.metrics
+                        .proxy_protocol_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 Some(slot) => slot,
                 None if l.taking == Taking::KnownClients => {
                     ctx.metrics.dropped(&l.origin.stats);
@@ -417,7 +447,14 @@ impl UdpProxy {
                     continue;
                 }
                 None => match self.open(id, peer, client, ctx) {
-                    Some(slot) => slot,
+                    Some(slot) => {
+                        if let Some(s) =
+                            self.listener_mut(id).and_then(|l| l.sessions.get_mut(slot))
+                        {
+                            s.proxied_dst = dst;
+                        }
+                        slot
+                    }
                     None => continue,
                 },
             };
@@ -434,7 +471,7 @@ impl UdpProxy {
         n: usize,
         peer: SocketAddr,
         ctx: &mut Ctx<'_>,
-    ) -> Option<(usize, SocketAddr)> {
+    ) -> Option<(usize, SocketAddr, Option<SocketAddr>)> {
         let l = self.listeners.get_mut(id).and_then(Option::as_mut)?;
         let trusted = &l.origin.conf.proxy_protocol_trusted;
         if !trusted.is_empty() && !trusted.iter().any(|c| c.contains(peer.ip())) {
@@ -445,7 +482,10 @@ impl UdpProxy {
         }
         let datagram = self.buf.get(..n).unwrap_or_default();
         let why = match pp::parse(datagram) {
-            pp::Parsed::Header(h, len) => return Some((len, h.client().unwrap_or(peer))),
+            pp::Parsed::Header(h, len) => {
+                let dst = h.addrs.map(|(_, dst)| dst);
+                return Some((len, h.client().unwrap_or(peer), dst));
+            }
             pp::Parsed::Incomplete => "a PROXY header cut short",
             pp::Parsed::Absent => "no PROXY header",
             pp::Parsed::Bad(why) => why,
@@ -483,15 +523,23 @@ impl UdpProxy {
         s.local = local;
         let n = payload.len();
         let mut datagram = self.buf.get(payload).unwrap_or_default();
-        let header = match s.origin.conf.proxy_protocol {
+        // The server's own `proxy_protocol=` wins; over UDP any version means v2.
+        let version = ctx
+            .upstreams
+            .get(s.upstream.0)
+            .and_then(|g| g.server(s.server))
+            .and_then(|srv| srv.conf.proxy_protocol)
+            .unwrap_or(s.origin.conf.proxy_protocol);
+        let header = match version {
             Some(_) => s.origin.conf.proxy_protocol_udp == UdpHeaders::Every || s.up.datagrams == 0,
             None => false,
         };
         if header {
             // The header and the datagram go as one: one copy into a buffer that is kept.
-            let to = match local {
-                Some(ip) => SocketAddr::new(ip, l.origin.addr.port()),
-                None => l.origin.addr,
+            let to = match (s.proxied_dst, local) {
+                (Some(dst), _) => dst,
+                (None, Some(ip)) => SocketAddr::new(ip, l.origin.addr.port()),
+                (None, None) => l.origin.addr,
             };
             pp::encode_v2_into(
                 &mut self.out,
@@ -691,6 +739,7 @@ impl UdpProxy {
                 upstream,
                 server,
                 client,
+                proxied_dst: None,
                 local: None,
                 socket,
                 ready: Readiness::default(),

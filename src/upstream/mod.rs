@@ -627,9 +627,14 @@ pub fn rebuild(
         })
         .collect();
     let mut remap = Remap::default();
+    let by_name: std::collections::HashMap<String, usize> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.name.clone(), i))
+        .collect();
     for before in old {
         let mut map = vec![None; before.servers.len()];
-        let at = match groups.iter().position(|g| g.name == before.name) {
+        let at = match by_name.get(&before.name).copied() {
             Some(at) => Some(at),
             None if before.held() => {
                 let empty = config::Upstream {

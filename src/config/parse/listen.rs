@@ -48,17 +48,35 @@ impl Parser<'_> {
             }
         };
         self.open(stmt)?;
-        let addr = self.listen_addr(addr_arg)?;
+        // `ADDR:P1-P2`: one listener per port, each its own in metrics and logs.
+        let (addr, ports) = match crate::config::addr::port_range(&addr_arg.text) {
+            None => (self.listen_addr(addr_arg)?, 1),
+            Some(Err(message)) => return Err(self.err_at(addr_arg, message)),
+            Some(Ok((host, first, count))) => {
+                let text = format!("{host}:{first}");
+                let addr = crate::config::addr::listen_addr(&text)
+                    .map_err(|message| self.err_at(addr_arg, message))?;
+                (addr, count)
+            }
+        };
         // Port 0 asks the kernel for a fresh port each time, so two of them never collide.
         if addr.port() != 0 {
-            if let Some(first) = self.listen_lines.insert((proto, addr), stmt.name.line) {
-                return Err(self.err_at(
-                    addr_arg,
-                    format!(
-                        "duplicate listen {} {addr} (first defined at line {first})",
-                        proto.as_str()
-                    ),
-                ));
+            for i in 0..ports {
+                let mut at = addr;
+                at.set_port(addr.port() + i);
+                if let Some(first) = self.listen_lines.insert((proto, at), stmt.name.line) {
+                    let what = match ports {
+                        1 => format!("duplicate listen {} {at}", proto.as_str()),
+                        _ => format!(
+                            "listen range {} overlaps listen {} {at}",
+                            addr_arg.text,
+                            proto.as_str()
+                        ),
+                    };
+                    return Err(
+                        self.err_at(addr_arg, format!("{what} (first defined at line {first})"))
+                    );
+                }
             }
         }
         let mut listen = Listen::new(proto, addr, UpstreamId(0), 0);
@@ -207,12 +225,35 @@ impl Parser<'_> {
             ));
         };
         listen.half_close_timeout = half_close.unwrap_or(listen.idle_timeout);
-        self.listeners.push(PendingListen {
-            listen,
-            line: stmt.name.line,
-            proxy,
-            tries,
-        });
+        // A `proxy ADDR:Q1-Q2` pairs port P1+i with Q1+i; a range needs a range of one length.
+        let targets = match crate::config::addr::port_range(&proxy.text) {
+            None => None,
+            Some(Err(message)) => return Err(self.err_at(&proxy, message)),
+            Some(Ok((host, first, count))) if count == ports => Some((host, first)),
+            Some(Ok((_, _, count))) => {
+                return Err(self.err_at(
+                    &proxy,
+                    format!(
+                        "proxy range {} has {count} ports, the listen range {}",
+                        proxy.text, ports
+                    ),
+                ))
+            }
+        };
+        for i in 0..ports {
+            let mut listen = listen.clone();
+            listen.addr.set_port(addr.port().saturating_add(i));
+            let mut proxy = proxy.clone();
+            if let Some((host, first)) = &targets {
+                proxy.text = format!("{host}:{}", first + i);
+            }
+            self.listeners.push(PendingListen {
+                listen,
+                line: stmt.name.line,
+                proxy,
+                tries,
+            });
+        }
         Ok(())
     }
 }

@@ -1509,7 +1509,7 @@ fn proxy_protocol_directives() {
     use crate::config::{ProxyVersion, UdpHeaders};
     assert_eq!(
         c.upstreams[0].servers[0].proxy_protocol,
-        Some(ProxyVersion::V2)
+        Some(Some(ProxyVersion::V2))
     );
     assert_eq!(c.upstreams[0].servers[1].proxy_protocol, None);
     let (t, u) = (&c.listeners[0], &c.listeners[1]);
@@ -1550,5 +1550,60 @@ fn proxy_protocol_directives() {
         1,
         33,
         "proxy_protocol=v9: expected v1, v2 or off",
+    );
+}
+
+#[test]
+fn port_ranges_make_one_listener_per_port() {
+    let c = ok(
+        "listen 127.0.0.1:9000-9002 { proxy 127.0.0.1:7000-7002; }\n\
+                upstream u { server 127.0.0.1:1; }\n\
+                listen udp 127.0.0.1:9000-9001 { proxy u; }\n",
+    );
+    let got: Vec<(Proto, u16, String)> = c
+        .listeners
+        .iter()
+        .map(|l| {
+            (
+                l.proto,
+                l.addr.port(),
+                c.upstreams[l.upstream.0].name.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Proto::Tcp, 9000, "127.0.0.1:7000".to_string()),
+            (Proto::Tcp, 9001, "127.0.0.1:7001".to_string()),
+            (Proto::Tcp, 9002, "127.0.0.1:7002".to_string()),
+            (Proto::Udp, 9000, "u".to_string()),
+            (Proto::Udp, 9001, "u".to_string()),
+        ]
+    );
+    assert_err(
+        "listen 127.0.0.1:9005 { proxy 127.0.0.1:1; }\nlisten 127.0.0.1:9000-9010 { proxy 127.0.0.1:1; }",
+        2,
+        8,
+        "listen range 127.0.0.1:9000-9010 overlaps listen tcp 127.0.0.1:9005 (first defined at line 1)",
+    );
+    assert_err(
+        "listen 127.0.0.1:9000-9010 { proxy 127.0.0.1:7000-7001; }",
+        1,
+        36,
+        "proxy range 127.0.0.1:7000-7001 has 2 ports, the listen range 11",
+    );
+    assert_err(
+        "listen 127.0.0.1:9010-9000 { proxy u; }",
+        1,
+        8,
+        "runs backwards",
+    );
+    assert_err("listen 127.0.0.1:0-10 { proxy u; }", 1, 8, "bad port range");
+    assert_err(
+        "listen 127.0.0.1:9000-70000 { proxy u; }",
+        1,
+        8,
+        "bad port range",
     );
 }

@@ -126,9 +126,9 @@ impl Parser<'_> {
                 ("weight", Some(v)) => options.weight = self.u32_value(v, arg, key, 1, 1000)?,
                 ("proxy_protocol", Some(v)) => {
                     options.proxy_protocol = match v {
-                        "v1" => Some(ProxyVersion::V1),
-                        "v2" => Some(ProxyVersion::V2),
-                        "off" => None,
+                        "v1" => Some(Some(ProxyVersion::V1)),
+                        "v2" => Some(Some(ProxyVersion::V2)),
+                        "off" => Some(None),
                         _ => {
                             return Err(self.err_at(
                                 arg,

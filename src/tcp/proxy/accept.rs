@@ -50,6 +50,12 @@ impl TcpProxy {
             }
             l.ready.readable = true;
             self.accept_from(slot, ctx);
+            if let Some(Some(l)) = self.listeners.get_mut(slot) {
+                if l.ready.readable && !l.queued {
+                    l.queued = true;
+                    self.waiting.push(slot);
+                }
+            }
         }
     }
 
@@ -206,7 +212,25 @@ impl TcpProxy {
         ctx: &mut Ctx<'_>,
     ) {
         // Behind a PROXY header the client is who the header says: screened once it is read.
+        // Every client of such a listener must send one, so a peer not trusted to is refused
+        // at once, before it holds anything.
         let awaits_header = origin.conf.accept_proxy_protocol;
+        let trusted = &origin.conf.proxy_protocol_trusted;
+        if awaits_header
+            && !trusted.is_empty()
+            && !trusted.iter().any(|c| c.contains(client_addr.ip()))
+        {
+            accounting::deny(
+                ctx,
+                &origin,
+                client_addr,
+                Denial::UntrustedProxy,
+                None,
+                true,
+            );
+            self.unreserve(&origin, listener_slot, ctx);
+            return;
+        }
         let ticket = match awaits_header {
             true => None,
             false => match self.screen(&origin, client_addr, ctx) {

@@ -8,12 +8,9 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use super::TcpProxy;
-use crate::accounting;
 use crate::config::ProxyVersion;
-use crate::metrics::Denial;
 use crate::part::Ctx;
 use crate::proxy_protocol::{self as pp, Parsed};
 use crate::reactor::token::Key;
@@ -42,9 +39,12 @@ impl TcpProxy {
                 return;
             }
         };
-        let peer = pair.client_addr;
+
         let seen = buf.get(..n).unwrap_or_default();
         let (header, len) = match pp::parse(seen) {
+            Parsed::Incomplete if pair.client_ready.read_closed => {
+                return self.bad_header(key, "closed before the header was complete", ctx);
+            }
             // More will come (a new segment raises a new edge): wait for it, up to the timeout.
             Parsed::Incomplete if n < pp::MAX_HEADER => {
                 pair.client_ready.readable = false;
@@ -55,13 +55,6 @@ impl TcpProxy {
             Parsed::Bad(why) => return self.bad_header(key, why, ctx),
             Parsed::Header(h, len) => (h, len),
         };
-        let trusted = &pair.origin.conf.proxy_protocol_trusted;
-        if !trusted.is_empty() && !trusted.iter().any(|c| c.contains(peer.ip())) {
-            let origin = std::sync::Arc::clone(&pair.origin);
-            accounting::deny(ctx, &origin, peer, Denial::UntrustedProxy, None, true);
-            self.discard(key, ctx);
-            return;
-        }
         // Take exactly the header's bytes; the rest stays for the pipe.
         let mut left = len;
         while left > 0 {
@@ -82,6 +75,8 @@ impl TcpProxy {
             tlvs: header.tlvs,
         });
         pair.state = PairState::Unassigned;
+        // The retry budget (`next_upstream_timeout`) counts from here, not from the accept.
+        pair.budget_from = ctx.now;
         if let Some(t) = pair.timer.take() {
             ctx.timers.cancel(t);
         }
@@ -129,14 +124,8 @@ impl TcpProxy {
     }
 
     /// The PROXY header a pair that just connected to `server` must send first, if any.
-    pub(super) fn header_for(
-        &mut self,
-        key: Key,
-        version: ProxyVersion,
-        now: Instant,
-    ) -> Option<Vec<u8>> {
+    pub(super) fn header_for(&mut self, key: Key, version: ProxyVersion) -> Option<Vec<u8>> {
         let pair = super::live(&mut self.pairs, key)?;
-        let _ = now;
         let src = pair.client_addr;
         let dst: SocketAddr = match pair.proxied.as_ref().and_then(|p| p.dst) {
             Some(dst) => dst,

@@ -48,6 +48,8 @@ struct TcpListen {
     ready: Readiness,
     /// At its own `max_connections`: not accepting until a pair ends or the recheck timer.
     full: bool,
+    /// On the part's `waiting` list.
+    queued: bool,
 }
 
 pub struct TcpProxy {
@@ -68,6 +70,8 @@ pub struct TcpProxy {
     ready: Vec<Key>,
     /// Pairs waiting for the pool to lend a buffer again.
     starved: Vec<Key>,
+    /// Slots of listeners that stopped with clients still in their backlog (budget, a cap).
+    waiting: Vec<usize>,
     accept: AcceptState,
     fd_warnings: LogLimit,
     no_server_warnings: LogLimit,
@@ -89,6 +93,7 @@ impl TcpProxy {
             resume_timer: None,
             ready: Vec::new(),
             starved: Vec::new(),
+            waiting: Vec::new(),
             accept: AcceptState::Open,
             fd_warnings: LogLimit::new(WARN_INTERVAL),
             no_server_warnings: LogLimit::new(WARN_INTERVAL),
@@ -111,11 +116,12 @@ impl TcpProxy {
         remap: &Remap,
         ctx: &mut Ctx<'_>,
     ) -> Vec<BindError> {
+        let by_identity = Origin::by_identity(origins);
         for slot in &mut self.listeners {
             let Some(l) = slot else {
                 continue;
             };
-            match origins.iter().find(|o| o.same_listener(&l.origin.conf)) {
+            match by_identity.get(&Origin::identity(&l.origin.conf)) {
                 Some(origin) => l.origin = Arc::clone(origin),
                 None => {
                     if let Some(mut socket) = l.socket.take() {
@@ -188,6 +194,7 @@ impl TcpProxy {
                 origin,
                 ready: Readiness::default(),
                 full: false,
+                queued: false,
             });
         }
         Ok(())
@@ -197,11 +204,15 @@ impl TcpProxy {
         !self.ready.is_empty()
             || (!self.starved.is_empty() && self.pool.can_lend())
             || (self.accept == AcceptState::Open
-                && self
-                    .listeners
-                    .iter()
-                    .flatten()
-                    .any(|l| l.ready.readable && l.socket.is_some() && !l.full))
+                && self.waiting.iter().any(|&slot| self.may_accept(slot)))
+    }
+
+    /// Whether the listener in `slot` has clients waiting that it may take now.
+    fn may_accept(&self, slot: usize) -> bool {
+        self.listeners
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.ready.readable && l.socket.is_some() && !l.full)
     }
 
     // ---- events ----------------------------------------------------------------------------
@@ -239,7 +250,7 @@ impl TcpProxy {
                     self.abandon_server(key, ctx);
                     self.report_connect_failure(key, server, &error, ctx);
                     self.connect_next(key, ctx);
-                } else if out_of_time(conf, pair.started, ctx.now) {
+                } else if out_of_time(conf, pair.budget_from, ctx.now) {
                     // next_upstream_timeout bounds the attempt in flight too; the server had
                     // less than its connect_timeout, so it is not blamed.
                     log::debug!(
@@ -249,7 +260,7 @@ impl TcpProxy {
                     self.abandon_server(key, ctx);
                     self.close(key, End::ConnectFailed, ctx);
                 } else {
-                    let deadline = connect_deadline(conf, pair.started, since);
+                    let deadline = connect_deadline(conf, pair.budget_from, since);
                     self.arm(key, deadline, ctx);
                 }
             }
@@ -301,15 +312,30 @@ impl TcpProxy {
                 self.ready = batch;
             }
         }
-        if self.accept == AcceptState::Open {
-            for i in 0..self.listeners.len() {
-                if self.listeners[i]
-                    .as_ref()
-                    .is_some_and(|l| l.ready.readable && l.socket.is_some() && !l.full)
-                {
-                    self.accept_from(i, ctx);
+        if self.accept == AcceptState::Open && !self.waiting.is_empty() {
+            // Only listeners with clients left over: with thousands of listeners (port ranges)
+            // a turn must not look at every one.
+            let mut waiting = std::mem::take(&mut self.waiting);
+            for &slot in &waiting {
+                if self.may_accept(slot) {
+                    self.accept_from(slot, ctx);
                 }
             }
+            waiting.retain(|&slot| {
+                let keep = self
+                    .listeners
+                    .get(slot)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|l| l.ready.readable && l.socket.is_some());
+                if !keep {
+                    if let Some(Some(l)) = self.listeners.get_mut(slot) {
+                        l.queued = false;
+                    }
+                }
+                keep
+            });
+            waiting.append(&mut self.waiting);
+            self.waiting = waiting;
         }
     }
 
@@ -347,7 +373,7 @@ impl TcpProxy {
             };
             let origin = Arc::clone(&pair.origin);
             let conf = &origin.conf;
-            let out_of_time = pair.tries > 0 && out_of_time(conf, pair.started, ctx.now);
+            let out_of_time = pair.tries > 0 && out_of_time(conf, pair.budget_from, ctx.now);
             if pair.tries >= conf.next_upstream_tries || out_of_time {
                 self.close(key, End::ConnectFailed, ctx);
                 return;
@@ -390,7 +416,7 @@ impl TcpProxy {
                     pair.server = Some(stream);
                     pair.server_ready = Readiness::default();
                     pair.state = PairState::Connecting { server, since: now };
-                    let deadline = connect_deadline(conf, pair.started, now);
+                    let deadline = connect_deadline(conf, pair.budget_from, now);
                     self.arm(key, deadline, ctx);
                     return;
                 }
@@ -452,7 +478,7 @@ impl TcpProxy {
                             .connect_time
                             .observe(now.saturating_duration_since(since));
                         // A server's own `proxy_protocol=` wins over the listener's.
-                        version = s.conf.proxy_protocol.or(version);
+                        version = s.conf.proxy_protocol.unwrap_or(version);
                     }
                     group.connected(server, now);
                 }
@@ -460,7 +486,7 @@ impl TcpProxy {
                 let Some(version) = version else {
                     return true;
                 };
-                let Some(header) = self.header_for(key, version, now) else {
+                let Some(header) = self.header_for(key, version) else {
                     return false;
                 };
                 if let Some(pair) = live(&mut self.pairs, key) {
