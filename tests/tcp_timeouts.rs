@@ -184,3 +184,39 @@ fn next_upstream_timeout_cuts_the_connect_in_flight() {
     );
     assert_eq!(proxy.stats().ended(sluice::runtime::End::ConnectFailed), 1);
 }
+
+/// `ss -tno` lines of this host's TCP connections, or None without `ss` (iproute2).
+fn ss_lines() -> Option<Vec<String>> {
+    let out = std::process::Command::new("ss").args(["-tno"]).output().ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
+}
+
+#[test]
+fn so_keepalive_is_set_on_both_sockets_of_a_pair() {
+    if ss_lines().is_none() {
+        eprintln!("skipped: ss (iproute2) not found");
+        return;
+    }
+    let backend = Backend::greet_echo("k");
+    let proxy = start_conf(&format!(
+        "listen 127.0.0.1:0 {{ proxy {}; so_keepalive 1:1:3; }}",
+        backend.addr()
+    ));
+    let listen = proxy.local_addr(0).expect("addr");
+    let held = hold(listen).expect("a pair");
+    // The accepted socket's local address is the listener's; the server socket's peer is the
+    // backend. Each must carry a keepalive timer of at most the 1 s idle time.
+    let keepalive = |line: &String| line.contains("timer:(keepalive,");
+    let found = wait_until(EVENTUALLY, || {
+        let lines = ss_lines().unwrap_or_default();
+        let client_side = lines
+            .iter()
+            .any(|l| l.contains(&format!(" {listen} ")) && keepalive(l));
+        let server_side = lines.iter().any(|l| {
+            l.split_whitespace().nth(4) == Some(&backend.addr().to_string()) && keepalive(l)
+        });
+        client_side && server_side
+    });
+    assert!(found, "no keepalive timers:\n{}", ss_lines().unwrap_or_default().join("\n"));
+    held.finish().expect("finish");
+}

@@ -154,6 +154,19 @@ pub struct Listen {
     pub proxy_protocol_timeout: Duration,
     /// The peers that may send a header; empty: any peer.
     pub proxy_protocol_trusted: Vec<Cidr>,
+    /// TCP: `so_keepalive` on both sockets of each pair.
+    pub so_keepalive: Option<Keepalive>,
+}
+
+/// `so_keepalive on|IDLE:INTERVAL:COUNT` (nginx's form; an empty field keeps the system's value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Keepalive {
+    /// Idle time before the first probe (`TCP_KEEPIDLE`).
+    pub idle: Option<Duration>,
+    /// Between probes (`TCP_KEEPINTVL`).
+    pub interval: Option<Duration>,
+    /// Probes unanswered before the connection is dropped (`TCP_KEEPCNT`).
+    pub count: Option<u32>,
 }
 
 /// One `upstream` block (or the implicit group of `proxy ADDR;` and of `-U`).
@@ -340,6 +353,7 @@ impl Listen {
             accept_proxy_protocol: false,
             proxy_protocol_timeout: Duration::from_secs(5),
             proxy_protocol_trusted: Vec::new(),
+            so_keepalive: None,
         }
     }
 }

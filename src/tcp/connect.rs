@@ -44,3 +44,28 @@ pub fn outcome(stream: &TcpStream, ready: &Readiness) -> Outcome {
         Err(error) => Outcome::Failed(error),
     }
 }
+
+/// `so_keepalive` on one socket of a pair. Best effort: a system that refuses an option keeps
+/// its default, which only matters for connections idle through a NAT.
+pub fn keepalive(stream: &TcpStream, k: &crate::config::Keepalive) {
+    let socket = socket2::SockRef::from(stream);
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(idle) = k.idle {
+        ka = ka.with_time(idle);
+    }
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos"
+    ))]
+    {
+        if let Some(interval) = k.interval {
+            ka = ka.with_interval(interval);
+        }
+        if let Some(count) = k.count {
+            ka = ka.with_retries(count);
+        }
+    }
+    let _ = socket.set_tcp_keepalive(&ka);
+}

@@ -115,4 +115,51 @@ impl Parser<'_> {
         }
         Ok(Some((rate, burst)))
     }
+
+    /// `so_keepalive on|off|IDLE:INTERVAL:COUNT` (durations with units or seconds; a field may
+    /// be empty, e.g. `30m::10`).
+    pub(super) fn keepalive(
+        &self,
+        arg: &super::Arg,
+    ) -> Result<Option<crate::config::Keepalive>, ConfigError> {
+        match arg.text.as_str() {
+            "on" => return Ok(Some(crate::config::Keepalive::default())),
+            "off" => return Ok(None),
+            _ => {}
+        }
+        let fields: Vec<&str> = arg.text.split(':').collect();
+        let [idle, interval, count] = fields.as_slice() else {
+            return Err(self.err_at(
+                arg,
+                format!(
+                    "so_keepalive '{}': expected on, off or IDLE:INTERVAL:COUNT",
+                    arg.text
+                ),
+            ));
+        };
+        let time = |text: &str| -> Result<Option<std::time::Duration>, ConfigError> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            match super::parse_duration(text) {
+                Some(d) if d >= std::time::Duration::from_secs(1) => Ok(Some(d)),
+                _ => Err(self.err_at(
+                    arg,
+                    format!(
+                        "so_keepalive '{}': '{text}' is not a duration of 1s or more",
+                        arg.text
+                    ),
+                )),
+            }
+        };
+        let count = match *count {
+            "" => None,
+            n => Some(self.u32_value(n, arg, "so_keepalive count", 1, 127)?),
+        };
+        Ok(Some(crate::config::Keepalive {
+            idle: time(idle)?,
+            interval: time(interval)?,
+            count,
+        }))
+    }
 }

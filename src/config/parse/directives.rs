@@ -129,6 +129,10 @@ pub(super) const DIRECTIVES: &[Directive] = &[
     once("accept_proxy_protocol", Listen, "'on' or 'off'"),
     once("proxy_protocol_timeout", Listen, "a duration"),
     many("proxy_protocol_trusted", Listen),
+    only(
+        Proto::Tcp,
+        once("so_keepalive", Listen, "'on', 'off' or IDLE:INTERVAL:COUNT"),
+    ),
 ];
 
 /// The directive `name` of `context`.

@@ -197,6 +197,10 @@ impl Parser<'_> {
                     let arg = self.single(&inner, d.takes)?;
                     listen.proxy_protocol_timeout = self.positive_duration(&arg.text, arg, name)?;
                 }
+                "so_keepalive" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.so_keepalive = self.keepalive(arg)?;
+                }
                 "proxy_protocol_trusted" => {
                     if inner.args.is_empty() {
                         return Err(self.err(

@@ -1607,3 +1607,31 @@ fn port_ranges_make_one_listener_per_port() {
         "bad port range",
     );
 }
+
+#[test]
+fn so_keepalive_in_nginx_form() {
+    use crate::config::Keepalive;
+    let listen = |v: &str| format!("listen 127.0.0.1:1 {{\n  proxy 127.0.0.1:2;\n  so_keepalive {v};\n}}");
+    let get = |v: &str| ok(&listen(v)).listeners[0].so_keepalive;
+    assert_eq!(get("on"), Some(Keepalive::default()));
+    assert_eq!(get("off"), None);
+    assert_eq!(
+        get("1:1:3"),
+        Some(Keepalive {
+            idle: Some(Duration::from_secs(1)),
+            interval: Some(Duration::from_secs(1)),
+            count: Some(3)
+        })
+    );
+    assert_eq!(
+        get("30m::10"),
+        Some(Keepalive {
+            idle: Some(Duration::from_secs(1800)),
+            interval: None,
+            count: Some(10)
+        })
+    );
+    assert_err(&listen("1:2"), 3, 16, "expected on, off or IDLE:INTERVAL:COUNT");
+    assert_err(&listen("0:1:1"), 3, 16, "'0' is not a duration of 1s or more");
+    assert_err(&listen("1:1:0"), 3, 16, "so_keepalive count");
+}

@@ -246,6 +246,9 @@ impl TcpProxy {
                 ctx.per_ip.release(t);
             }
         };
+        if let Some(k) = &origin.conf.so_keepalive {
+            crate::tcp::connect::keepalive(&stream, k);
+        }
         // Nagle would hold back small writes that the client already sent without delay.
         if !crate::sys::ACCEPT_INHERITS_NODELAY {
             let _ = stream.set_nodelay(true);

@@ -412,6 +412,9 @@ impl TcpProxy {
             let token = token::pair(key, Side::Server.half());
             match connect::start(ctx.registry, addr, token) {
                 Ok(stream) => {
+                    if let Some(k) = &conf.so_keepalive {
+                        connect::keepalive(&stream, k);
+                    }
                     group.acquire(server);
                     pair.server = Some(stream);
                     pair.server_ready = Readiness::default();
