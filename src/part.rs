@@ -95,6 +95,18 @@ impl Origin {
     }
 }
 
+/// A free slot in a part's table of listeners (their slot is their token): the first empty
+/// one, else a new one at the end.
+pub fn free_slot<T>(table: &mut Vec<Option<T>>) -> usize {
+    match table.iter().position(Option::is_none) {
+        Some(free) => free,
+        None => {
+            table.push(None);
+            table.len() - 1
+        }
+    }
+}
+
 /// A listener that could not be bound: names the protocol, the address and the OS reason.
 #[derive(Debug)]
 pub struct BindError {

@@ -187,8 +187,16 @@ fn next_upstream_timeout_cuts_the_connect_in_flight() {
 
 /// `ss -tno` lines of this host's TCP connections, or None without `ss` (iproute2).
 fn ss_lines() -> Option<Vec<String>> {
-    let out = std::process::Command::new("ss").args(["-tno"]).output().ok()?;
-    Some(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
+    let out = std::process::Command::new("ss")
+        .args(["-tno"])
+        .output()
+        .ok()?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 #[test]
@@ -217,6 +225,10 @@ fn so_keepalive_is_set_on_both_sockets_of_a_pair() {
         });
         client_side && server_side
     });
-    assert!(found, "no keepalive timers:\n{}", ss_lines().unwrap_or_default().join("\n"));
+    assert!(
+        found,
+        "no keepalive timers:\n{}",
+        ss_lines().unwrap_or_default().join("\n")
+    );
     held.finish().expect("finish");
 }

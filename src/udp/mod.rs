@@ -34,7 +34,7 @@ use crate::config::UdpHeaders;
 use crate::config::{ServerId, UpstreamId};
 use crate::limit::{Refusal, Ticket};
 use crate::metrics::Denial;
-use crate::part::{BindError, Ctx, Origin};
+use crate::part::{self, BindError, Ctx, Origin};
 use crate::proxy_protocol as pp;
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
@@ -243,13 +243,7 @@ impl UdpProxy {
         mut socket: UdpSocket,
         registry: &Registry,
     ) -> Result<(), BindError> {
-        let slot = match self.listeners.iter().position(Option::is_none) {
-            Some(free) => free,
-            None => {
-                self.listeners.push(None);
-                self.listeners.len() - 1
-            }
-        };
+        let slot = part::free_slot(&mut self.listeners);
         let fail = |error: io::Error| {
             log::error!(
                 "cannot receive on udp {}: {}",

@@ -1611,7 +1611,8 @@ fn port_ranges_make_one_listener_per_port() {
 #[test]
 fn so_keepalive_in_nginx_form() {
     use crate::config::Keepalive;
-    let listen = |v: &str| format!("listen 127.0.0.1:1 {{\n  proxy 127.0.0.1:2;\n  so_keepalive {v};\n}}");
+    let listen =
+        |v: &str| format!("listen 127.0.0.1:1 {{\n  proxy 127.0.0.1:2;\n  so_keepalive {v};\n}}");
     let get = |v: &str| ok(&listen(v)).listeners[0].so_keepalive;
     assert_eq!(get("on"), Some(Keepalive::default()));
     assert_eq!(get("off"), None);
@@ -1631,7 +1632,17 @@ fn so_keepalive_in_nginx_form() {
             count: Some(10)
         })
     );
-    assert_err(&listen("1:2"), 3, 16, "expected on, off or IDLE:INTERVAL:COUNT");
-    assert_err(&listen("0:1:1"), 3, 16, "'0' is not a duration of 1s or more");
+    assert_err(
+        &listen("1:2"),
+        3,
+        16,
+        "expected on, off or IDLE:INTERVAL:COUNT",
+    );
+    assert_err(
+        &listen("0:1:1"),
+        3,
+        16,
+        "'0' is not a duration of 1s or more",
+    );
     assert_err(&listen("1:1:0"), 3, 16, "so_keepalive count");
 }

@@ -30,7 +30,7 @@ use super::Side;
 use crate::accounting::{self, Settle};
 use crate::config::{Config, Listen, ServerId};
 use crate::metrics::PoolStats;
-use crate::part::{BindError, Ctx, Origin};
+use crate::part::{self, BindError, Ctx, Origin};
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, End, LogLimit, Readiness, Suppressed, Timer};
@@ -167,13 +167,7 @@ impl TcpProxy {
         mut socket: TcpListener,
         registry: &Registry,
     ) -> Result<(), BindError> {
-        let slot = match self.listeners.iter().position(Option::is_none) {
-            Some(free) => free,
-            None => {
-                self.listeners.push(None);
-                self.listeners.len() - 1
-            }
-        };
+        let slot = part::free_slot(&mut self.listeners);
         if let Err(error) =
             registry.register(&mut socket, token::listener(slot), Interest::READABLE)
         {
