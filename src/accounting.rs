@@ -29,6 +29,8 @@ pub struct Settle<'a> {
     pub datagrams: Option<(u64, u64)>,
     pub started: Instant,
     pub end: End,
+    /// The server name of its TLS ClientHello, on a listener that routes by SNI.
+    pub sni: Option<&'a str>,
 }
 
 /// Counts the end, gives the server its slot back and writes the access log line.
@@ -53,6 +55,7 @@ pub fn settle(ctx: &mut Ctx<'_>, s: &Settle<'_>) {
         }
     }
     if access_log {
+        let extra = s.sni.map(|name| format!(" sni={name}")).unwrap_or_default();
         write(&Entry {
             listen: s.origin.addr,
             client: s.client,
@@ -63,7 +66,7 @@ pub fn settle(ctx: &mut Ctx<'_>, s: &Settle<'_>) {
             datagrams: s.datagrams,
             duration: now.saturating_duration_since(s.started),
             end: s.end,
-            extra: "",
+            extra: &extra,
         });
     }
 }

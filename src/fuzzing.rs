@@ -88,3 +88,12 @@ pub fn proxy_protocol(data: &[u8]) {
         }
     }
 }
+
+/// The ClientHello reader: a name found is found whole (every shorter prefix is `Incomplete`,
+/// for a hello that fits in one read) and is a lower-case host name without a trailing dot.
+pub fn sni(data: &[u8]) {
+    if let crate::sni::Hello::Found(Some(name)) = crate::sni::parse(data) {
+        assert!(!name.ends_with('.') && name == name.to_ascii_lowercase());
+        let _ = crate::sni::route(&[("*.example.org".to_string(), 1u8)], &name);
+    }
+}

@@ -11,8 +11,8 @@
 //!    the fuzz targets' entry points
 //! 2. `tcp` `udp` `health` `admin`: the I/O parts; each owns its sockets and state machines
 //! 3. `part` `accounting`: what the parts share (`Ctx`, binding) and how a pair or session ends
-//! 4. `upstream` `acl` `limit` `proxy_protocol`: groups, balancing and health verdicts; access
-//!    rules; per-client limits; the PROXY header codec; pure, no sockets
+//! 4. `upstream` `acl` `limit` `proxy_protocol` `sni`: groups, balancing and health verdicts;
+//!    access rules; per-client limits; the PROXY header codec; the ClientHello reader; pure
 //! 5. `metrics`: the registry of counters every worker writes and anything may read
 //! 6. `reactor`: tokens, the timer wheel, readiness, `End`, `LogLimit`, `after`, `retry`
 //! 7. `config` `sys` `logging` `testing`: the typed config, the OS calls below std, log output
@@ -30,6 +30,7 @@ pub mod part;
 pub mod proxy_protocol;
 pub mod reactor;
 pub mod runtime;
+pub mod sni;
 pub mod sys;
 pub mod tcp;
 pub mod udp;

@@ -376,8 +376,10 @@ impl Tables {
     /// same name. Everything else starts fresh, as at start-up.
     pub fn carry(old: &Tables, config: &Config) -> Tables {
         let old_listeners: std::collections::HashMap<(Proto, SocketAddr), &Arc<ListenerStats>> =
+            // Reversed, so that the first of two with one address wins, as a scan would.
             old.listeners
                 .iter()
+                .rev()
                 .map(|o| ((o.proto, o.addr), o))
                 .collect();
         let listeners = config

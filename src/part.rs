@@ -88,23 +88,30 @@ impl Origin {
 
     /// The origins by identity.
     pub fn by_identity(origins: &[Arc<Origin>]) -> HashMap<(Proto, SocketAddr), &Arc<Origin>> {
-        origins
-            .iter()
-            .map(|o| (Origin::identity(&o.conf), o))
-            .collect()
+        // The first of two with one identity (two port-0 listeners on one address), as a scan
+        // in config order would find.
+        let mut map = HashMap::with_capacity(origins.len());
+        for o in origins {
+            map.entry(Origin::identity(&o.conf)).or_insert(o);
+        }
+        map
     }
 }
 
-/// A free slot in a part's table of listeners (their slot is their token): the first empty
-/// one, else a new one at the end.
-pub fn free_slot<T>(table: &mut Vec<Option<T>>) -> usize {
-    match table.iter().position(Option::is_none) {
-        Some(free) => free,
+/// A free slot in a part's table of listeners (their slot is their token): the first empty one
+/// from `*hint` on (no slot below it is free), else a new one at the end. The part lowers the
+/// hint when it frees a slot, so thousands of listeners (a port range) start in linear time.
+pub fn free_slot<T>(table: &mut Vec<Option<T>>, hint: &mut usize) -> usize {
+    let from = (*hint).min(table.len());
+    let slot = match table.iter().skip(from).position(Option::is_none) {
+        Some(free) => from + free,
         None => {
             table.push(None);
             table.len() - 1
         }
-    }
+    };
+    *hint = slot + 1;
+    slot
 }
 
 /// A listener that could not be bound: names the protocol, the address and the OS reason.

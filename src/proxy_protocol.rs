@@ -378,7 +378,8 @@ pub fn encode_v2_into(
     let mut crc_at = None;
     let passed = |t: &&Tlv| t.kind != TLV_CRC32C && t.kind != TLV_NOOP;
     let tlv_bytes: usize = tlvs.iter().filter(passed).map(|t| 3 + t.value.len()).sum();
-    // What a receiver here takes at most: TLVs that would not fit are left out whole.
+    // What a receiver here takes at most: if the TLVs would not all fit, none go (a partial set
+    // could be worse than none: a unique id without its SSL details, say).
     let tlvs: &[Tlv] = match out.len() - 16 + tlv_bytes + 7 <= MAX_V2_BODY {
         true => tlvs,
         false => &[],

@@ -38,3 +38,8 @@ fn cidr_corpus() {
 fn proxy_protocol_corpus() {
     replay("proxy_protocol", sluice::fuzzing::proxy_protocol);
 }
+
+#[test]
+fn sni_corpus() {
+    replay("sni", sluice::fuzzing::sni);
+}

@@ -121,7 +121,8 @@ pub fn listen_addr(text: &str) -> Result<SocketAddr, String> {
 /// A port range at the end of an address: `ADDR:P1-P2` gives `ADDR:P1` and the number of ports;
 /// `None` when the text has no range (a plain address, parsed as before).
 pub fn port_range(text: &str) -> Option<Result<(String, u16, u16), String>> {
-    let (host, ports) = text.rsplit_once(':')?;
+    // A bare `P1-P2` is on every IPv4 address, as a bare `PORT` is.
+    let (host, ports) = text.rsplit_once(':').unwrap_or(("0.0.0.0", text));
     let (first, last) = ports.split_once('-')?;
     if !port_digits(first) || !port_digits(last) {
         return None;

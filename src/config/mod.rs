@@ -156,6 +156,12 @@ pub struct Listen {
     pub proxy_protocol_trusted: Vec<Cidr>,
     /// TCP: `so_keepalive` on both sockets of each pair.
     pub so_keepalive: Option<Keepalive>,
+    /// TCP: `sni NAME UPSTREAM;` in order: a name (lower case, no trailing dot) or `*.suffix`.
+    pub sni_routes: Vec<(String, UpstreamId)>,
+    /// `sni_default`: for no SNI, not TLS, or no match; `None`: close (`end=no_server`).
+    pub sni_default: Option<UpstreamId>,
+    /// How long a client may take to send its ClientHello.
+    pub sni_timeout: Duration,
 }
 
 /// `so_keepalive on|IDLE:INTERVAL:COUNT` (nginx's form; an empty field keeps the system's value).
@@ -354,6 +360,9 @@ impl Listen {
             proxy_protocol_timeout: Duration::from_secs(5),
             proxy_protocol_trusted: Vec::new(),
             so_keepalive: None,
+            sni_routes: Vec::new(),
+            sni_default: None,
+            sni_timeout: Duration::from_secs(5),
         }
     }
 }

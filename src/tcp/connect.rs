@@ -67,5 +67,7 @@ pub fn keepalive(stream: &TcpStream, k: &crate::config::Keepalive) {
             ka = ka.with_retries(count);
         }
     }
-    let _ = socket.set_tcp_keepalive(&ka);
+    if let Err(e) = socket.set_tcp_keepalive(&ka) {
+        log::debug!("so_keepalive not set: {}", crate::sys::io_reason(&e));
+    }
 }

@@ -522,6 +522,9 @@ pub enum PairState {
     /// Accepted on a listener with `accept_proxy_protocol`: waiting for the client's PROXY
     /// header (until `proxy_protocol_timeout` after `started`); nothing is read past it.
     ReadingProxyHeader,
+    /// On a listener with `sni` routes: reading (without consuming) the client's ClientHello
+    /// to choose the upstream, until `sni_timeout` after the accept.
+    Peeking,
     /// Accepted, or between two connect attempts: no server socket.
     Unassigned,
     /// A non-blocking connect to `server` is under way, started at `since`.
@@ -578,6 +581,8 @@ pub struct Pair {
     pub header_sent: usize,
     /// From the client's own PROXY header, if it sent one.
     pub proxied: Option<Proxied>,
+    /// The server name its ClientHello asked for (SNI routing), for the access log.
+    pub sni: Option<String>,
     /// Which side sent EOF first; decides `client_closed` or `server_closed`.
     pub first_eof: Option<Side>,
     /// On the worker's list of pairs waiting for a buffer: listed once, however many events
@@ -625,6 +630,7 @@ impl Pair {
             header_out: Vec::new(),
             header_sent: 0,
             proxied: None,
+            sni: None,
             first_eof: None,
             starved: false,
         }

@@ -164,6 +164,8 @@ pub(crate) struct UdpProxy {
     /// Listeners with datagrams left over (a budget ran out): a few, even with thousands of
     /// listeners.
     waiting: Vec<usize>,
+    /// No listener slot below this is free (see `part::free_slot`).
+    free_from: usize,
     warnings: LogLimit,
     /// Refused datagrams of new clients are counted each, logged at most once a second.
     denial_log: LogLimit,
@@ -179,6 +181,7 @@ impl UdpProxy {
             ready: Vec::new(),
             out: Vec::new(),
             waiting: Vec::new(),
+            free_from: 0,
             warnings: LogLimit::new(WARN_INTERVAL),
             denial_log: LogLimit::new(WARN_INTERVAL),
         }
@@ -195,7 +198,7 @@ impl UdpProxy {
     ) -> Vec<BindError> {
         let mut failed = Vec::new();
         let by_identity = Origin::by_identity(origins);
-        for slot in &mut self.listeners {
+        for (index, slot) in self.listeners.iter_mut().enumerate() {
             let Some(l) = slot else {
                 continue;
             };
@@ -207,6 +210,7 @@ impl UdpProxy {
                 None if l.sessions.is_empty() => {
                     let _ = ctx.registry.deregister(&mut l.socket);
                     *slot = None;
+                    self.free_from = self.free_from.min(index);
                 }
                 None => l.taking = Taking::KnownClients,
             }
@@ -243,7 +247,7 @@ impl UdpProxy {
         mut socket: UdpSocket,
         registry: &Registry,
     ) -> Result<(), BindError> {
-        let slot = part::free_slot(&mut self.listeners);
+        let slot = part::free_slot(&mut self.listeners, &mut self.free_from);
         let fail = |error: io::Error| {
             log::error!(
                 "cannot receive on udp {}: {}",
@@ -366,6 +370,7 @@ impl UdpProxy {
                 let _ = ctx.registry.deregister(&mut l.socket);
             }
         }
+        self.free_from = 0;
         self.ready.clear();
     }
 
@@ -414,15 +419,19 @@ impl UdpProxy {
             let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
                 return;
             };
+            // A session speaks for one client: when the peer (a balancer in front) now sends for
+            // another, the old session ends and the new client gets its own.
+            let stale = l.sessions.find(&peer).and_then(|slot| {
+                let s = l.sessions.get(slot)?;
+                (s.client != client).then(|| session_key(id, slot, s.gen))
+            });
+            if let Some(key) = stale {
+                self.end(key, End::ClientClosed, ctx);
+            }
+            let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
+                return;
+            };
             let slot = match l.sessions.find(&peer) {
-                // A session speaks for one client: a header naming another is not taken.
-                Some(slot) if l.sessions.get(slot).is_some_and(|s| s.client != client) => {
-                    ctx.metrics.dropped(&l.origin.stats);
-                    ctx.metrics
-                        .proxy_protocol_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    continue;
-                }
                 Some(slot) => slot,
                 None if l.taking == Taking::KnownClients => {
                     ctx.metrics.dropped(&l.origin.stats);
@@ -477,7 +486,7 @@ impl UdpProxy {
         let datagram = self.buf.get(..n).unwrap_or_default();
         let why = match pp::parse(datagram) {
             pp::Parsed::Header(h, len) => {
-                let dst = h.addrs.map(|(_, dst)| dst);
+                let dst = h.client().and(h.addrs).map(|(_, dst)| dst);
                 return Some((len, h.client().unwrap_or(peer), dst));
             }
             pp::Parsed::Incomplete => "a PROXY header cut short",
@@ -797,6 +806,7 @@ impl UdpProxy {
                 datagrams: Some((s.up.datagrams, s.down.datagrams)),
                 started: s.started,
                 end,
+                sni: None,
             },
         );
         self.close_if_retired(id, ctx);
@@ -815,6 +825,7 @@ impl UdpProxy {
                 let _ = ctx.registry.deregister(&mut l.socket);
                 log::debug!("udp {}: closed, its last session ended", l.origin.addr);
             }
+            self.free_from = self.free_from.min(id);
         }
     }
 }

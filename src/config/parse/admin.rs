@@ -141,12 +141,16 @@ impl Parser<'_> {
             if text.is_empty() {
                 return Ok(None);
             }
+            // What the kernel takes: whole seconds from 1 to 32767 (Linux refuses more, and
+            // a refused one would leave every keepalive setting at the system's default).
             match super::parse_duration(text) {
-                Some(d) if d >= std::time::Duration::from_secs(1) => Ok(Some(d)),
+                Some(d) if d.subsec_nanos() == 0 && (1..=32_767).contains(&d.as_secs()) => {
+                    Ok(Some(d))
+                }
                 _ => Err(self.err_at(
                     arg,
                     format!(
-                        "so_keepalive '{}': '{text}' is not a duration of 1s or more",
+                        "so_keepalive '{}': '{text}' is not whole seconds from 1s to 32767s",
                         arg.text
                     ),
                 )),

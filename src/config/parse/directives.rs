@@ -133,6 +133,12 @@ pub(super) const DIRECTIVES: &[Directive] = &[
         Proto::Tcp,
         once("so_keepalive", Listen, "'on', 'off' or IDLE:INTERVAL:COUNT"),
     ),
+    only(Proto::Tcp, many("sni", Listen)),
+    only(
+        Proto::Tcp,
+        once("sni_default", Listen, "an upstream name or an address"),
+    ),
+    only(Proto::Tcp, once("sni_timeout", Listen, "a duration")),
 ];
 
 /// The directive `name` of `context`.

@@ -81,6 +81,8 @@ impl Parser<'_> {
         }
         let mut listen = Listen::new(proto, addr, UpstreamId(0), 0);
         let mut proxy = None;
+        let mut sni: Vec<(String, super::Arg)> = Vec::new();
+        let mut sni_default: Option<super::Arg> = None;
         let mut tries = None;
         let mut half_close = None;
         let mut seen = Seen::default();
@@ -197,6 +199,38 @@ impl Parser<'_> {
                     let arg = self.single(&inner, d.takes)?;
                     listen.proxy_protocol_timeout = self.positive_duration(&arg.text, arg, name)?;
                 }
+                "sni" => {
+                    let [name, upstream] = inner.args.as_slice() else {
+                        return Err(self.err(
+                            inner.term.pos(),
+                            "expected a name and an upstream after 'sni' (e.g. sni example.com web;)",
+                        ));
+                    };
+                    self.semi(&inner)?;
+                    let pattern = name.text.to_ascii_lowercase();
+                    let pattern = pattern.strip_suffix('.').unwrap_or(&pattern).to_string();
+                    let bare = pattern.strip_prefix("*.").unwrap_or(&pattern);
+                    let valid = !bare.is_empty()
+                        && !bare.split('.').any(str::is_empty)
+                        && bare
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+                    if !valid {
+                        return Err(self.err_at(
+                            name,
+                            format!("bad sni name '{}' (a host name, or *.suffix)", name.text),
+                        ));
+                    }
+                    sni.push((pattern, upstream.clone()));
+                }
+                "sni_default" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    sni_default = Some(arg.clone());
+                }
+                "sni_timeout" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    listen.sni_timeout = self.positive_duration(&arg.text, arg, name)?;
+                }
                 "so_keepalive" => {
                     let arg = self.single(&inner, d.takes)?;
                     listen.so_keepalive = self.keepalive(arg)?;
@@ -222,6 +256,10 @@ impl Parser<'_> {
                 _ => return Err(self.unknown(Context::Listen, &inner.name)),
             }
         }
+        // With SNI routes the listener's own upstream is the default, or the first route's.
+        let proxy = proxy
+            .or_else(|| sni_default.clone())
+            .or_else(|| sni.first().map(|(_, u)| u.clone()));
         let Some(proxy) = proxy else {
             return Err(self.err_at(
                 &stmt.name,
@@ -230,7 +268,11 @@ impl Parser<'_> {
         };
         listen.half_close_timeout = half_close.unwrap_or(listen.idle_timeout);
         // A `proxy ADDR:Q1-Q2` pairs port P1+i with Q1+i; a range needs a range of one length.
-        let targets = match crate::config::addr::port_range(&proxy.text) {
+        let range = match proxy.text.contains(':') {
+            true => crate::config::addr::port_range(&proxy.text),
+            false => None,
+        };
+        let targets = match range {
             None => None,
             Some(Err(message)) => return Err(self.err_at(&proxy, message)),
             Some(Ok((host, first, count))) if count == ports => Some((host, first)),
@@ -256,6 +298,8 @@ impl Parser<'_> {
                 line: stmt.name.line,
                 proxy,
                 tries,
+                sni: sni.clone(),
+                sni_default: sni_default.clone(),
             });
         }
         Ok(())

@@ -151,6 +151,9 @@ struct PendingListen {
     proxy: Arg,
     /// `next_upstream_tries` as written; 0 or `None` = the upstream's server count.
     tries: Option<u32>,
+    /// `sni NAME UPSTREAM;` as written, and `sni_default`.
+    sni: Vec<(String, Arg)>,
+    sni_default: Option<Arg>,
 }
 
 struct Parser<'a> {

@@ -37,6 +37,13 @@ impl Parser<'_> {
             self.no_loop(&pending, upstream, &own)?;
             let mut listen = pending.listen;
             listen.upstream = UpstreamId(upstream);
+            for (name, target) in &pending.sni {
+                let id = self.proxy_target(target, explicit)?;
+                listen.sni_routes.push((name.clone(), UpstreamId(id)));
+            }
+            if let Some(target) = &pending.sni_default {
+                listen.sni_default = Some(UpstreamId(self.proxy_target(target, explicit)?));
+            }
             if listen.access.is_empty() {
                 listen.access = self.config.access.clone();
             }

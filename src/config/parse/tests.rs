@@ -1642,7 +1642,54 @@ fn so_keepalive_in_nginx_form() {
         &listen("0:1:1"),
         3,
         16,
-        "'0' is not a duration of 1s or more",
+        "'0' is not whole seconds from 1s to 32767s",
+    );
+    assert_err(&listen("10h:1:1"), 3, 16, "'10h' is not whole seconds");
+    assert_err(
+        &listen("1500ms:1:1"),
+        3,
+        16,
+        "'1500ms' is not whole seconds",
     );
     assert_err(&listen("1:1:0"), 3, 16, "so_keepalive count");
+}
+
+#[test]
+fn sni_routes_and_their_errors() {
+    let c = ok("upstream a { server 127.0.0.1:1; }\nupstream b { server 127.0.0.1:2; }\n\
+                listen 127.0.0.1:443 { sni A.Example.COM. a; sni *.example.org b; sni_default a; sni_timeout 2s; }\n\
+                listen 127.0.0.1:444 { sni x.test b; }\n");
+    let (l, only) = (&c.listeners[0], &c.listeners[1]);
+    assert_eq!(
+        l.sni_routes,
+        [
+            ("a.example.com".to_string(), UpstreamId(0)),
+            ("*.example.org".to_string(), UpstreamId(1)),
+        ]
+    );
+    assert_eq!(l.sni_default, Some(UpstreamId(0)));
+    assert_eq!(l.sni_timeout, Duration::from_secs(2));
+    assert_eq!(
+        (only.sni_default, only.upstream),
+        (None, UpstreamId(1)),
+        "no proxy needed"
+    );
+    assert_err(
+        "upstream a { server 127.0.0.1:1; }\nlisten 127.0.0.1:443 {\n  sni a;\n}",
+        3,
+        8,
+        "expected a name and an upstream after 'sni'",
+    );
+    assert_err(
+        "upstream a { server 127.0.0.1:1; }\nlisten 127.0.0.1:443 {\n  sni a..b a;\n}",
+        3,
+        7,
+        "bad sni name 'a..b'",
+    );
+    assert_err(
+        "listen 127.0.0.1:443 {\n  sni a.test nowhere;\n}",
+        2,
+        14,
+        "unknown upstream 'nowhere'",
+    );
 }

@@ -100,6 +100,7 @@ impl TcpProxy {
             if cap > 0 && !ctx.metrics.reserve_listener(&l.origin.stats, cap) {
                 ctx.metrics.unreserve();
                 l.full = true;
+                self.full_slots.push(slot);
                 self.resume_at(ctx.now + CAPACITY_RECHECK, ctx);
                 return;
             }
@@ -149,8 +150,11 @@ impl TcpProxy {
     /// A pair ended or a wait ran out: take clients again (the next accept checks the caps).
     pub(super) fn reopen_accepting(&mut self) {
         self.accept = AcceptState::Open;
-        for l in self.listeners.iter_mut().flatten() {
-            l.full = false;
+        // Only the listeners that hit their own cap, not every listener (port ranges).
+        for slot in self.full_slots.drain(..) {
+            if let Some(Some(l)) = self.listeners.get_mut(slot) {
+                l.full = false;
+            }
         }
     }
 
@@ -292,6 +296,6 @@ impl TcpProxy {
             return;
         }
         entry.insert(pair);
-        self.connect_next(key, ctx);
+        self.proceed(key, ctx);
     }
 }

@@ -71,7 +71,8 @@ impl TcpProxy {
             pair.client_addr = client;
         }
         pair.proxied = Some(Proxied {
-            dst: header.addrs.map(|(_, dst)| dst),
+            // A LOCAL header speaks for its sender: its addresses are not the client's.
+            dst: header.client().and(header.addrs).map(|(_, dst)| dst),
             tlvs: header.tlvs,
         });
         pair.state = PairState::Unassigned;
@@ -87,7 +88,7 @@ impl TcpProxy {
                 if let Some(pair) = super::live(&mut self.pairs, key) {
                     pair.ticket = ticket;
                 }
-                self.connect_next(key, ctx);
+                self.proceed(key, ctx);
             }
             Err(()) => self.discard(key, ctx),
         }

@@ -21,6 +21,7 @@ use slab::Slab;
 
 mod accept;
 mod header;
+mod peek;
 
 use super::buffer::BufferPool;
 use super::connect::{self, Outcome};
@@ -72,6 +73,10 @@ pub struct TcpProxy {
     starved: Vec<Key>,
     /// Slots of listeners that stopped with clients still in their backlog (budget, a cap).
     waiting: Vec<usize>,
+    /// Slots of listeners at their own `max_connections` (`full`), cleared when a pair ends.
+    full_slots: Vec<usize>,
+    /// No listener slot below this is free (see `part::free_slot`).
+    free_from: usize,
     accept: AcceptState,
     fd_warnings: LogLimit,
     no_server_warnings: LogLimit,
@@ -94,6 +99,8 @@ impl TcpProxy {
             ready: Vec::new(),
             starved: Vec::new(),
             waiting: Vec::new(),
+            full_slots: Vec::new(),
+            free_from: 0,
             accept: AcceptState::Open,
             fd_warnings: LogLimit::new(WARN_INTERVAL),
             no_server_warnings: LogLimit::new(WARN_INTERVAL),
@@ -117,7 +124,7 @@ impl TcpProxy {
         ctx: &mut Ctx<'_>,
     ) -> Vec<BindError> {
         let by_identity = Origin::by_identity(origins);
-        for slot in &mut self.listeners {
+        for (index, slot) in self.listeners.iter_mut().enumerate() {
             let Some(l) = slot else {
                 continue;
             };
@@ -128,6 +135,7 @@ impl TcpProxy {
                         let _ = ctx.registry.deregister(&mut socket);
                     }
                     *slot = None;
+                    self.free_from = self.free_from.min(index);
                 }
             }
         }
@@ -136,13 +144,27 @@ impl TcpProxy {
             .filter_map(|(origin, socket)| self.listen(origin, socket, ctx.registry).err())
             .collect();
         self.max_connections = max_connections;
-        for (_, pair) in self.pairs.iter_mut() {
+        let mut unrouted = Vec::new();
+        for (index, pair) in self.pairs.iter_mut() {
+            // A client not yet routed (header or ClientHello still coming) takes the listener's
+            // new settings: its routes name upstreams by the new ids.
+            if matches!(
+                pair.state,
+                PairState::Peeking | PairState::ReadingProxyHeader
+            ) {
+                match by_identity.get(&Origin::identity(&pair.origin.conf)) {
+                    Some(origin) => pair.origin = Arc::clone(origin),
+                    // Its listener is gone, and with it the routes it would need.
+                    None => unrouted.push(Key::new(index, pair.gen)),
+                }
+            }
             let upstream = pair.upstream;
             pair.upstream = remap.upstream(upstream);
             pair.tried = remap.tried(upstream, &pair.tried);
             pair.last_server = pair.last_server.and_then(|s| remap.server(upstream, s));
             pair.state = match pair.state {
                 PairState::ReadingProxyHeader => PairState::ReadingProxyHeader,
+                PairState::Peeking => PairState::Peeking,
                 PairState::Unassigned => PairState::Unassigned,
                 PairState::SendingProxyHeader { server } => PairState::SendingProxyHeader {
                     server: remap.held(upstream, server),
@@ -156,6 +178,9 @@ impl TcpProxy {
                 },
             };
         }
+        for key in unrouted {
+            self.close(key, End::Shutdown, ctx);
+        }
         self.reopen_accepting();
         failed
     }
@@ -167,7 +192,7 @@ impl TcpProxy {
         mut socket: TcpListener,
         registry: &Registry,
     ) -> Result<(), BindError> {
-        let slot = part::free_slot(&mut self.listeners);
+        let slot = part::free_slot(&mut self.listeners, &mut self.free_from);
         if let Err(error) =
             registry.register(&mut socket, token::listener(slot), Interest::READABLE)
         {
@@ -237,6 +262,7 @@ impl TcpProxy {
         let conf = &origin.conf;
         match pair.state {
             PairState::ReadingProxyHeader => self.header_timeout(key, ctx),
+            PairState::Peeking => self.peek_timeout(key, ctx),
             PairState::Unassigned => {}
             PairState::Connecting { server, since } => {
                 if ctx.now >= after(since, conf.connect_timeout) {
@@ -537,6 +563,7 @@ impl TcpProxy {
         };
         match pair.state {
             PairState::ReadingProxyHeader => self.read_proxy_header(key, ctx),
+            PairState::Peeking => self.peek_hello(key, ctx),
             PairState::SendingProxyHeader { .. } => {
                 if self.send_proxy_header(key, ctx) {
                     self.pump(key, ctx);
@@ -629,7 +656,7 @@ impl TcpProxy {
         }
         let mut pair = self.pairs.remove(key.index);
         let held = match pair.state {
-            PairState::ReadingProxyHeader | PairState::Unassigned => None,
+            PairState::ReadingProxyHeader | PairState::Peeking | PairState::Unassigned => None,
             PairState::Connecting { server, .. }
             | PairState::SendingProxyHeader { server }
             | PairState::Streaming { server } => Some(server),
@@ -664,6 +691,7 @@ impl TcpProxy {
                 datagrams: None,
                 started: pair.started,
                 end,
+                sni: pair.sni.as_deref(),
             },
         );
         self.reopen_accepting();

@@ -1,0 +1,96 @@
+//! SNI routing: a pair on a listener with `sni` routes reads its client's TLS ClientHello (by
+//! peeking, so every byte still goes to the server unchanged) before it picks an upstream.
+
+use super::TcpProxy;
+use crate::part::Ctx;
+use crate::reactor::token::Key;
+use crate::reactor::{after, retry, End};
+use crate::sni::{self, Hello};
+use crate::tcp::pipe::PairState;
+
+impl TcpProxy {
+    /// The client is accepted (and its PROXY header read, if any): choose the upstream by its
+    /// ClientHello first where the listener routes by SNI, else connect at once.
+    pub(super) fn proceed(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(pair) = super::live(&mut self.pairs, key) else {
+            return;
+        };
+        if pair.origin.conf.sni_routes.is_empty() {
+            self.connect_next(key, ctx);
+            return;
+        }
+        pair.state = PairState::Peeking;
+        let deadline = after(ctx.now, pair.origin.conf.sni_timeout);
+        self.arm(key, deadline, ctx);
+        if pair_has_bytes(self, key) {
+            self.peek_hello(key, ctx);
+        }
+    }
+
+    /// The client of a `Peeking` pair sent more: is its ClientHello whole?
+    pub(super) fn peek_hello(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(pair) = super::live(&mut self.pairs, key) else {
+            return;
+        };
+        let mut buf = [0u8; sni::MAX_HELLO];
+        let n = match retry(|| pair.client.peek(&mut buf)) {
+            Ok(Some(0)) => {
+                self.close(key, End::ClientClosed, ctx);
+                return;
+            }
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                pair.client_ready.readable = false;
+                return;
+            }
+            Err(_) => {
+                self.close(key, End::Error, ctx);
+                return;
+            }
+        };
+        let conf = &pair.origin.conf;
+        let chosen = match sni::parse(buf.get(..n).unwrap_or_default()) {
+            Hello::Incomplete if n < sni::MAX_HELLO && !pair.client_ready.read_closed => {
+                pair.client_ready.readable = false;
+                return;
+            }
+            // Not TLS, broken, cut short by the client's end, or no name: the default.
+            Hello::Incomplete | Hello::NotTls | Hello::Bad(_) | Hello::Found(None) => {
+                conf.sni_default
+            }
+            Hello::Found(Some(name)) => {
+                let routed = sni::route(&conf.sni_routes, &name).copied();
+                pair.sni = Some(name);
+                routed.or(conf.sni_default)
+            }
+        };
+        let Some(upstream) = chosen else {
+            self.close(key, End::NoServer, ctx);
+            return;
+        };
+        pair.upstream = upstream;
+        pair.state = PairState::Unassigned;
+        if let Some(t) = pair.timer.take() {
+            ctx.timers.cancel(t);
+        }
+        self.connect_next(key, ctx);
+    }
+
+    /// A `Peeking` pair's deadline: a client that sent too little in `sni_timeout` is closed.
+    pub(super) fn peek_timeout(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(pair) = super::live(&mut self.pairs, key) else {
+            return;
+        };
+        let deadline = after(pair.started, pair.origin.conf.sni_timeout);
+        if ctx.now >= deadline {
+            self.close(key, End::IdleTimeout, ctx);
+        } else {
+            self.arm(key, deadline, ctx);
+        }
+    }
+}
+
+/// Whether the pair's client already reported bytes (its header was read and more came).
+fn pair_has_bytes(proxy: &mut TcpProxy, key: Key) -> bool {
+    super::live(&mut proxy.pairs, key).is_some_and(|p| p.client_ready.readable)
+}
