@@ -135,19 +135,17 @@ fn a_burst_gets_the_burst_then_the_rate() {
         (5..=5 + refill + 1).contains(&burst),
         "{burst} of 30 in {took:?}"
     );
-    // Then about 10 a second: one every 100 ms.
+    // Then about 10 a second: one every 100 ms, counted over 3 s (about 30, loosely: a loaded
+    // machine tries less often, and never gets more through than the bucket refills).
     let mut later = 0;
     let window = Instant::now();
-    while window.elapsed() < Duration::from_millis(1500) {
+    while window.elapsed() < Duration::from_secs(3) {
         if served_from(from, addr) {
             later += 1;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        (10..=22).contains(&later),
-        "{later} served in 1.5 s at 10/s"
-    );
+    assert!((15..=36).contains(&later), "{later} served in 3 s at 10/s");
     assert!(
         served_from(ip("127.0.0.5"), addr),
         "another address has its own bucket"

@@ -214,7 +214,13 @@ fn so_keepalive_is_set_on_both_sockets_of_a_pair() {
     let held = hold(listen).expect("a pair");
     // The accepted socket's local address is the listener's; the server socket's peer is the
     // backend. Each must carry a keepalive timer of at most the 1 s idle time.
-    let keepalive = |line: &String| line.contains("timer:(keepalive,");
+    // The timer counts down from the 1 s idle time (the system's default would be 2 hours).
+    let keepalive = |line: &String| {
+        line.split("timer:(keepalive,")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .is_some_and(|left| left.ends_with("ms") || left == "1sec")
+    };
     let found = wait_until(EVENTUALLY, || {
         let lines = ss_lines().unwrap_or_default();
         let client_side = lines

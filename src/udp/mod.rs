@@ -420,20 +420,14 @@ impl UdpProxy {
                 return;
             };
             // A session speaks for one client: when the peer (a balancer in front) now sends for
-            // another, the old session ends and the new client gets its own.
+            // another, the old session ends (once the new client is let in) and it gets its own.
             let stale = l.sessions.find(&peer).and_then(|slot| {
                 let s = l.sessions.get(slot)?;
                 (s.client != client).then(|| session_key(id, slot, s.gen))
             });
-            if let Some(key) = stale {
-                self.end(key, End::ClientClosed, ctx);
-            }
-            let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
-                return;
-            };
             let slot = match l.sessions.find(&peer) {
-                Some(slot) => slot,
-                None if l.taking == Taking::KnownClients => {
+                Some(slot) if stale.is_none() => slot,
+                _ if l.taking == Taking::KnownClients => {
                     ctx.metrics.dropped(&l.origin.stats);
                     log::trace!(
                         "udp {}: removed by a reload; {} dropped",
@@ -442,24 +436,29 @@ impl UdpProxy {
                     );
                     continue;
                 }
-                None if l.origin.acl.denies(client.ip()).is_some() => {
+                _ if l.origin.acl.denies(client.ip()).is_some() => {
                     let origin = Arc::clone(&l.origin);
                     let rule = origin.acl.denies(client.ip()).copied();
                     let log = self.denial_log.pass(ctx.now).is_some();
                     accounting::deny(ctx, &origin, client, Denial::Acl, rule.as_ref(), log);
                     continue;
                 }
-                None => match self.open(id, peer, client, ctx) {
-                    Some(slot) => {
-                        if let Some(s) =
-                            self.listener_mut(id).and_then(|l| l.sessions.get_mut(slot))
-                        {
-                            s.proxied_dst = dst;
-                        }
-                        slot
+                _ => {
+                    if let Some(key) = stale {
+                        self.end(key, End::ClientClosed, ctx);
                     }
-                    None => continue,
-                },
+                    match self.open(id, peer, client, ctx) {
+                        Some(slot) => {
+                            if let Some(s) =
+                                self.listener_mut(id).and_then(|l| l.sessions.get_mut(slot))
+                            {
+                                s.proxied_dst = dst;
+                            }
+                            slot
+                        }
+                        None => continue,
+                    }
+                }
             };
             self.send_up(id, slot, start..n, local, ctx);
         }

@@ -256,7 +256,16 @@ impl Parser<'_> {
                 _ => return Err(self.unknown(Context::Listen, &inner.name)),
             }
         }
-        // With SNI routes the listener's own upstream is the default, or the first route's.
+        if sni.is_empty() {
+            if let Some(arg) = &sni_default {
+                return Err(self.err_at(arg, "sni_default without any 'sni NAME UPSTREAM;' route"));
+            }
+        }
+        // With SNI routes, an explicit `proxy` is the default; else the listener's own upstream
+        // is the default's, or the first route's.
+        if !sni.is_empty() && sni_default.is_none() {
+            sni_default = proxy.clone();
+        }
         let proxy = proxy
             .or_else(|| sni_default.clone())
             .or_else(|| sni.first().map(|(_, u)| u.clone()));

@@ -35,21 +35,34 @@ impl Parser<'_> {
                 .get(upstream)
                 .map_or(1, |u| u.servers.len());
             self.no_loop(&pending, upstream, &own)?;
-            let mut listen = pending.listen;
-            listen.upstream = UpstreamId(upstream);
+            // Routes get the checks `proxy` gets; the default number of tries is enough for
+            // the largest upstream a client may be routed to.
+            let mut most = servers;
+            let mut routes = Vec::with_capacity(pending.sni.len());
             for (name, target) in &pending.sni {
                 let id = self.proxy_target(target, explicit)?;
-                listen.sni_routes.push((name.clone(), UpstreamId(id)));
+                self.no_loop(&pending, id, &own)?;
+                most = most.max(self.config.upstreams.get(id).map_or(1, |u| u.servers.len()));
+                routes.push((name.clone(), UpstreamId(id)));
             }
-            if let Some(target) = &pending.sni_default {
-                listen.sni_default = Some(UpstreamId(self.proxy_target(target, explicit)?));
-            }
+            let sni_default = match &pending.sni_default {
+                Some(target) => {
+                    let id = self.proxy_target(target, explicit)?;
+                    self.no_loop(&pending, id, &own)?;
+                    Some(UpstreamId(id))
+                }
+                None => None,
+            };
+            let mut listen = pending.listen;
+            listen.upstream = UpstreamId(upstream);
+            listen.sni_routes = routes;
+            listen.sni_default = sni_default;
             if listen.access.is_empty() {
                 listen.access = self.config.access.clone();
             }
             listen.next_upstream_tries = match pending.tries {
                 Some(n) if n > 0 => n,
-                _ => u32::try_from(servers.max(1)).unwrap_or(u32::MAX),
+                _ => u32::try_from(most.max(1)).unwrap_or(u32::MAX),
             };
             self.config.listeners.push(listen);
         }

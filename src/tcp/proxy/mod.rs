@@ -153,9 +153,17 @@ impl TcpProxy {
                 PairState::Peeking | PairState::ReadingProxyHeader
             ) {
                 match by_identity.get(&Origin::identity(&pair.origin.conf)) {
-                    Some(origin) => pair.origin = Arc::clone(origin),
+                    Some(origin) => {
+                        // Not routed yet: it takes the listener as it is now, upstream too.
+                        pair.origin = Arc::clone(origin);
+                        pair.upstream = origin.conf.upstream;
+                        continue;
+                    }
                     // Its listener is gone, and with it the routes it would need.
-                    None => unrouted.push(Key::new(index, pair.gen)),
+                    None if !pair.origin.conf.sni_routes.is_empty() => {
+                        unrouted.push(Key::new(index, pair.gen));
+                    }
+                    None => {}
                 }
             }
             let upstream = pair.upstream;

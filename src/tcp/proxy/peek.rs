@@ -50,6 +50,8 @@ impl TcpProxy {
         };
         let conf = &pair.origin.conf;
         let chosen = match sni::parse(buf.get(..n).unwrap_or_default()) {
+            // A reload took the routes away while it peeked: the listener's upstream.
+            _ if conf.sni_routes.is_empty() => Some(conf.upstream),
             Hello::Incomplete if n < sni::MAX_HELLO && !pair.client_ready.read_closed => {
                 pair.client_ready.readable = false;
                 return;
@@ -70,6 +72,8 @@ impl TcpProxy {
         };
         pair.upstream = upstream;
         pair.state = PairState::Unassigned;
+        // The retry budget counts from the choice, not from the accept.
+        pair.budget_from = ctx.now;
         if let Some(t) = pair.timer.take() {
             ctx.timers.cancel(t);
         }
@@ -81,7 +85,8 @@ impl TcpProxy {
         let Some(pair) = super::live(&mut self.pairs, key) else {
             return;
         };
-        let deadline = after(pair.started, pair.origin.conf.sni_timeout);
+        // From when it began to peek: the accept, or the end of its PROXY header.
+        let deadline = after(pair.budget_from, pair.origin.conf.sni_timeout);
         if ctx.now >= deadline {
             self.close(key, End::IdleTimeout, ctx);
         } else {
