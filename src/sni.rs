@@ -61,7 +61,8 @@ pub fn parse(buf: &[u8]) -> Hello {
                 return Hello::Bad("the first handshake message is not a ClientHello");
             }
             let body = usize::from(hs[1]) << 16 | usize::from(hs[2]) << 8 | usize::from(hs[3]);
-            if body + 4 > MAX_HELLO {
+            // The handshake message and the record header it came in must fit in what is read.
+            if body + 4 + 5 > MAX_HELLO {
                 return Hello::Bad("a ClientHello longer than 16 KiB");
             }
             if let Some(hello) = message.get(4..4 + body) {
@@ -133,15 +134,17 @@ fn client_hello(hello: &[u8]) -> Result<Option<String>, &'static str> {
         return Err("bytes after the extensions");
     }
     let mut name = None;
+    let mut seen_name = false;
     while !exts.0.is_empty() {
         let kind = exts.u16()?;
         let mut data = exts.block(2)?;
         if kind != EXT_SERVER_NAME {
             continue;
         }
-        if name.is_some() {
+        if seen_name {
             return Err("two server_name extensions");
         }
+        seen_name = true;
         let mut list = data.block(2)?;
         while !list.0.is_empty() {
             let kind = list.u8()?;
@@ -164,7 +167,7 @@ fn host_name(raw: &[u8]) -> Result<String, &'static str> {
     }
     if !raw
         .iter()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'*'))
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
     {
         return Err("a server name with bytes a host name cannot have");
     }
@@ -291,6 +294,12 @@ mod tests {
             Hello::Found(None),
             "no server_name"
         );
+        // A first server_name with no host entry does not make a second one acceptable.
+        let no_host = (EXT_SERVER_NAME, vec![0, 4, 7, 0, 1, b'x']);
+        assert!(matches!(
+            parse(&hello(&[no_host, sni("b.example")])),
+            Hello::Bad("two server_name extensions")
+        ));
     }
 
     #[test]
@@ -308,7 +317,7 @@ mod tests {
         let mut oversize = good.clone();
         oversize[6..9].copy_from_slice(&[0x01, 0, 0]);
         assert!(matches!(parse(&oversize), Hello::Bad(m) if m.contains("16 KiB")));
-        for bad in ["a b", "a..", "..", "a..b", "."] {
+        for bad in ["a b", "a..", "..", "a..b", ".", "*.example.org"] {
             assert!(
                 matches!(parse(&hello(&[sni(bad)])), Hello::Bad(_)),
                 "{bad:?}"

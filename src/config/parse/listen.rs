@@ -221,6 +221,9 @@ impl Parser<'_> {
                             format!("bad sni name '{}' (a host name, or *.suffix)", name.text),
                         ));
                     }
+                    if sni.iter().any(|(p, _)| *p == pattern) {
+                        return Err(self.err_at(name, format!("duplicate sni name '{pattern}'")));
+                    }
                     sni.push((pattern, upstream.clone()));
                 }
                 "sni_default" => {

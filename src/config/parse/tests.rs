@@ -1687,6 +1687,18 @@ fn sni_routes_and_their_errors() {
         "bad sni name 'a..b'",
     );
     assert_err(
+        "upstream a { server 127.0.0.1:1; }\nlisten 127.0.0.1:443 {\n  sni a.test a;\n  sni A.test a;\n}",
+        4,
+        7,
+        "duplicate sni name 'a.test'",
+    );
+    assert_err(
+        "upstream a { server 127.0.0.1:1; }\nlisten 127.0.0.1:443 {\n  proxy a;\n  sni_default a;\n}",
+        4,
+        15,
+        "sni_default without any 'sni NAME UPSTREAM;' route",
+    );
+    assert_err(
         "listen 127.0.0.1:443 {\n  sni a.test nowhere;\n}",
         2,
         14,
