@@ -62,10 +62,9 @@ pub struct Direction {
     carrier: Carrier,
     /// Bytes delivered to the destination.
     pub bytes: u64,
-    /// `limit_rate`, if set.
-    pub throttle: Option<Throttle>,
-    /// Out of its byte budget, with bytes waiting in the source: read again at this time.
-    pub throttled_until: Option<Instant>,
+    /// `limit_rate`, if set (boxed: most pairs have none, and an idle pair should stay small;
+    /// the `idle` bench scenario measures it).
+    pub throttle: Option<Box<Throttle>>,
 }
 
 /// `limit_rate` for one direction: a token bucket of bytes (`rate` a second, a tenth of a
@@ -75,6 +74,8 @@ pub struct Direction {
 /// busy loop, no timer per byte, and the pair's buffers stay as they are.
 #[derive(Debug, Clone, Copy)]
 pub struct Throttle {
+    /// Out of its byte budget, with bytes waiting in the source: read again at this time.
+    pub until: Option<Instant>,
     rate: u64,
     burst: u64,
     tokens: u64,
@@ -90,6 +91,7 @@ impl Throttle {
     pub fn new(rate: u64, after: u64, now: Instant) -> Throttle {
         let burst = (rate / 10).max(MIN_THROTTLE_STEP);
         Throttle {
+            until: None,
             rate: rate.max(1),
             burst,
             tokens: MIN_THROTTLE_STEP.min(burst),
@@ -245,7 +247,6 @@ impl Direction {
             carrier: Carrier::Empty,
             bytes: 0,
             throttle: None,
-            throttled_until: None,
         }
     }
 
@@ -292,12 +293,14 @@ impl Direction {
             if budget == 0 {
                 return Ok(Step::Yield);
             }
-            let allowed = match self.throttle.as_mut() {
+            let allowed = match self.throttle.as_deref_mut() {
                 None => usize::MAX,
                 Some(t) => t.allowance(now),
             };
             if allowed == 0 {
-                self.throttled_until = self.throttle.map(|t| t.ready_at(now));
+                if let Some(t) = self.throttle.as_deref_mut() {
+                    t.until = Some(t.ready_at(now));
+                }
                 return Ok(Step::Idle);
             }
             budget -= 1;
@@ -368,7 +371,8 @@ impl Direction {
                 // The pool is dry but the destination takes bytes.
                 Carrier::Empty => self.pass_through(&mut io, cap(scratch, allowed))?,
             };
-            if let (Got::Data { n, .. } | Got::Left { n }, Some(t)) = (&got, self.throttle.as_mut())
+            if let (Got::Data { n, .. } | Got::Left { n }, Some(t)) =
+                (&got, self.throttle.as_deref_mut())
             {
                 t.consume(*n);
             }
@@ -535,6 +539,21 @@ pub enum PairState {
     Streaming { server: ServerId },
 }
 
+/// A pair's rarely needed state.
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// Armed while a direction waits for its `limit_rate` budget, and when it fires.
+    pub throttle_timer: Option<TimerKey>,
+    pub throttle_at: Option<Instant>,
+    /// The PROXY header for the server while `SendingProxyHeader`, and how much of it went.
+    pub header_out: Vec<u8>,
+    pub header_sent: usize,
+    /// From the client's own PROXY header, if it sent one.
+    pub proxied: Option<Proxied>,
+    /// The server name its ClientHello asked for (SNI routing), for the access log.
+    pub sni: Option<String>,
+}
+
 /// What a client's PROXY header said, kept to be passed on (chaining).
 #[derive(Debug, Clone)]
 pub struct Proxied {
@@ -573,16 +592,9 @@ pub struct Pair {
     pub last_active: Instant,
     /// The one timer this pair has armed (connect or activity deadline).
     pub timer: Option<TimerKey>,
-    /// Armed while a direction waits for its `limit_rate` budget, and when it fires.
-    pub throttle_timer: Option<TimerKey>,
-    pub throttle_at: Option<Instant>,
-    /// The PROXY header for the server while `SendingProxyHeader`, and how much of it went.
-    pub header_out: Vec<u8>,
-    pub header_sent: usize,
-    /// From the client's own PROXY header, if it sent one.
-    pub proxied: Option<Proxied>,
-    /// The server name its ClientHello asked for (SNI routing), for the access log.
-    pub sni: Option<String>,
+    /// What only some pairs need (`limit_rate`, the PROXY protocol, SNI), boxed on first use
+    /// so that the common pair stays small.
+    pub extra: Option<Box<Extra>>,
     /// Which side sent EOF first; decides `client_closed` or `server_closed`.
     pub first_eof: Option<Side>,
     /// On the worker's list of pairs waiting for a buffer: listed once, however many events
@@ -603,8 +615,8 @@ impl Pair {
                 .then(|| Throttle::new(conf.limit_rate, conf.limit_rate_after, now))
         };
         let (mut up, mut down) = (Direction::new(), Direction::new());
-        up.throttle = throttle(&origin.conf);
-        down.throttle = throttle(&origin.conf);
+        up.throttle = throttle(&origin.conf).map(Box::new);
+        down.throttle = throttle(&origin.conf).map(Box::new);
         Pair {
             gen,
             upstream: origin.conf.upstream,
@@ -625,15 +637,15 @@ impl Pair {
             budget_from: now,
             last_active: now,
             timer: None,
-            throttle_timer: None,
-            throttle_at: None,
-            header_out: Vec::new(),
-            header_sent: 0,
-            proxied: None,
-            sni: None,
+            extra: None,
             first_eof: None,
             starved: false,
         }
+    }
+
+    /// The pair's rarely needed state, made on first use.
+    pub fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
     }
 
     pub fn readiness(&mut self, side: Side) -> &mut Readiness {
@@ -694,10 +706,8 @@ impl Pair {
 
     /// When a direction out of its `limit_rate` budget may read again (the earlier of the two).
     pub fn throttled_until(&mut self) -> Option<Instant> {
-        let (a, b) = (
-            self.up.throttled_until.take(),
-            self.down.throttled_until.take(),
-        );
+        let until = |d: &mut Direction| d.throttle.as_deref_mut().and_then(|t| t.until.take());
+        let (a, b) = (until(&mut self.up), until(&mut self.down));
         match (a, b) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -957,15 +967,22 @@ mod tests {
             1,
         );
         r.scratch = vec![0; 16_384];
-        r.dir.throttle = Some(Throttle::new(10_000, 0, r.now));
+        r.dir.throttle = Some(Box::new(Throttle::new(10_000, 0, r.now)));
         assert_eq!(r.pump().ok(), Some(Step::Idle));
         assert_eq!(r.dst.written.len(), 4096, "one step of budget, no more");
-        let until = r.dir.throttled_until.expect("told when to come back");
+        let until = r
+            .dir
+            .throttle
+            .as_ref()
+            .and_then(|t| t.until)
+            .expect("told when to come back");
         assert!(until > r.now);
         assert!(r.src_ready.readable, "the source still has bytes");
         assert!(!r.dir.holds_buffer(), "waiting holds no buffer");
         r.now = until;
-        r.dir.throttled_until = None;
+        if let Some(t) = r.dir.throttle.as_deref_mut() {
+            t.until = None;
+        }
         assert_eq!(r.pump().ok(), Some(Step::Idle));
         assert_eq!(r.dst.written.len(), 8192, "one more step after the wait");
     }

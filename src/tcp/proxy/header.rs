@@ -70,7 +70,7 @@ impl TcpProxy {
         if let Some(client) = header.client() {
             pair.client_addr = client;
         }
-        pair.proxied = Some(Proxied {
+        pair.extra().proxied = Some(Proxied {
             // A LOCAL header speaks for its sender: its addresses are not the client's.
             dst: header.client().and(header.addrs).map(|(_, dst)| dst),
             tlvs: header.tlvs,
@@ -128,14 +128,15 @@ impl TcpProxy {
     pub(super) fn header_for(&mut self, key: Key, version: ProxyVersion) -> Option<Vec<u8>> {
         let pair = super::live(&mut self.pairs, key)?;
         let src = pair.client_addr;
-        let dst: SocketAddr = match pair.proxied.as_ref().and_then(|p| p.dst) {
+        let proxied = pair.extra.as_ref().and_then(|e| e.proxied.as_ref());
+        let dst: SocketAddr = match proxied.and_then(|p| p.dst) {
             Some(dst) => dst,
             None => pair.client.local_addr().unwrap_or(pair.origin.addr),
         };
         Some(match version {
             ProxyVersion::V1 => pp::encode_v1(src, dst),
             ProxyVersion::V2 => {
-                let tlvs = pair.proxied.as_ref().map_or(&[][..], |p| p.tlvs.as_slice());
+                let tlvs = proxied.map_or(&[][..], |p| p.tlvs.as_slice());
                 pp::encode_v2(
                     pp::Command::Proxy,
                     pp::Transport::Stream,
@@ -158,24 +159,28 @@ impl TcpProxy {
         let Some(stream) = pair.server.as_mut() else {
             return false;
         };
-        while pair.header_sent < pair.header_out.len() {
+        let extra = pair.extra.get_or_insert_with(Box::default);
+        while extra.header_sent < extra.header_out.len() {
             if !pair.server_ready.writable {
                 return false;
             }
-            let rest = pair.header_out.get(pair.header_sent..).unwrap_or_default();
+            let rest = extra
+                .header_out
+                .get(extra.header_sent..)
+                .unwrap_or_default();
             match retry(|| std::io::Write::write(stream, rest)) {
                 Ok(Some(0)) | Err(_) => {
                     self.close(key, End::Error, ctx);
                     return false;
                 }
-                Ok(Some(n)) => pair.header_sent += n,
+                Ok(Some(n)) => extra.header_sent += n,
                 Ok(None) => {
                     pair.server_ready.writable = false;
                     return false;
                 }
             }
         }
-        pair.header_out = Vec::new();
+        extra.header_out = Vec::new();
         pair.state = PairState::Streaming { server };
         true
     }

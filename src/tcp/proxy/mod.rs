@@ -313,8 +313,10 @@ impl TcpProxy {
         let Some(pair) = live(&mut self.pairs, key) else {
             return;
         };
-        pair.throttle_timer = None;
-        pair.throttle_at = None;
+        if let Some(e) = pair.extra.as_mut() {
+            e.throttle_timer = None;
+            e.throttle_at = None;
+        }
         self.drive(key, ctx);
     }
 
@@ -521,8 +523,9 @@ impl TcpProxy {
                     return false;
                 };
                 if let Some(pair) = live(&mut self.pairs, key) {
-                    pair.header_out = header;
-                    pair.header_sent = 0;
+                    let extra = pair.extra();
+                    extra.header_out = header;
+                    extra.header_sent = 0;
                     pair.state = PairState::SendingProxyHeader { server };
                 }
                 self.send_proxy_header(key, ctx)
@@ -619,13 +622,14 @@ impl TcpProxy {
         if let Some(at) = pair.throttled_until() {
             // One timer a pair; a direction that needs an earlier wake than the armed one
             // re-arms it.
-            let earlier = pair.throttle_at.map_or(true, |armed| at < armed);
+            let extra = pair.extra();
+            let earlier = extra.throttle_at.map_or(true, |armed| at < armed);
             if earlier {
-                if let Some(old) = pair.throttle_timer.take() {
+                if let Some(old) = extra.throttle_timer.take() {
                     ctx.timers.cancel(old);
                 }
-                pair.throttle_timer = Some(ctx.timers.insert(at, Timer::Throttle(key)));
-                pair.throttle_at = Some(at);
+                extra.throttle_timer = Some(ctx.timers.insert(at, Timer::Throttle(key)));
+                extra.throttle_at = Some(at);
             }
         }
         let newly_starved = step == Step::Starved && !pair.starved;
@@ -683,7 +687,7 @@ impl TcpProxy {
         if let Some(timer) = pair.timer.take() {
             ctx.timers.cancel(timer);
         }
-        if let Some(timer) = pair.throttle_timer.take() {
+        if let Some(timer) = pair.extra.as_mut().and_then(|e| e.throttle_timer.take()) {
             ctx.timers.cancel(timer);
         }
         accounting::settle(
@@ -699,7 +703,7 @@ impl TcpProxy {
                 datagrams: None,
                 started: pair.started,
                 end,
-                sni: pair.sni.as_deref(),
+                sni: pair.extra.as_ref().and_then(|e| e.sni.as_deref()),
             },
         );
         self.reopen_accepting();

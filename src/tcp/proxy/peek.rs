@@ -61,9 +61,11 @@ impl TcpProxy {
                 conf.sni_default
             }
             Hello::Found(Some(name)) => {
-                let routed = sni::route(&conf.sni_routes, &name).copied();
-                pair.sni = Some(name);
-                routed.or(conf.sni_default)
+                let routed = sni::route(&conf.sni_routes, &name)
+                    .copied()
+                    .or(conf.sni_default);
+                pair.extra.get_or_insert_with(Box::default).sni = Some(name);
+                routed
             }
         };
         let Some(upstream) = chosen else {
