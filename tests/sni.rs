@@ -216,3 +216,42 @@ fn plain_text_goes_to_the_default_or_is_closed_without_one() {
         .ended(End::IdleTimeout)
         == 1));
 }
+
+#[test]
+fn a_hello_trickled_byte_by_byte_is_not_waited_for_forever() {
+    let (a, d) = (Backend::name("a"), Backend::name("d"));
+    let proxy = start(parse(&format!(
+        "listen 127.0.0.1:0 {{ sni a.test {}; sni_default {}; }}",
+        a.addr(),
+        d.addr()
+    )));
+    let hello = include_bytes!("../src/testdata/client_hello_a_test.bin");
+    // Whole, it goes to a.
+    let mut c = connect(proxy.local_addr(0).expect("addr"));
+    c.write_all(hello).expect("write");
+    let mut name = [0u8; 1];
+    c.read_exact(&mut name).expect("a name");
+    assert_eq!(&name, b"a");
+    // A byte at a time, each its own segment: after a bounded number of looks sluice stops
+    // waiting and takes the default, instead of re-reading the growing hello per byte.
+    let mut c = connect(proxy.local_addr(0).expect("addr"));
+    let mut got = None;
+    for &b in hello.iter() {
+        if c.write_all(&[b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(3));
+        c.set_nonblocking(true).expect("nonblocking");
+        if let Ok(1) = c.read(&mut name) {
+            got = Some(name[0]);
+            break;
+        }
+        c.set_nonblocking(false).expect("blocking");
+    }
+    assert_eq!(
+        got,
+        Some(b'd'),
+        "routed to the default before the hello was whole"
+    );
+    assert!(a.accepted() == 1, "only the whole hello reached a");
+}

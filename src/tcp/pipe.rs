@@ -552,7 +552,14 @@ pub struct Extra {
     pub proxied: Option<Proxied>,
     /// The server name its ClientHello asked for (SNI routing), for the access log.
     pub sni: Option<String>,
+    /// Peeks at a PROXY header or a ClientHello that found it incomplete (bounded: a client
+    /// that trickles bytes must not make the worker re-read kilobytes per byte).
+    pub partial_peeks: u8,
 }
+
+/// Incomplete peeks allowed before a header or hello is taken as it is (a real one comes in a
+/// few segments).
+pub const MAX_PARTIAL_PEEKS: u8 = 32;
 
 /// What a client's PROXY header said, kept to be passed on (chaining).
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@ use crate::part::Ctx;
 use crate::proxy_protocol::{self as pp, Parsed};
 use crate::reactor::token::Key;
 use crate::reactor::{after, retry, End, Suppressed};
-use crate::tcp::pipe::{PairState, Proxied};
+use crate::tcp::pipe::{PairState, Proxied, MAX_PARTIAL_PEEKS};
 
 impl TcpProxy {
     /// The client of a pair in `ReadingProxyHeader` has bytes: is its header complete?
@@ -45,8 +45,14 @@ impl TcpProxy {
             Parsed::Incomplete if pair.client_ready.read_closed => {
                 return self.bad_header(key, "closed before the header was complete", ctx);
             }
-            // More will come (a new segment raises a new edge): wait for it, up to the timeout.
+            // More will come (a new segment raises a new edge): wait for it, up to the timeout
+            // and a bounded number of looks.
             Parsed::Incomplete if n < pp::MAX_HEADER => {
+                let extra = pair.extra.get_or_insert_with(Box::default);
+                extra.partial_peeks += 1;
+                if extra.partial_peeks > MAX_PARTIAL_PEEKS {
+                    return self.bad_header(key, "sent in too many pieces", ctx);
+                }
                 pair.client_ready.readable = false;
                 return;
             }

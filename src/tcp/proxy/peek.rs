@@ -6,7 +6,7 @@ use crate::part::Ctx;
 use crate::reactor::token::Key;
 use crate::reactor::{after, retry, End};
 use crate::sni::{self, Hello};
-use crate::tcp::pipe::PairState;
+use crate::tcp::pipe::{PairState, MAX_PARTIAL_PEEKS};
 
 impl TcpProxy {
     /// The client is accepted (and its PROXY header read, if any): choose the upstream by its
@@ -52,7 +52,12 @@ impl TcpProxy {
         let chosen = match sni::parse(buf.get(..n).unwrap_or_default()) {
             // A reload took the routes away while it peeked: the listener's upstream.
             _ if conf.sni_routes.is_empty() => Some(conf.upstream),
-            Hello::Incomplete if n < sni::MAX_HELLO && !pair.client_ready.read_closed => {
+            Hello::Incomplete
+                if n < sni::MAX_HELLO
+                    && !pair.client_ready.read_closed
+                    && pair.extra.as_ref().map_or(0, |e| e.partial_peeks) < MAX_PARTIAL_PEEKS =>
+            {
+                pair.extra.get_or_insert_with(Box::default).partial_peeks += 1;
                 pair.client_ready.readable = false;
                 return;
             }
