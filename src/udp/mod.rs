@@ -215,12 +215,15 @@ impl UdpProxy {
                 None => l.taking = Taking::KnownClients,
             }
         }
+        // The origins this worker's listeners have now (kept and revived ones), by pointer.
+        let present: std::collections::HashSet<*const Origin> = self
+            .listeners
+            .iter()
+            .flatten()
+            .map(|l| Arc::as_ptr(&l.origin))
+            .collect();
         for (origin, mut socket) in fresh {
-            let revived = self
-                .listeners
-                .iter()
-                .flatten()
-                .any(|l| Arc::ptr_eq(&l.origin, &origin));
+            let revived = present.contains(&Arc::as_ptr(&origin));
             if revived {
                 // Added back while this worker still served its sessions: the old socket goes
                 // on, so this one is not needed.
@@ -262,12 +265,14 @@ impl UdpProxy {
         };
         if slot > token::MAX_INDEX >> SESSION_BITS {
             // Its sessions' tokens could not name it (only on 32-bit targets).
+            self.free_from = self.free_from.min(slot);
             return Err(fail(io::Error::other("too many listeners")));
         }
         let token = token::udp_listener(slot);
-        registry
-            .register(&mut socket, token, Interest::READABLE)
-            .map_err(fail)?;
+        if let Err(e) = registry.register(&mut socket, token, Interest::READABLE) {
+            self.free_from = self.free_from.min(slot);
+            return Err(fail(e));
+        }
         if self.buf.is_empty() {
             self.buf = vec![0u8; DATAGRAM_BUFFER].into_boxed_slice();
         }

@@ -209,6 +209,7 @@ impl TcpProxy {
                 origin.addr,
                 crate::sys::io_reason(&error)
             );
+            self.free_from = self.free_from.min(slot);
             return Err(BindError {
                 proto: origin.conf.proto,
                 addr: origin.addr,
