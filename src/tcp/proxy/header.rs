@@ -20,24 +20,12 @@ use crate::tcp::pipe::{PairState, Proxied, MAX_PARTIAL_PEEKS};
 impl TcpProxy {
     /// The client of a pair in `ReadingProxyHeader` has bytes: is its header complete?
     pub(super) fn read_proxy_header(&mut self, key: Key, ctx: &mut Ctx<'_>) {
-        let Some(pair) = super::live(&mut self.pairs, key) else {
+        let mut buf = [0u8; pp::MAX_HEADER];
+        let Some(n) = self.peek_client(key, &mut buf, ctx) else {
             return;
         };
-        let mut buf = [0u8; pp::MAX_HEADER];
-        let n = match retry(|| pair.client.peek(&mut buf)) {
-            Ok(Some(0)) => {
-                self.close(key, End::ClientClosed, ctx);
-                return;
-            }
-            Ok(Some(n)) => n,
-            Ok(None) => {
-                pair.client_ready.readable = false;
-                return;
-            }
-            Err(_) => {
-                self.close(key, End::Error, ctx);
-                return;
-            }
+        let Some(pair) = super::live(&mut self.pairs, key) else {
+            return;
         };
 
         let seen = buf.get(..n).unwrap_or_default();
@@ -98,6 +86,25 @@ impl TcpProxy {
             }
             Err(()) => self.discard(key, ctx),
         }
+    }
+
+    /// Peeks at what the client of pair `key` has sent, without taking it: the byte count, or
+    /// None when there is nothing to look at now (no data yet: readiness is spent; the client
+    /// closed or failed: the pair is closed).
+    pub(super) fn peek_client(
+        &mut self,
+        key: Key,
+        buf: &mut [u8],
+        ctx: &mut Ctx<'_>,
+    ) -> Option<usize> {
+        let pair = super::live(&mut self.pairs, key)?;
+        match retry(|| pair.client.peek(buf)) {
+            Ok(Some(0)) => self.close(key, End::ClientClosed, ctx),
+            Ok(Some(n)) => return Some(n),
+            Ok(None) => pair.client_ready.readable = false,
+            Err(_) => self.close(key, End::Error, ctx),
+        }
+        None
     }
 
     /// A header that cannot be taken: the client is closed, no byte reaches a server.

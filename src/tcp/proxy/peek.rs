@@ -4,7 +4,7 @@
 use super::TcpProxy;
 use crate::part::Ctx;
 use crate::reactor::token::Key;
-use crate::reactor::{after, retry, End};
+use crate::reactor::{after, End};
 use crate::sni::{self, Hello};
 use crate::tcp::pipe::{PairState, MAX_PARTIAL_PEEKS};
 
@@ -29,24 +29,12 @@ impl TcpProxy {
 
     /// The client of a `Peeking` pair sent more: is its ClientHello whole?
     pub(super) fn peek_hello(&mut self, key: Key, ctx: &mut Ctx<'_>) {
-        let Some(pair) = super::live(&mut self.pairs, key) else {
+        let mut buf = [0u8; sni::MAX_HELLO];
+        let Some(n) = self.peek_client(key, &mut buf, ctx) else {
             return;
         };
-        let mut buf = [0u8; sni::MAX_HELLO];
-        let n = match retry(|| pair.client.peek(&mut buf)) {
-            Ok(Some(0)) => {
-                self.close(key, End::ClientClosed, ctx);
-                return;
-            }
-            Ok(Some(n)) => n,
-            Ok(None) => {
-                pair.client_ready.readable = false;
-                return;
-            }
-            Err(_) => {
-                self.close(key, End::Error, ctx);
-                return;
-            }
+        let Some(pair) = super::live(&mut self.pairs, key) else {
+            return;
         };
         let conf = &pair.origin.conf;
         let chosen = match sni::parse(buf.get(..n).unwrap_or_default()) {
