@@ -28,6 +28,17 @@ fn sub(counter: &AtomicU64, n: u64) {
     });
 }
 
+/// Adds one to `counter` if it is below `max` (a compare-and-swap: every worker may race for
+/// the last slot, and only one gets it).
+fn take_slot(counter: &AtomicU64, max: usize) -> bool {
+    let max = u64::try_from(max).unwrap_or(u64::MAX);
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            (v < max).then_some(v + 1)
+        })
+        .is_ok()
+}
+
 fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
@@ -574,12 +585,7 @@ impl Metrics {
     /// worker together keeps `max_connections` (a compare-and-swap, no lock). False at the cap:
     /// the client waits in the kernel backlog.
     pub fn reserve(&self, max: usize) -> bool {
-        let max = u64::try_from(max).unwrap_or(u64::MAX);
-        self.connections_active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                (v < max).then_some(v + 1)
-            })
-            .is_ok()
+        take_slot(&self.connections_active, max)
     }
 
     /// Gives back a slot that `reserve` took for an accept that brought no client.
@@ -655,12 +661,7 @@ impl Metrics {
     /// Takes one of listener `l`'s `max` connection slots (a compare-and-swap on its active
     /// count, shared by every worker); false at its cap. `opened` then leaves the count alone.
     pub fn reserve_listener(&self, l: &ListenerStats, max: usize) -> bool {
-        let max = u64::try_from(max).unwrap_or(u64::MAX);
-        l.connections_active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                (v < max).then_some(v + 1)
-            })
-            .is_ok()
+        take_slot(&l.connections_active, max)
     }
 
     /// A pair counted by `opened` was refused before it reached a server (after its PROXY
