@@ -56,7 +56,7 @@ bench-micro:
 # `make test` replays on stable (tests/fuzz_corpus.rs). A crash is saved under
 # fuzz/artifacts/<target>/: fix it, then move the file into the corpus so it stays fixed.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := admin_http config cidr proxy_protocol sni
+FUZZ_TARGETS := admin_http cidr config dns proxy_protocol sni
 
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \

@@ -97,3 +97,25 @@ pub fn sni(data: &[u8]) {
         let _ = crate::sni::route(&[("*.example.org".to_string(), 1u8)], &name);
     }
 }
+
+/// The DNS answer reader: any bytes, read as the answer to an A and to an AAAA query for
+/// `a.test` with the id the bytes start with, so the fuzzer gets past the id check.
+pub fn dns(data: &[u8]) {
+    use crate::resolver::message::{answer, QType};
+    let id = match data {
+        [a, b, ..] => u16::from_be_bytes([*a, *b]),
+        _ => 0,
+    };
+    for (qtype, v4) in [(QType::A, true), (QType::Aaaa, false)] {
+        if let Ok(a) = answer(data, id, "a.test", qtype) {
+            assert!(
+                a.addrs.iter().all(|ip| ip.is_ipv4() == v4),
+                "another family"
+            );
+            assert!(
+                a.addrs.len() <= data.len() / 4,
+                "more addresses than records"
+            );
+        }
+    }
+}

@@ -15,7 +15,8 @@
 //!    access rules; per-client limits; the PROXY header codec; the ClientHello reader; pure
 //! 5. `metrics`: the registry of counters every worker writes and anything may read
 //! 6. `reactor`: tokens, the timer wheel, readiness, `End`, `LogLimit`, `after`, `retry`
-//! 7. `config` `sys` `logging` `testing`: the typed config, the OS calls below std, log output
+//! 7. `config` `resolver` `sys` `logging` `testing`: the typed config and the name lookups it
+//!    needs, the OS calls below std, log output
 
 pub mod accounting;
 pub mod acl;
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod part;
 pub mod proxy_protocol;
 pub mod reactor;
+pub mod resolver;
 pub mod runtime;
 pub mod sni;
 pub mod sys;

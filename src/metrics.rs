@@ -502,6 +502,14 @@ pub struct Metrics {
     pub reloads: AtomicU64,
     /// Reloads refused (a config error, a listener that could not bind); the running config stayed.
     pub reload_failures: AtomicU64,
+    /// Re-resolutions of `resolve` names that got an answer, and that did not (the last good
+    /// set of addresses stayed).
+    pub resolver_lookups: AtomicU64,
+    pub resolver_failures: AtomicU64,
+    /// Re-resolutions whose set of addresses differed, applied to their upstream.
+    pub resolver_changes: AtomicU64,
+    /// Replies that answered nothing asked (another id or question, or broken), ignored.
+    pub resolver_ignored: AtomicU64,
     pub pool: Arc<PoolStats>,
     ends: Ends,
     /// Swapped whole by a reload; the workers never read it on the data path (pairs and sessions

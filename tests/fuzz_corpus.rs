@@ -43,3 +43,8 @@ fn proxy_protocol_corpus() {
 fn sni_corpus() {
     replay("sni", sluice::fuzzing::sni);
 }
+
+#[test]
+fn dns_corpus() {
+    replay("dns", sluice::fuzzing::dns);
+}

@@ -152,6 +152,31 @@ pub fn render(v: &View) -> String {
         &[("result", "failed")],
         v.reload_failures,
     );
+    out.family(
+        "sluice_resolver_lookups_total",
+        "counter",
+        "Re-resolutions of resolve names, by result (failed: the last good addresses stayed).",
+    );
+    let lookups = [("ok", v.resolver_lookups), ("failed", v.resolver_failures)];
+    for (result, n) in lookups {
+        out.sample("sluice_resolver_lookups_total", &[("result", result)], n);
+    }
+    out.family(
+        "sluice_resolver_changes_total",
+        "counter",
+        "Re-resolutions that changed an upstream's servers.",
+    );
+    out.sample("sluice_resolver_changes_total", &[], v.resolver_changes);
+    out.family(
+        "sluice_resolver_replies_ignored_total",
+        "counter",
+        "DNS replies that answered no question asked (wrong id or question, or malformed).",
+    );
+    out.sample(
+        "sluice_resolver_replies_ignored_total",
+        &[],
+        v.resolver_ignored,
+    );
     out.family("sluice_workers", "gauge", "Worker threads.");
     out.sample("sluice_workers", &[], v.workers as u64);
     out.family(

@@ -63,6 +63,27 @@ pub struct Config {
     pub access: Vec<AccessRule>,
     /// Clients each worker keeps per-client state for (`per_ip_table_size`).
     pub per_ip_table_size: usize,
+    /// Where host names are looked up (`resolver`).
+    pub resolver: Resolver,
+}
+
+/// `resolver ADDR... [valid=T];`: the nameservers host names are looked up at, and the longest
+/// a re-resolved (`resolve`) name's answer is trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolver {
+    /// Empty: the nameservers of `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
+    /// An answer's TTL, capped at this.
+    pub valid: Duration,
+}
+
+impl Default for Resolver {
+    fn default() -> Resolver {
+        Resolver {
+            nameservers: Vec::new(),
+            valid: Duration::from_secs(30),
+        }
+    }
 }
 
 /// One `allow` or `deny` line.
@@ -232,6 +253,9 @@ pub struct Server {
     /// `proxy_protocol=v1|v2|off`: the header this server gets, over the listener's choice
     /// (`None`: as the listener says; `Some(None)`: none, whatever the listener says).
     pub proxy_protocol: Option<Option<ProxyVersion>>,
+    /// The host name this server came from, when the line says `resolve`: re-resolved while
+    /// running, with every server of the same name and port in the upstream.
+    pub resolve: Option<String>,
 }
 
 /// A PROXY protocol version (`proxy_protocol v1|v2`).
@@ -261,6 +285,7 @@ impl Server {
             backup: false,
             down: false,
             proxy_protocol: None,
+            resolve: None,
         }
     }
 }
@@ -323,6 +348,7 @@ impl Default for Config {
             admin: None,
             access: Vec::new(),
             per_ip_table_size: 100_000,
+            resolver: Resolver::default(),
         }
     }
 }
@@ -373,9 +399,8 @@ pub fn server_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
     match addr::host_port(text, "server address")? {
         addr::HostPort::Addr(a) => Ok(vec![a]),
         addr::HostPort::Name(host, port) => {
-            let found: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-                .map_err(|e| format!("cannot resolve '{host}': {}", crate::sys::io_reason(&e)))?
-                .collect();
+            let found = crate::resolver::resolve(host, port, &Resolver::default())
+                .map_err(|e| format!("cannot resolve '{host}': {}", crate::sys::io_reason(&e)))?;
             if found.is_empty() {
                 return Err(format!("cannot resolve '{host}': no addresses"));
             }
@@ -485,8 +510,18 @@ impl Config {
             } else {
                 ""
             };
+            let mut names: Vec<&str> = u
+                .servers
+                .iter()
+                .filter_map(|s| s.resolve.as_deref())
+                .collect();
+            names.dedup();
+            let resolved = match names.is_empty() {
+                true => String::new(),
+                false => format!(" (re-resolving {})", names.join(" ")),
+            };
             out.push_str(&format!(
-                "\n  upstream {}: {}, {}{checked}: {}",
+                "\n  upstream {}: {}, {}{checked}: {}{resolved}",
                 u.name,
                 u.balance.name(),
                 plural(u.servers.len(), "server"),

@@ -12,6 +12,7 @@
 //! reloads and address lookups take.
 
 mod listeners;
+mod resolving;
 mod worker;
 
 use std::fmt;
@@ -128,6 +129,8 @@ struct Running {
     /// UDP listeners a reload removed whose sockets still serve sessions in some worker (alive
     /// while one of them holds the origin); a reload that adds one back takes its port over.
     winding_down: Vec<Weak<Origin>>,
+    /// The thread that looks `resolve` names up again, once the config has one.
+    resolver: Option<resolving::Link>,
 }
 
 /// What every handle of one proxy shares.
@@ -165,7 +168,7 @@ impl Handle {
 
     /// Asks every worker to close everything and exit; returns at once.
     pub fn stop(&self) {
-        self.running().stopping = true;
+        self.stopping();
         self.send(|| Command::Stop);
     }
 
@@ -173,8 +176,17 @@ impl Handle {
     /// connections have finished, or after `timeout`, closing the rest (`end=shutdown`). UDP
     /// sessions end at once. Returns at once; a `stop` during the drain ends it.
     pub fn drain(&self, timeout: Duration) {
-        self.running().stopping = true;
+        self.stopping();
         self.send(|| Command::Drain(timeout));
+    }
+
+    /// No reload any more, and no re-resolution.
+    fn stopping(&self) {
+        let mut running = self.running();
+        running.stopping = true;
+        if let Some(link) = &running.resolver {
+            link.stop();
+        }
     }
 
     /// Replaces the running config with `config`, keeping every listening socket that stays and
@@ -204,11 +216,54 @@ impl Handle {
         log::error!("reload failed: {}; the running config stays", error);
     }
 
-    fn try_reload(&self, mut config: Config) -> Result<Reloaded, ReloadError> {
+    fn try_reload(&self, config: Config) -> Result<Reloaded, ReloadError> {
         if config.listeners.is_empty() {
             return Err(ReloadError::NoListeners);
         }
-        let mut running = self.running();
+        let running = self.running();
+        self.replace(running, config)
+    }
+
+    /// Makes the servers of a `resolve` name the addresses `found`, as a reload of the running
+    /// config with that upstream's servers changed; whether they changed.
+    fn apply_resolved(&self, watch: &resolving::Watch, found: &crate::resolver::Found) -> bool {
+        let running = self.running();
+        if running.stopping {
+            return false;
+        }
+        let mut config = running.config.clone();
+        let Some((old, new)) = resolving::reresolved(&mut config, watch, found) else {
+            return false;
+        };
+        match self.replace(running, config) {
+            Ok(_) => {
+                log::info!(
+                    "upstream {}: '{}' now resolves to {} (was {})",
+                    watch.upstream,
+                    watch.host,
+                    resolving::list(&new),
+                    resolving::list(&old)
+                );
+                true
+            }
+            Err(e) => {
+                log::warn!(
+                    "upstream {}: the new addresses of '{}' are not applied: {}",
+                    watch.upstream,
+                    watch.host,
+                    e
+                );
+                false
+            }
+        }
+    }
+
+    /// Puts `config` in place of the running config, whose lock `running` is.
+    fn replace(
+        &self,
+        mut running: std::sync::MutexGuard<'_, Running>,
+        mut config: Config,
+    ) -> Result<Reloaded, ReloadError> {
         if running.stopping {
             return Err(ReloadError::Stopping);
         }
@@ -277,6 +332,7 @@ impl Handle {
         drop(acks);
         self.control.stats.install(tables);
         running.origins = plan.origins;
+        resolving::follow(&mut running.resolver, &self.control, &config);
         running.config = config;
         drop(running);
         wait_for_workers(&acked, workers);
@@ -527,9 +583,15 @@ impl Proxy {
                     origins: plan.origins,
                     stopping: false,
                     winding_down: Vec::new(),
+                    resolver: None,
                 }),
             }),
         };
+        {
+            let mut running = handle.running();
+            let running = &mut *running;
+            resolving::follow(&mut running.resolver, &handle.control, &running.config);
+        }
         let mut proxy = Proxy {
             handle,
             threads: Vec::with_capacity(count),
@@ -628,6 +690,14 @@ impl Proxy {
             if ended.is_err() && result.is_ok() {
                 self.handle.stop();
                 result = ended;
+            }
+        }
+        // Every worker has exited: the resolver has nothing left to change.
+        let resolver = self.handle.running().resolver.take();
+        if let Some(mut link) = resolver {
+            link.stop();
+            if let Some(thread) = link.thread.take() {
+                let _ = thread.join();
             }
         }
         result

@@ -92,6 +92,7 @@ pub(super) const DIRECTIVES: &[Directive] = &[
     many("allow", Main),
     many("deny", Main),
     once("per_ip_table_size", Main, "a number"),
+    once("resolver", Main, "a nameserver address"),
     many("allow", Admin),
     once("balance", Upstream, "a balance method"),
     many("server", Upstream),
@@ -156,6 +157,7 @@ pub(super) const SERVER_OPTIONS: &[&str] = &[
     "backup",
     "down",
     "proxy_protocol",
+    "resolve",
 ];
 pub(super) const HEALTH_CHECK_OPTIONS: &[&str] =
     &["interval", "timeout", "rise", "fall", "send", "expect"];

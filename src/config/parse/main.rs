@@ -3,6 +3,7 @@
 use super::directives::{Context, LOG_LEVELS};
 use super::{Arg, Item, Parser, Seen};
 use crate::config::ConfigError;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 const MIN_BUFFER_SIZE: usize = 1 << 10;
@@ -30,6 +31,7 @@ impl Parser<'_> {
                     let rule = self.access_rule(&stmt)?;
                     self.config.access.push(rule);
                 }
+                "resolver" => self.resolver(&stmt)?,
                 "per_ip_table_size" => {
                     let arg = self.single(&stmt, d.takes)?;
                     self.config.per_ip_table_size =
@@ -94,6 +96,49 @@ impl Parser<'_> {
                 _ => return Err(self.unknown(Context::Main, &stmt.name)),
             }
         }
+    }
+
+    /// `resolver ADDR... [valid=T];`: IP addresses (port 53 unless given), then how long an
+    /// answer may be trusted at most.
+    fn resolver(&mut self, stmt: &super::Stmt) -> Result<(), ConfigError> {
+        if let Some(line) = self.first_name.get() {
+            return Err(self.err_at(
+                &stmt.name,
+                format!(
+                    "'resolver' must come before the first host name (line {line} looks one up)"
+                ),
+            ));
+        }
+        let mut resolver = crate::config::Resolver::default();
+        for arg in &stmt.args {
+            if let Some(value) = arg.text.strip_prefix("valid=") {
+                resolver.valid = self.positive_duration(value, arg, "valid")?;
+                continue;
+            }
+            let addr = match (arg.text.parse::<SocketAddr>(), arg.text.parse::<IpAddr>()) {
+                (Ok(addr), _) if addr.port() != 0 => addr,
+                (_, Ok(ip)) => SocketAddr::new(ip, 53),
+                _ => {
+                    return Err(self.err_at(
+                        arg,
+                        format!(
+                            "bad nameserver address '{}' (expected IP, IP:PORT or [IPv6]:PORT)",
+                            arg.text
+                        ),
+                    ))
+                }
+            };
+            resolver.nameservers.push(addr);
+        }
+        if resolver.nameservers.is_empty() {
+            return Err(self.err(
+                stmt.term.pos(),
+                "expected a nameserver address after 'resolver' (IP, IP:PORT or [IPv6]:PORT)",
+            ));
+        }
+        self.semi(stmt)?;
+        self.config.resolver = resolver;
+        Ok(())
     }
 
     pub(super) fn busy_poll(&self, arg: &Arg) -> Result<Duration, ConfigError> {

@@ -27,34 +27,32 @@ mod values;
 
 pub use values::{parse_duration, parse_size};
 
-use super::{Config, ConfigError, Lexer, Listen, Proto, TokenKind};
+use super::{Config, ConfigError, Lexer, Listen, Proto, Resolver, TokenKind};
 use directives::{Context, Directive};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::ops::Range;
 
-/// Resolves `host` (not an IP literal) and `port` to addresses. Blocking: config load only.
-type Resolve<'r> = &'r dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>>;
+/// Resolves `host` (not an IP literal) and `port` to addresses, at the nameservers of the
+/// `resolver` given. Blocking: config load only.
+type Resolve<'r> = &'r dyn Fn(&str, u16, &Resolver) -> io::Result<Vec<SocketAddr>>;
 
 /// Parse config text; `file` is the name used in error messages. Host names are resolved now.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-    parse_with(text, file, &resolve_host)
+    parse_with(text, file, &crate::resolver::resolve)
 }
 
 /// `parse` that resolves no host name (a name is an error): for fuzzing, which must never
 /// reach DNS.
 pub fn parse_without_names(text: &str, file: &str) -> Result<Config, ConfigError> {
-    parse_with(text, file, &|host, _| {
+    parse_with(text, file, &|host, _, _| {
         Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("{host}: names are not resolved here"),
         ))
     })
-}
-
-fn resolve_host(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-    (host, port).to_socket_addrs().map(Iterator::collect)
 }
 
 fn parse_with(text: &str, file: &str, resolve: Resolve<'_>) -> Result<Config, ConfigError> {
@@ -71,6 +69,7 @@ fn parse_with(text: &str, file: &str, resolve: Resolve<'_>) -> Result<Config, Co
         listeners: Vec::new(),
         listen_lines: HashMap::new(),
         buffer_memory: None,
+        first_name: Cell::new(None),
     };
     parser.main()?;
     parser.finish()
@@ -172,6 +171,8 @@ struct Parser<'a> {
     listen_lines: HashMap<(Proto, SocketAddr), u32>,
     /// The `buffer_memory` argument, checked against `buffer_size` at the end.
     buffer_memory: Option<Arg>,
+    /// The line of the first host name looked up: a `resolver` after it would come too late.
+    first_name: Cell<Option<u32>>,
 }
 
 impl Parser<'_> {

@@ -162,7 +162,11 @@ impl Parser<'_> {
                 format!("cannot resolve '{host}' in {what} '{}': {why}", arg.text),
             )
         };
-        let found = (self.resolve)(host, port).map_err(|e| cannot(crate::sys::io_reason(&e)))?;
+        if self.first_name.get().is_none() {
+            self.first_name.set(Some(arg.line));
+        }
+        let found = (self.resolve)(host, port, &self.config.resolver)
+            .map_err(|e| cannot(crate::sys::io_reason(&e)))?;
         let mut addrs: Vec<SocketAddr> = Vec::with_capacity(found.len());
         for addr in found {
             if !addrs.contains(&addr) {

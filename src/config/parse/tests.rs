@@ -10,7 +10,7 @@ use std::time::Duration;
 
 /// Knows only `localhost` (twice 127.0.0.1, to show duplicates fold, and ::1) and
 /// `nowhere.localhost` (no addresses); everything else fails. Never touches DNS.
-fn fake_resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+fn fake_resolve(host: &str, port: u16, _: &crate::config::Resolver) -> io::Result<Vec<SocketAddr>> {
     match host {
         "localhost" => Ok(vec![
             SocketAddr::from(([127, 0, 0, 1], port)),
@@ -1703,5 +1703,82 @@ fn sni_routes_and_their_errors() {
         2,
         14,
         "unknown upstream 'nowhere'",
+    );
+}
+
+#[test]
+fn resolver_and_resolve() {
+    let config = ok("resolver 127.0.0.53 [::1]:5353 127.0.0.1:53 valid=10s;\n\
+                     upstream u { server localhost:80 resolve weight=3; server 127.0.0.1:81; }\n\
+                     listen 127.0.0.1:0 { proxy u; }\n");
+    let names: Vec<String> = config
+        .resolver
+        .nameservers
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(names, ["127.0.0.53:53", "[::1]:5353", "127.0.0.1:53"]);
+    assert_eq!(config.resolver.valid, Duration::from_secs(10));
+    let servers = &config.upstreams[0].servers;
+    assert_eq!(servers.len(), 3, "{servers:?}");
+    for s in &servers[..2] {
+        assert_eq!((s.resolve.as_deref(), s.weight), (Some("localhost"), 3));
+    }
+    assert_eq!(servers[2].resolve, None);
+    // Without the directive: the system's nameservers, answers trusted for 30 s at most.
+    let plain = ok("listen 127.0.0.1:0 { proxy localhost:80; }\n");
+    assert_eq!(plain.resolver, crate::config::Resolver::default());
+    assert_eq!(plain.resolver.valid, Duration::from_secs(30));
+    assert_eq!(
+        plain.upstreams[0].servers[0].resolve, None,
+        "only with 'resolve'"
+    );
+}
+
+#[test]
+fn resolver_and_resolve_errors() {
+    assert_err(
+        "resolver;\n",
+        1,
+        9,
+        "expected a nameserver address after 'resolver'",
+    );
+    assert_err(
+        "resolver valid=5s;\n",
+        1,
+        18,
+        "expected a nameserver address",
+    );
+    assert_err(
+        "resolver dns.test;\n",
+        1,
+        10,
+        "bad nameserver address 'dns.test'",
+    );
+    assert_err("resolver 127.0.0.1:0;\n", 1, 10, "bad nameserver address");
+    assert_err("resolver 127.0.0.1 valid=0s;\n", 1, 20, "valid");
+    assert_err(
+        "upstream u { server localhost:80; }\nresolver 127.0.0.1;\n",
+        2,
+        1,
+        "'resolver' must come before the first host name (line 1 looks one up)",
+    );
+    assert_err(
+        "resolver 127.0.0.1;\nresolver 127.0.0.2;\n",
+        2,
+        1,
+        "duplicate",
+    );
+    assert_err(
+        "upstream u { server 127.0.0.1:80 resolve; }\n",
+        1,
+        34,
+        "'resolve' needs a host name; 127.0.0.1:80 is an address",
+    );
+    assert_err(
+        "upstream u { server localhost:80 resolve=yes; }\n",
+        1,
+        34,
+        "'resolve' takes no value",
     );
 }

@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use super::directives::{Context, HEALTH_CHECK_OPTIONS, SERVER_OPTIONS};
 use super::values::suggest;
 use super::{Arg, Item, Parser, Seen, Stmt};
+use crate::config::addr::HostPort;
 use crate::config::{Balance, ConfigError, HealthCheck, ProxyVersion, Server, Upstream};
 
 impl Parser<'_> {
@@ -112,11 +113,20 @@ impl Parser<'_> {
                 ));
             }
             match (key, value) {
-                ("backup" | "down", Some(_)) => {
+                ("backup" | "down" | "resolve", Some(_)) => {
                     return Err(self.err_at(arg, format!("'{key}' takes no value")));
                 }
                 ("backup", None) => options.backup = true,
                 ("down", None) => options.down = true,
+                ("resolve", None) => match addr {
+                    HostPort::Name(host, _) => options.resolve = Some(host.to_ascii_lowercase()),
+                    HostPort::Addr(a) => {
+                        return Err(self.err_at(
+                            arg,
+                            format!("'resolve' needs a host name; {a} is an address"),
+                        ))
+                    }
+                },
                 (_, None) => {
                     let example = if key == "fail_timeout" { "10s" } else { "N" };
                     return Err(
