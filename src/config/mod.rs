@@ -145,6 +145,8 @@ pub struct Listen {
     pub half_close_timeout: Duration,
     /// Connect attempts in all (already resolved: the config's 0/absent means the number of servers).
     pub next_upstream_tries: u32,
+    /// `next_upstream_tries` was written (not 0): a change of server count leaves it alone.
+    pub tries_written: bool,
     /// `None`: no limit beyond the tries.
     pub next_upstream_timeout: Option<Duration>,
     /// UDP: replies per session before it closes; 0 = unlimited.
@@ -370,6 +372,7 @@ impl Listen {
                 Proto::Udp => DEFAULT_UDP_IDLE_TIMEOUT,
             },
             next_upstream_tries: servers.max(1) as u32,
+            tries_written: false,
             next_upstream_timeout: None,
             udp_responses: 0,
             max_sessions: DEFAULT_MAX_SESSIONS,
@@ -428,6 +431,26 @@ impl Config {
     /// `parse` resolving no host name (a `host:PORT` is an error): for fuzzing.
     pub fn parse_without_names(text: &str, file: &str) -> Result<Config, ConfigError> {
         parse::parse_without_names(text, file)
+    }
+
+    /// Gives every listener without a written `next_upstream_tries` the default again: the
+    /// server count of the largest upstream it may send a client to (after a change of servers).
+    pub fn default_tries(&mut self) {
+        let count = |u: UpstreamId| self.upstreams.get(u.0).map_or(1, |u| u.servers.len());
+        let tries: Vec<Option<u32>> = self
+            .listeners
+            .iter()
+            .map(|l| {
+                let routes = l.sni_routes.iter().map(|(_, u)| *u).chain(l.sni_default);
+                let most = routes.map(count).fold(count(l.upstream), usize::max);
+                (!l.tries_written).then(|| u32::try_from(most.max(1)).unwrap_or(u32::MAX))
+            })
+            .collect();
+        for (l, t) in self.listeners.iter_mut().zip(tries) {
+            if let Some(t) = t {
+                l.next_upstream_tries = t;
+            }
+        }
     }
 
     /// Read and parse a config file.

@@ -27,6 +27,9 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 2;
 /// A reply over UDP without EDNS is at most 512 bytes; room for a server that sends more.
 const UDP_REPLY_MAX: usize = 4096;
+/// Replies that answer nothing asked, in one read of a socket, before the server is left for
+/// the next: a flood must not hold the thread.
+const MAX_IGNORED: u32 = 64;
 
 /// What a lookup found: the addresses (A first, then AAAA) and the least TTL among them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -340,7 +343,7 @@ impl Lookup {
             },
             _ => return,
         };
-        self.ignored += step.ignored;
+        self.ignored = self.ignored.saturating_add(step.ignored);
         match step.outcome {
             Outcome::Waiting => {}
             Outcome::Answer(addrs, ttl) => {
@@ -420,6 +423,13 @@ fn read_udp(socket: &UdpSocket, id: u16, name: &str, qtype: QType) -> Step {
         let outcome = match socket.recv(&mut buf) {
             Ok(n) => match judge(buf.get(..n).unwrap_or(&[]), id, name, qtype) {
                 Some(outcome) => outcome,
+                None if ignored + 1 >= MAX_IGNORED => {
+                    let why = format!("{MAX_IGNORED} replies that answer nothing asked");
+                    return Step {
+                        outcome: Outcome::Next(why),
+                        ignored: MAX_IGNORED,
+                    };
+                }
                 None => {
                     ignored += 1;
                     continue;
@@ -449,6 +459,7 @@ fn exchange_tcp(
     };
     while *sent < out.len() {
         match stream.write(out.get(*sent..).unwrap_or(&[])) {
+            Ok(0) => return step(Outcome::Next("took no bytes over TCP".into())),
             Ok(n) => *sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return step(Outcome::Waiting),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -513,8 +524,8 @@ fn unspecified(server: SocketAddr) -> SocketAddr {
     }
 }
 
-/// A query id no one off the path can guess: SipHash under the process's random keys (each
-/// `RandomState` gets fresh ones) over the time.
+/// A query id no one off the path can guess: SipHash over the time, under keys drawn from the
+/// OS once per thread (each `RandomState` of a thread takes the next of them).
 fn random_id() -> u16 {
     let state = RandomState::new();
     let bits = state.hash_one(Instant::now());

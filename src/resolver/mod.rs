@@ -4,7 +4,8 @@
 //!
 //! [`resolve`] runs one lookup to its end on a poll of its own, for the config loader (which
 //! may block). The runtime's resolver thread drives [`Lookups`] on its reactor instead. Names
-//! are looked up as written, with no search domains: a config names full names.
+//! are tried as the C library tries them: with the search domains of `/etc/resolv.conf` by its
+//! `ndots`, unless `resolver` names the nameservers, when they are looked up as written.
 
 pub mod files;
 pub mod lookup;
@@ -20,18 +21,43 @@ pub use lookup::{Family, Found, Lookups};
 pub const HOSTS: &str = "/etc/hosts";
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-/// The nameservers `resolver` names, or else those of `/etc/resolv.conf`, or else, as the C
-/// library does when there are none, a local one.
-pub fn nameservers(conf: &Resolver) -> Vec<SocketAddr> {
-    if !conf.nameservers.is_empty() {
-        return conf.nameservers.clone();
+/// Where and how to ask: the nameservers, and the names to try for a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asking {
+    pub servers: Vec<SocketAddr>,
+    search: Vec<String>,
+    ndots: usize,
+}
+
+impl Asking {
+    /// With `resolver`, its nameservers and names as written (as nginx does); without it,
+    /// `/etc/resolv.conf`: its nameservers (or, as the C library does when there are none, a
+    /// local one), its search list and `ndots`.
+    pub fn new(conf: &Resolver) -> Asking {
+        if !conf.nameservers.is_empty() {
+            return Asking {
+                servers: conf.nameservers.clone(),
+                search: Vec::new(),
+                ndots: 1,
+            };
+        }
+        let text = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+        let system = files::resolv_conf(&text);
+        let mut servers = system.nameservers;
+        if servers.is_empty() {
+            servers.push(SocketAddr::from((Ipv4Addr::LOCALHOST, 53)));
+        }
+        Asking {
+            servers,
+            search: system.search,
+            ndots: system.ndots,
+        }
     }
-    let text = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
-    let found = files::nameservers(&text);
-    if found.is_empty() {
-        return vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 53))];
+
+    /// The names to look up for `name`, in order (see `files::candidates`).
+    pub fn candidates(&self, name: &str) -> Vec<String> {
+        files::candidates(name, &self.search, self.ndots)
     }
-    found
 }
 
 /// What `/etc/hosts` says of `name`. `localhost` is loopback even when the file forgets it.
@@ -55,14 +81,23 @@ pub fn lookup_blocking(name: &str, conf: &Resolver) -> Result<Found, String> {
             unknown: None,
         });
     }
-    let servers = nameservers(conf);
+    let asking = Asking::new(conf);
     let mut poll = mio::Poll::new().map_err(|e| crate::sys::io_reason(&e))?;
     let mut events = mio::Events::with_capacity(8);
     let mut lookups = Lookups::new(0);
-    lookups.start(poll.registry(), name, &servers, Instant::now());
+    let mut candidates = asking.candidates(name).into_iter();
+    let first = candidates.next().unwrap_or_else(|| name.to_string());
+    lookups.start(poll.registry(), &first, &asking.servers, Instant::now());
     loop {
         if let Some(done) = lookups.take_finished() {
-            return done.result;
+            match (done.result, candidates.next()) {
+                (Ok(found), _) => return Ok(found),
+                (Err(_), Some(next)) => {
+                    lookups.start(poll.registry(), &next, &asking.servers, Instant::now());
+                    continue;
+                }
+                (Err(why), None) => return Err(why),
+            }
         }
         let wait = lookups
             .next_deadline()

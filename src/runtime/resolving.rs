@@ -65,14 +65,16 @@ pub(super) fn reresolved(
     watch: &Watch,
     found: &Found,
 ) -> Option<(Vec<SocketAddr>, Vec<SocketAddr>)> {
-    let upstream = config
+    let index = config
         .upstreams
-        .iter_mut()
-        .find(|u| u.name == watch.upstream)?;
+        .iter()
+        .position(|u| u.name == watch.upstream)?;
+    let upstream = config.upstreams.get(index)?;
     let mine = |s: &crate::config::Server| {
         s.resolve.as_deref() == Some(watch.host.as_str()) && s.addr.port() == watch.port
     };
-    let template = upstream.servers.iter().find(|s| mine(s))?.clone();
+    let first = upstream.servers.iter().position(mine)?;
+    let template = upstream.servers.get(first)?.clone();
     let old: Vec<SocketAddr> = upstream
         .servers
         .iter()
@@ -93,15 +95,24 @@ pub(super) fn reresolved(
     let mut new: Vec<SocketAddr> = Vec::with_capacity(ips.len());
     for ip in ips {
         let addr = SocketAddr::new(ip, watch.port);
-        if !new.contains(&addr) && !others.contains(&addr) {
-            new.push(addr);
+        if new.contains(&addr) || others.contains(&addr) {
+            continue;
         }
+        if let Some(listen) = own_listener(config, index, addr) {
+            log::warn!(
+                "upstream {}: '{}' resolves to {addr}, which is sluice's own listen address \
+                 {listen}; that address is left out (a proxy loop)",
+                watch.upstream,
+                watch.host
+            );
+            continue;
+        }
+        new.push(addr);
     }
     let same = new.len() == old.len() && new.iter().all(|a| old.contains(a));
     if same || new.is_empty() {
         return None;
     }
-    let first = upstream.servers.iter().position(&mine)?;
     let kept: Vec<SocketAddr> = old.iter().filter(|a| new.contains(a)).copied().collect();
     let added = new.iter().filter(|a| !old.contains(a)).copied();
     let ordered: Vec<SocketAddr> = kept.into_iter().chain(added).collect();
@@ -116,8 +127,32 @@ pub(super) fn reresolved(
             servers.push(s.clone());
         }
     }
-    upstream.servers = servers;
+    config.upstreams.get_mut(index)?.servers = servers;
+    // A listener's default number of tries follows the size of its upstreams.
+    config.default_tries();
     Some((old, ordered))
+}
+
+/// The listen address of `config` that a connection to `server` from a listener of upstream
+/// `index` would come back to, if any (the check the config loader makes, for new addresses).
+fn own_listener(config: &Config, index: usize, server: SocketAddr) -> Option<SocketAddr> {
+    let uses = |l: &crate::config::Listen| {
+        l.upstream.0 == index
+            || l.sni_default.map(|u| u.0) == Some(index)
+            || l.sni_routes.iter().any(|(_, u)| u.0 == index)
+    };
+    let protos: Vec<crate::config::Proto> = config
+        .listeners
+        .iter()
+        .filter(|l| uses(l))
+        .map(|l| l.proto)
+        .collect();
+    config
+        .listeners
+        .iter()
+        .filter(|l| protos.contains(&l.proto))
+        .find(|l| crate::config::loops_back(l.addr, server))
+        .map(|l| l.addr)
 }
 
 enum Message {
@@ -172,7 +207,7 @@ fn spawn(control: Weak<Control>, names: Vec<Watch>, conf: Resolver) -> io::Resul
         control,
         lookups: Lookups::new(LOOKUPS),
         watched: Vec::new(),
-        servers: Vec::new(),
+        asking: resolver::Asking::new(&conf),
         conf: conf.clone(),
     };
     thread.watch(names, conf, Instant::now());
@@ -191,6 +226,8 @@ struct Watched {
     due: Instant,
     /// The key of its lookup in flight.
     lookup: Option<usize>,
+    /// The names still to try if this lookup fails (search domains), the next one last.
+    candidates: Vec<String>,
     /// Why the last lookup failed, as logged (so the same reason is not logged again).
     failing: Option<String>,
 }
@@ -201,8 +238,8 @@ struct Thread {
     control: Weak<Control>,
     lookups: Lookups,
     watched: Vec<Watched>,
-    /// The nameservers asked, read when the names were last given.
-    servers: Vec<SocketAddr>,
+    /// The nameservers asked and the search list, read when the names were last given.
+    asking: resolver::Asking,
     conf: Resolver,
 }
 
@@ -233,32 +270,50 @@ impl Thread {
                 }
                 self.lookups.ready(self.poll.registry(), event.token(), now);
             }
-            while let Ok(message) = self.inbox.try_recv() {
-                match message {
-                    Message::Stop => return self.lookups.clear(self.poll.registry()),
-                    Message::Watch(names, conf) => self.watch(names, conf, now),
+            loop {
+                match self.inbox.try_recv() {
+                    Ok(Message::Watch(names, conf)) => self.watch(names, conf, now),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    // Told to stop, or the runtime is gone: nothing is left to change.
+                    Ok(Message::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
+                        return self.lookups.clear(self.poll.registry());
+                    }
                 }
             }
             self.lookups.expire(self.poll.registry(), now);
             while let Some(done) = self.lookups.take_finished() {
-                self.finished(done, Instant::now());
+                if self.finished(done, Instant::now()).is_err() {
+                    return self.lookups.clear(self.poll.registry());
+                }
             }
         }
     }
 
-    /// Takes the names of a new config: those it had keep their schedule, new ones are due now.
+    /// Takes the names of a new config: those it had keep their schedule (unless the resolver
+    /// settings changed: then every lookup starts again now), new ones are due now.
     fn watch(&mut self, names: Vec<Watch>, conf: Resolver, now: Instant) {
-        self.servers = resolver::nameservers(&conf);
+        let asking = resolver::Asking::new(&conf);
+        let changed = conf != self.conf || asking != self.asking;
+        if changed {
+            self.lookups.clear(self.poll.registry());
+        }
+        self.asking = asking;
         self.conf = conf;
         let mut old = std::mem::take(&mut self.watched);
         for watch in names {
             let entry = match old.iter().position(|w| w.watch == watch) {
-                Some(i) => old.swap_remove(i),
+                Some(i) if !changed => old.swap_remove(i),
+                Some(i) => Watched {
+                    due: now,
+                    lookup: None,
+                    ..old.swap_remove(i)
+                },
                 None => Watched {
                     watch,
                     due: now,
                     lookup: None,
                     failing: None,
+                    candidates: Vec::new(),
                 },
             };
             self.watched.push(entry);
@@ -280,35 +335,59 @@ impl Thread {
                     ttl,
                     unknown: None,
                 };
-                self.settle(i, Ok(found), now);
+                if self.settle(i, Ok(found), now).is_err() {
+                    // The runtime is gone; `run` ends at its next message check.
+                    return;
+                }
                 continue;
             }
-            let key = self
-                .lookups
-                .start(self.poll.registry(), &w.watch.host, &self.servers, now);
-            self.watched[i].lookup = Some(key);
+            // The names to try, last first (`pop` takes the next).
+            let mut candidates = self.asking.candidates(&w.watch.host);
+            candidates.reverse();
+            self.watched[i].candidates = candidates;
+            self.next_candidate(i, now);
         }
     }
 
-    fn finished(&mut self, done: resolver::lookup::Finished, now: Instant) {
-        if let Some(control) = self.control.upgrade() {
-            let ignored = u64::from(done.ignored);
-            control
-                .stats
-                .resolver_ignored
-                .fetch_add(ignored, Ordering::Relaxed);
+    /// Starts the lookup of the next name to try for name `i`; false when none is left.
+    fn next_candidate(&mut self, i: usize, now: Instant) -> bool {
+        let Some(name) = self.watched[i].candidates.pop() else {
+            return false;
+        };
+        let key = self
+            .lookups
+            .start(self.poll.registry(), &name, &self.asking.servers, now);
+        self.watched[i].lookup = Some(key);
+        true
+    }
+
+    /// `Err` when the runtime is gone.
+    fn finished(&mut self, done: resolver::lookup::Finished, now: Instant) -> Result<(), Gone> {
+        let control = self.control.upgrade().ok_or(Gone)?;
+        let ignored = u64::from(done.ignored);
+        control
+            .stats
+            .resolver_ignored
+            .fetch_add(ignored, Ordering::Relaxed);
+        drop(control);
+        let Some(i) = self.watched.iter().position(|w| w.lookup == Some(done.key)) else {
+            return Ok(());
+        };
+        self.watched[i].lookup = None;
+        if done.result.is_err() && self.next_candidate(i, now) {
+            return Ok(());
         }
-        if let Some(i) = self.watched.iter().position(|w| w.lookup == Some(done.key)) {
-            self.watched[i].lookup = None;
-            self.settle(i, done.result, now);
-        }
+        self.settle(i, done.result, now)
     }
 
     /// What a lookup of name `i` found: applied, logged and counted; its next one scheduled.
-    fn settle(&mut self, i: usize, result: Result<Found, String>, now: Instant) {
-        let Some(control) = self.control.upgrade() else {
-            return;
-        };
+    fn settle(
+        &mut self,
+        i: usize,
+        result: Result<Found, String>,
+        now: Instant,
+    ) -> Result<(), Gone> {
+        let control = self.control.upgrade().ok_or(Gone)?;
         let stats = Arc::clone(&control.stats);
         let valid = self.conf.valid.max(MIN_RECHECK);
         let w = &mut self.watched[i];
@@ -343,8 +422,12 @@ impl Thread {
                 w.due = now + RETRY.min(valid);
             }
         }
+        Ok(())
     }
 }
+
+/// The runtime the thread served has gone: the thread ends.
+struct Gone;
 
 /// Addresses for a log line: "a, b, c".
 pub(super) fn list(addrs: &[SocketAddr]) -> String {
@@ -431,6 +514,25 @@ mod tests {
             None,
             "A failed: .4 stays"
         );
+    }
+
+    #[test]
+    fn tries_follow_the_server_count_and_own_addresses_are_left_out() {
+        let text = "upstream u {\n  server 127.0.0.1:80;\n}\nlisten 127.0.0.1:0 { proxy u; }\n\
+                    listen 127.0.0.5:80 { proxy u; next_upstream_tries 2; }\n";
+        let mut c = Config::parse(text, "t.conf").expect("config");
+        c.upstreams[0].servers[0].resolve = Some("db.test".to_string());
+        let tries = |c: &Config| -> Vec<u32> {
+            c.listeners.iter().map(|l| l.next_upstream_tries).collect()
+        };
+        assert_eq!(tries(&c), [1, 2]);
+        let three = found(&["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.5"], None);
+        let (_, new) = reresolved(&mut c, &watch(), &three).expect("a change");
+        // 127.0.0.5:80 is the second listener: a connection there would come back to sluice.
+        assert_eq!(list(&new), "127.0.0.1:80, 127.0.0.2:80, 127.0.0.3:80");
+        assert_eq!(tries(&c), [3, 2], "the written value stays");
+        reresolved(&mut c, &watch(), &found(&["127.0.0.2"], None)).expect("a change");
+        assert_eq!(tries(&c), [1, 2]);
     }
 
     fn found(ips: &[&str], unknown: Option<Family>) -> Found {

@@ -60,6 +60,7 @@ impl Parser<'_> {
             if listen.access.is_empty() {
                 listen.access = self.config.access.clone();
             }
+            listen.tries_written = matches!(pending.tries, Some(n) if n > 0);
             listen.next_upstream_tries = match pending.tries {
                 Some(n) if n > 0 => n,
                 _ => u32::try_from(most.max(1)).unwrap_or(u32::MAX),
