@@ -17,8 +17,14 @@ build:
 run: build
 	$(BIN) -c $(CONFIG)
 
+# The TCP tests run again with every listener on the splice path and on the copy path
+# (the default, `splice auto`, copies short exchanges and splices bulk ones).
+TCP_TESTS := --test tcp_data --test tcp_faults --test tcp_timeouts --test tcp_limits
+
 test:
 	$(CARGO) test --all-targets
+	SLUICE_TEST_SPLICE=on $(CARGO) test $(TCP_TESTS)
+	SLUICE_TEST_SPLICE=off $(CARGO) test $(TCP_TESTS)
 
 lint:
 	$(CARGO) fmt --all -- --check

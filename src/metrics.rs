@@ -70,6 +70,20 @@ pub struct PoolStats {
     pub allocated_bytes: AtomicUsize,
 }
 
+/// The kernel pipes the workers splice through (`splice`), all workers together.
+#[derive(Debug, Default)]
+pub struct PipeStats {
+    /// Pipes lent to directions now.
+    pub in_use: AtomicUsize,
+    /// Most pipes lent at once since start.
+    pub peak: AtomicUsize,
+    /// Bytes moved from socket to socket through a pipe, never copied to user space.
+    pub spliced_bytes: AtomicU64,
+    /// Times a direction that would have spliced copied instead: no pipe left under
+    /// `max_pipes`, or none could be made.
+    pub fallbacks: AtomicU64,
+}
+
 /// Upper bounds of the connect-time histogram's buckets, in microseconds: loopback (100 µs) to
 /// a slow WAN (10 s).
 pub const CONNECT_BUCKETS_US: [u64; 16] = [
@@ -511,6 +525,7 @@ pub struct Metrics {
     /// Replies that answered nothing asked (another id or question, or broken), ignored.
     pub resolver_ignored: AtomicU64,
     pub pool: Arc<PoolStats>,
+    pub pipes: Arc<PipeStats>,
     ends: Ends,
     /// Swapped whole by a reload; the workers never read it on the data path (pairs and sessions
     /// hold their listener's counters), so the lock is taken only by a reload and by readers.
@@ -585,6 +600,18 @@ impl Metrics {
 
     pub fn buffers_peak(&self) -> usize {
         self.pool.peak.load(Ordering::Relaxed)
+    }
+
+    pub fn pipes_in_use(&self) -> usize {
+        self.pipes.in_use.load(Ordering::Relaxed)
+    }
+
+    pub fn pipes_peak(&self) -> usize {
+        self.pipes.peak.load(Ordering::Relaxed)
+    }
+
+    pub fn spliced_bytes(&self) -> u64 {
+        self.pipes.spliced_bytes.load(Ordering::Relaxed)
     }
 
     // ---- what the parts record ----------------------------------------------------------

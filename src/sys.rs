@@ -70,6 +70,91 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(limit.rlim_cur as u64)
 }
 
+/// A kernel pipe for splice(2): its read and write ends, both non-blocking and close-on-exec.
+#[cfg(target_os = "linux")]
+pub fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid, writable array of two ints for the duration of the call.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let ends = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    Ok(ends)
+}
+
+/// Asks for a pipe of `size` bytes (`F_SETPIPE_SZ`); returns the size the kernel gave it,
+/// which is rounded up to pages and may be capped by `/proc/sys/fs/pipe-max-size`.
+#[cfg(target_os = "linux")]
+pub fn set_pipe_size(pipe: &impl AsRawFd, size: usize) -> io::Result<usize> {
+    let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ takes an int and touches no memory of ours; a bad fd is an error.
+    let got = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(got as usize)
+}
+
+/// Moves up to `len` bytes from `from` to `to` inside the kernel (one of them a pipe) with
+/// `SPLICE_F_MOVE | SPLICE_F_NONBLOCK`. `Ok(0)` from a socket is its end of stream.
+#[cfg(target_os = "linux")]
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    // SAFETY: null offsets mean "the file position", valid for pipes and sockets; the call
+    // reads and writes no memory of ours, and bad descriptors are reported as errors.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            flags,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Without splice(2), every direction copies.
+#[cfg(not(target_os = "linux"))]
+pub fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn set_pipe_size(_pipe: &impl AsRawFd, _size: usize) -> io::Result<usize> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn splice(_from: RawFd, _to: RawFd, _len: usize) -> io::Result<usize> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// The soft `RLIMIT_NOFILE` (1024 if it cannot be read).
+#[allow(clippy::unnecessary_cast)]
+pub fn nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    limit.rlim_cur as u64
+}
+
 /// The signals the main thread turns into messages for the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {

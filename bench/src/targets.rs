@@ -29,6 +29,8 @@ use crate::{procfs, sys};
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a proxy may take to exit after SIGTERM before it gets SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pipes `haproxy-splice` may use (`maxpipes`): plenty for the throughput streams.
+const HAPROXY_PIPES: u64 = 1024;
 /// Where Debian's `libnginx-mod-stream` puts the stream module.
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
@@ -43,22 +45,34 @@ pub enum Kind {
     SluiceScraped,
     /// sluice with 100 access rules and per-client limits that let the bench through.
     SluiceAcl,
+    /// sluice with `splice on` (every direction through kernel pipes), pipes of 64 KiB.
+    SluiceSplice,
+    /// `splice on` with `splice_pipe_size 1m`.
+    SluiceSpliceBig,
+    /// sluice with `splice off`: the copy path only (plain `sluice` is `splice auto`).
+    SluiceCopy,
     Haproxy,
     HaproxyBusy,
+    /// haproxy with `option splice-request` and `option splice-response`.
+    HaproxySplice,
     Nginx,
     Socat,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Direct,
         Kind::Sluice,
         Kind::SluiceBusy,
         Kind::SluiceWorkers,
         Kind::SluiceScraped,
         Kind::SluiceAcl,
+        Kind::SluiceSplice,
+        Kind::SluiceSpliceBig,
+        Kind::SluiceCopy,
         Kind::Haproxy,
         Kind::HaproxyBusy,
+        Kind::HaproxySplice,
         Kind::Nginx,
         Kind::Socat,
     ];
@@ -71,8 +85,12 @@ impl Kind {
             Kind::SluiceWorkers => "sluice-w2",
             Kind::SluiceScraped => "sluice-scrape",
             Kind::SluiceAcl => "sluice-acl",
+            Kind::SluiceSplice => "sluice-splice",
+            Kind::SluiceSpliceBig => "sluice-splice-1m",
+            Kind::SluiceCopy => "sluice-copy",
             Kind::Haproxy => "haproxy",
             Kind::HaproxyBusy => "haproxy-bp",
+            Kind::HaproxySplice => "haproxy-splice",
             Kind::Nginx => "nginx",
             Kind::Socat => "socat",
         }
@@ -81,6 +99,34 @@ impl Kind {
     /// The same proxy with busy polling on.
     fn busy(self) -> bool {
         matches!(self, Kind::SluiceBusy | Kind::HaproxyBusy)
+    }
+
+    fn is_sluice(self) -> bool {
+        matches!(
+            self,
+            Kind::Sluice
+                | Kind::SluiceBusy
+                | Kind::SluiceWorkers
+                | Kind::SluiceScraped
+                | Kind::SluiceAcl
+                | Kind::SluiceSplice
+                | Kind::SluiceSpliceBig
+                | Kind::SluiceCopy
+        )
+    }
+
+    fn is_haproxy(self) -> bool {
+        matches!(self, Kind::Haproxy | Kind::HaproxyBusy | Kind::HaproxySplice)
+    }
+
+    /// The config lines that set how a listener moves its bytes.
+    fn splice(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::SluiceSplice => ("", "    splice on;\n"),
+            Kind::SluiceSpliceBig => ("splice_pipe_size 1m;\n", "    splice on;\n"),
+            Kind::SluiceCopy => ("", "    splice off;\n"),
+            _ => ("", ""),
+        }
     }
 
     pub fn from_name(name: &str) -> Option<Kind> {
@@ -126,24 +172,8 @@ pub fn which(name: &str) -> Option<PathBuf> {
 pub fn available(kind: Kind, env: &Env) -> Result<(), String> {
     match kind {
         Kind::Direct => Ok(()),
-        Kind::Sluice
-        | Kind::SluiceBusy
-        | Kind::SluiceWorkers
-        | Kind::SluiceScraped
-        | Kind::SluiceAcl
-            if env.sluice.is_file() =>
-        {
-            Ok(())
-        }
-        Kind::Sluice
-        | Kind::SluiceBusy
-        | Kind::SluiceWorkers
-        | Kind::SluiceScraped
-        | Kind::SluiceAcl => Err(format!(
-            "{} not found (cargo build --release)",
-            env.sluice.display()
-        )),
-        Kind::Haproxy | Kind::HaproxyBusy => which("haproxy")
+        k if k.is_sluice() && env.sluice.is_file() => Ok(()),
+        Kind::Haproxy | Kind::HaproxyBusy | Kind::HaproxySplice => which("haproxy")
             .map(|_| ())
             .ok_or_else(|| "not installed".to_string()),
         Kind::Socat => which("socat")
@@ -157,6 +187,11 @@ pub fn available(kind: Kind, env: &Env) -> Result<(), String> {
                 Err("stream module missing (libnginx-mod-stream)".to_string())
             }
         }
+        // A sluice target whose binary is missing.
+        _ => Err(format!(
+            "{} not found (cargo build --release)",
+            env.sluice.display()
+        )),
     }
 }
 
@@ -306,7 +341,7 @@ pub fn start(
             scraper: None,
         });
     }
-    if matches!(kind, Kind::Haproxy | Kind::HaproxyBusy) && proto == Proto::Udp {
+    if kind.is_haproxy() && proto == Proto::Udp {
         return Err("n/a: haproxy does not proxy UDP".to_string());
     }
     let port = free_port(proto).map_err(|e| format!("no free port: {e}"))?;
@@ -393,12 +428,13 @@ fn command(
     let conf_arg = conf.display().to_string();
     match kind {
         Kind::Direct => Err("direct has no process".to_string()),
-        Kind::Sluice
-        | Kind::SluiceBusy
-        | Kind::SluiceWorkers
-        | Kind::SluiceScraped
-        | Kind::SluiceAcl => {
+        k if k.is_sluice() => {
             let mut text = sluice_config(proto, port, backend, env.max_conns, kind.busy());
+            let (main, listen) = kind.splice();
+            if proto == Proto::Tcp {
+                text = text.replacen("log_level", &format!("{main}log_level"), 1);
+                text = text.replacen("    proxy ", &format!("{listen}    proxy "), 1);
+            }
             if let Some(admin) = admin {
                 text.push_str(&format!("admin {admin};\n"));
             }
@@ -412,14 +448,24 @@ fn command(
             }
             Ok((env.sluice.clone(), args))
         }
-        Kind::Haproxy | Kind::HaproxyBusy => {
-            write(haproxy_config(
-                port,
-                backend,
-                env.max_conns,
-                env.nofile,
-                kind.busy(),
-            ))?;
+        Kind::Haproxy | Kind::HaproxyBusy | Kind::HaproxySplice => {
+            let splicing = kind == Kind::HaproxySplice;
+            // Each pipe is two more descriptors, which haproxy counts against the limit at start.
+            let nofile = match splicing {
+                true => env.nofile.saturating_sub(2 * HAPROXY_PIPES),
+                false => env.nofile,
+            };
+            let mut text = haproxy_config(port, backend, env.max_conns, nofile, kind.busy());
+            if splicing {
+                // Forced both ways, as `splice on` is.
+                text = text.replacen(
+                    "    nbthread 1\n",
+                    &format!("    nbthread 1\n    maxpipes {HAPROXY_PIPES}\n"),
+                    1,
+                );
+                text.push_str("    option splice-request\n    option splice-response\n");
+            }
+            write(text)?;
             let program = which("haproxy").ok_or("haproxy not installed")?;
             Ok((program, vec!["-db".into(), "-f".into(), conf_arg]))
         }
@@ -457,6 +503,7 @@ fn command(
             ];
             Ok((program, args))
         }
+        other => Err(format!("{} has no command", other.name())),
     }
 }
 

@@ -136,6 +136,24 @@ pub fn render(v: &View) -> String {
     );
     out.sample("sluice_buffer_pool_bytes", &[], v.buffer_pool_bytes);
     out.family(
+        "sluice_splice_pipes",
+        "gauge",
+        "Kernel pipes lent to splicing directions now.",
+    );
+    out.sample("sluice_splice_pipes", &[], v.pipes_in_use);
+    out.family(
+        "sluice_spliced_bytes_total",
+        "counter",
+        "Bytes moved socket to socket through kernel pipes (never copied to user space).",
+    );
+    out.sample("sluice_spliced_bytes_total", &[], v.spliced_bytes);
+    out.family(
+        "sluice_splice_fallbacks_total",
+        "counter",
+        "Reads that would have spliced and copied instead: no pipe left under max_pipes.",
+    );
+    out.sample("sluice_splice_fallbacks_total", &[], v.splice_fallbacks);
+    out.family(
         "sluice_proxy_protocol_errors_total",
         "counter",
         "Clients closed (UDP: datagrams dropped) for a missing, bad or late PROXY header.",

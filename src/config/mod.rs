@@ -34,6 +34,10 @@ pub struct UpstreamId(pub usize);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServerId(pub usize);
 
+/// The kernel's own pipe size. 1 MiB pipes cost 10-25% less CPU on bulk streams in the
+/// `throughput` bench scenario, but pin up to 1 MiB of kernel memory each (bench/RESULTS.md).
+pub const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+
 /// Default path of the config file when `-c` is not given.
 pub const DEFAULT_PATH: &str = "/etc/sluice/sluice.conf";
 
@@ -65,6 +69,11 @@ pub struct Config {
     pub per_ip_table_size: usize,
     /// Where host names are looked up (`resolver`).
     pub resolver: Resolver,
+    /// Bytes of each kernel pipe a splicing direction uses (`splice_pipe_size`).
+    pub splice_pipe_size: usize,
+    /// Pipes each worker lends at once (`max_pipes`; 0 splices nothing); `None`: a quarter of
+    /// the descriptor limit, shared by the workers.
+    pub max_pipes: Option<usize>,
 }
 
 /// `resolver ADDR... [valid=T];`: the nameservers host names are looked up at, and the longest
@@ -185,6 +194,24 @@ pub struct Listen {
     pub sni_default: Option<UpstreamId>,
     /// How long a client may take to send its ClientHello.
     pub sni_timeout: Duration,
+    /// TCP: whether directions move bytes through kernel pipes (`splice`).
+    pub splice: Splice,
+}
+
+/// `splice auto|on|off`: `auto` copies small messages and splices bulk streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Splice {
+    Off,
+    On,
+    Auto,
+}
+
+impl Splice {
+    pub const ALL: [(&'static str, Splice); 3] = [
+        ("auto", Splice::Auto),
+        ("on", Splice::On),
+        ("off", Splice::Off),
+    ];
 }
 
 /// `so_keepalive on|IDLE:INTERVAL:COUNT` (nginx's form; an empty field keeps the system's value).
@@ -351,6 +378,8 @@ impl Default for Config {
             access: Vec::new(),
             per_ip_table_size: 100_000,
             resolver: Resolver::default(),
+            splice_pipe_size: DEFAULT_PIPE_SIZE,
+            max_pipes: None,
         }
     }
 }
@@ -392,6 +421,7 @@ impl Listen {
             sni_routes: Vec::new(),
             sni_default: None,
             sni_timeout: Duration::from_secs(5),
+            splice: Splice::Auto,
         }
     }
 }
@@ -515,6 +545,11 @@ impl Config {
                     "sends PROXY {}",
                     if v == ProxyVersion::V1 { "v1" } else { "v2" }
                 ));
+            }
+            match (l.proto, l.splice) {
+                (Proto::Tcp, Splice::On) => limits.push("splice on".to_string()),
+                (Proto::Tcp, Splice::Off) => limits.push("splice off".to_string()),
+                _ => {}
             }
             if !limits.is_empty() {
                 out.push_str(&format!(" ({})", limits.join(", ")));

@@ -106,7 +106,12 @@ impl Worker {
         let poll = Poll::new().map_err(io_err("cannot create the poller"))?;
         let waker = Waker::new(poll.registry(), token::waker())
             .map_err(io_err("cannot create the waker"))?;
-        let tcp = TcpProxy::new(&first.config, Arc::clone(&stats.pool), index);
+        let tcp = TcpProxy::new(
+            &first.config,
+            Arc::clone(&stats.pool),
+            Arc::clone(&stats.pipes),
+            index,
+        );
         let now = Instant::now();
         let admin = match admin {
             Some((listener, allow)) => Some(

@@ -12,16 +12,29 @@ use std::sync::Arc;
 /// its memory back to the system.
 const CACHE_LIMIT: usize = 64;
 
-/// A lent buffer: `data[start..end]` are bytes read but not yet written on.
+/// A lent buffer: `data[start..end]` are bytes read but not yet written on. The offsets are
+/// `u32` (a buffer is at most 16 MiB) so that a `Carrier` holding a buffer or a pipe stays 32
+/// bytes: every pair has two, idle or not (the `idle` bench scenario).
 pub struct Buffer {
     data: Box<[u8]>,
-    start: usize,
-    end: usize,
+    start: u32,
+    end: u32,
 }
 
 impl Buffer {
+    fn span(&self) -> (usize, usize) {
+        (self.start as usize, self.end as usize)
+    }
+
+    fn set(&mut self, start: usize, end: usize) {
+        // Both are within `data`, whose length `BufferPool::new` keeps below 4 GiB.
+        self.start = u32::try_from(start).unwrap_or(u32::MAX);
+        self.end = u32::try_from(end).unwrap_or(u32::MAX);
+    }
+
     pub fn pending(&self) -> &[u8] {
-        &self.data[self.start..self.end]
+        let (start, end) = self.span();
+        self.data.get(start..end).unwrap_or_default()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -29,31 +42,35 @@ impl Buffer {
     }
 
     pub fn is_full(&self) -> bool {
-        self.start == 0 && self.end == self.data.len()
+        self.start == 0 && self.end as usize == self.data.len()
     }
 
     /// `n` pending bytes were written on.
     pub fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
+        let (start, end) = self.span();
+        let start = start.saturating_add(n).min(end);
+        if start == end {
+            self.set(0, 0);
+        } else {
+            self.set(start, end);
         }
     }
 
     /// Free space at the tail, moving pending bytes to the front first when that makes room.
     pub fn spare(&mut self) -> &mut [u8] {
-        if self.end == self.data.len() && self.start > 0 {
-            self.data.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+        let (start, end) = self.span();
+        if end == self.data.len() && start > 0 {
+            self.data.copy_within(start..end, 0);
+            self.set(0, end - start);
         }
-        &mut self.data[self.end..]
+        let end = self.end as usize;
+        self.data.get_mut(end..).unwrap_or_default()
     }
 
     /// `n` bytes were written into `spare()`.
     pub fn commit(&mut self, n: usize) {
-        self.end = (self.end + n).min(self.data.len());
+        let (start, end) = self.span();
+        self.set(start, end.saturating_add(n).min(self.data.len()));
     }
 
     /// Appends as much of `bytes` as fits; returns how much did.
@@ -79,8 +96,9 @@ pub struct BufferPool {
 
 impl BufferPool {
     /// A pool of `size`-byte buffers holding at most `cap_bytes` in all (at least one buffer).
+    /// `size` is capped at 1 GiB (the config allows 16 MiB): a `Buffer` keeps `u32` offsets.
     pub fn new(size: usize, cap_bytes: usize, stats: Arc<PoolStats>) -> BufferPool {
-        let size = size.max(1);
+        let size = size.clamp(1, 1 << 30);
         BufferPool {
             size,
             max_buffers: (cap_bytes / size).max(1),

@@ -9,6 +9,7 @@ pub mod connect;
 pub mod listener;
 pub mod pipe;
 pub mod proxy;
+pub mod splice;
 
 /// One of a pair's two sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,17 +5,22 @@
 //! `shutdown(Write)`. The other direction keeps flowing, so a half-closed client still gets the
 //! whole answer. Readiness is kept here, in userland (sockets are registered once,
 //! edge-triggered): an event sets bits, `WouldBlock` clears them, and [`Pair::pump`] works on
-//! what is set. A direction holds a pooled buffer only while the destination could not take
-//! everything read, so a pair holds at most two buffers and an idle pair holds none.
+//! what is set. A direction holds a pooled buffer (or, splicing, a kernel pipe: `splice.rs`)
+//! only while the destination could not take everything read, so a pair holds at most two and
+//! an idle pair holds none. A pipe is filled only when empty: a splice into a pipe that holds
+//! bytes may refuse more while the socket still has some, and under edge-triggered readiness
+//! that `WouldBlock` would be taken for an empty socket.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 
 use super::buffer::{Buffer, BufferPool};
+use super::splice::{self, Pipe, PipePool, Splicing};
 use super::Side;
 use crate::config::{ServerId, UpstreamId};
 use crate::limit::Ticket;
@@ -35,12 +40,14 @@ pub enum DirState {
 }
 
 /// What holds a direction's bytes between the read that took them and the write that delivers
-/// them. Today a buffer lent by the pool; a kernel pipe (splice) will be a second kind.
+/// them: a buffer lent by the pool, or a kernel pipe (splice).
 pub enum Carrier {
     /// Nothing in flight: read bytes go from the worker's scratch buffer straight on.
     Empty,
     /// Bytes the destination has not taken yet, in a pooled buffer.
     Buffered(Buffer),
+    /// Bytes spliced from the source that the destination has not taken yet.
+    Piped(Pipe),
 }
 
 impl Carrier {
@@ -48,10 +55,12 @@ impl Carrier {
         matches!(self, Carrier::Empty)
     }
 
-    /// Gives a held buffer back to the pool.
-    fn release(&mut self, pool: &mut BufferPool) {
-        if let Carrier::Buffered(buf) = std::mem::replace(self, Carrier::Empty) {
-            pool.put(buf);
+    /// Gives a held buffer or pipe back to its pool.
+    fn release(&mut self, pool: &mut BufferPool, pipes: &mut PipePool) {
+        match std::mem::replace(self, Carrier::Empty) {
+            Carrier::Buffered(buf) => pool.put(buf),
+            Carrier::Piped(pipe) => pipes.put(pipe),
+            Carrier::Empty => {}
         }
     }
 }
@@ -65,6 +74,8 @@ pub struct Direction {
     /// `limit_rate`, if set (boxed: most pairs have none, and an idle pair should stay small;
     /// the `idle` bench scenario measures it).
     pub throttle: Option<Box<Throttle>>,
+    /// Whether reads go into a kernel pipe or through the copy path.
+    pub splicing: Splicing,
 }
 
 /// `limit_rate` for one direction: a token bucket of bytes (`rate` a second, a tenth of a
@@ -175,6 +186,10 @@ pub trait Stream {
     fn peek(&mut self, into: &mut [u8]) -> io::Result<usize>;
     fn write(&mut self, from: &[u8]) -> io::Result<usize>;
     fn shutdown_write(&mut self) -> io::Result<()>;
+    /// The descriptor to splice from or to; `None` (a scripted stream) always copies.
+    fn fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 impl Stream for TcpStream {
@@ -192,6 +207,10 @@ impl Stream for TcpStream {
 
     fn shutdown_write(&mut self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
+    }
+
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
     }
 }
 
@@ -238,6 +257,11 @@ enum Got {
     /// Bytes are waiting in the source for a destination that cannot take them now; `n` were
     /// moved before it filled.
     Left { n: usize },
+    /// The carrier is full (or a pipe holds bytes): nothing is read until the destination
+    /// takes some.
+    Full,
+    /// A buffer is needed and the pool is at its cap.
+    Starved,
 }
 
 impl Direction {
@@ -247,6 +271,7 @@ impl Direction {
             carrier: Carrier::Empty,
             bytes: 0,
             throttle: None,
+            splicing: Splicing::Off,
         }
     }
 
@@ -254,9 +279,13 @@ impl Direction {
         !self.carrier.is_empty()
     }
 
-    /// Gives the buffer back to the pool (the pair is closing).
-    pub fn release(&mut self, pool: &mut BufferPool) {
-        self.carrier.release(pool);
+    pub fn holds_pipe(&self) -> bool {
+        matches!(self.carrier, Carrier::Piped(_))
+    }
+
+    /// Gives the buffer or pipe back (the pair is closing).
+    pub fn release(&mut self, pool: &mut BufferPool, pipes: &mut PipePool) {
+        self.carrier.release(pool, pipes);
     }
 
     /// Moves bytes from `src` to `dst` until the kernel says wait, the budget runs out, or the
@@ -265,12 +294,13 @@ impl Direction {
         &mut self,
         mut io: Ends<'_, S>,
         pool: &mut BufferPool,
+        pipes: &mut PipePool,
         scratch: &mut [u8],
         now: Instant,
     ) -> Result<Step, Fault> {
         let mut budget = READ_BUDGET;
         loop {
-            self.flush(io.dst, io.dst_ready, pool)
+            self.flush(io.dst, io.dst_ready, pool, pipes)
                 .map_err(|e| io.dst_fault(e))?;
             match self.state {
                 DirState::Open => {}
@@ -304,72 +334,15 @@ impl Direction {
                 return Ok(Step::Idle);
             }
             budget -= 1;
-            let got = match &mut self.carrier {
-                // Bytes are waiting for the destination: read behind them, or wait if full.
-                Carrier::Buffered(buf) => {
-                    let spare = buf.spare();
-                    if spare.is_empty() {
-                        return Ok(Step::Idle);
-                    }
-                    let spare = cap(spare, allowed);
-                    let asked = spare.len();
-                    match read_some(io.src, spare).map_err(|e| io.src_fault(e))? {
-                        Some(0) => Got::Eof,
-                        Some(n) => {
-                            buf.commit(n);
-                            Got::Data {
-                                drained: n < asked,
-                                n,
-                            }
-                        }
-                        None => Got::WouldBlock,
-                    }
-                }
-                // The destination cannot take anything now: read straight into a pooled buffer.
-                Carrier::Empty if !io.dst_ready.writable => {
-                    let Some(mut buf) = pool.get() else {
-                        return Ok(Step::Starved);
-                    };
-                    let spare = cap(buf.spare(), allowed);
-                    let asked = spare.len();
-                    let got = read_some(io.src, spare);
-                    match got {
-                        Ok(Some(n)) if n > 0 => {
-                            buf.commit(n);
-                            self.carrier = Carrier::Buffered(buf);
-                        }
-                        _ => pool.put(buf),
-                    }
-                    match got.map_err(|e| io.src_fault(e))? {
-                        Some(0) => Got::Eof,
-                        Some(n) => Got::Data {
-                            drained: n < asked,
-                            n,
-                        },
-                        None => Got::WouldBlock,
-                    }
-                }
-                // The usual case: read into the worker's scratch buffer and write on at once;
-                // only what the destination refuses moves into a pooled buffer.
-                Carrier::Empty if pool.can_lend() => {
-                    let into = cap(scratch, allowed);
-                    let asked = into.len();
-                    match read_some(io.src, into).map_err(|e| io.src_fault(e))? {
-                        Some(0) => Got::Eof,
-                        Some(n) => {
-                            let chunk = scratch.get(..n).unwrap_or_default();
-                            self.forward(chunk, io.dst, io.dst_ready, pool)
-                                .map_err(|e| io.dst_fault(e))?;
-                            Got::Data {
-                                drained: n < asked,
-                                n,
-                            }
-                        }
-                        None => Got::WouldBlock,
-                    }
-                }
-                // The pool is dry but the destination takes bytes.
-                Carrier::Empty => self.pass_through(&mut io, cap(scratch, allowed))?,
+            let piped = match (&self.carrier, self.splicing.wants_pipe()) {
+                (Carrier::Empty, true) => io.src.fd().zip(io.dst.fd()),
+                _ => None,
+            };
+            let pipe = piped.and_then(|(src, _)| pipes.get().map(|pipe| (pipe, src)));
+            let got = if let Some((pipe, src)) = pipe {
+                self.splice_in(pipe, src, &mut io, pool, pipes, allowed)?
+            } else {
+                self.copy_step(&mut io, pool, scratch, allowed)?
             };
             if let (Got::Data { n, .. } | Got::Left { n }, Some(t)) =
                 (&got, self.throttle.as_deref_mut())
@@ -388,8 +361,92 @@ impl Direction {
                 }
                 Got::WouldBlock => io.src_ready.readable = false,
                 Got::Left { .. } => {}
+                Got::Full => return Ok(Step::Idle),
+                Got::Starved => return Ok(Step::Starved),
             }
         }
+    }
+
+    /// One read on the copy path: into the free room of the held buffer, a pooled buffer, or
+    /// the worker's scratch buffer, as the destination and the pool allow.
+    fn copy_step<S: Stream>(
+        &mut self,
+        io: &mut Ends<'_, S>,
+        pool: &mut BufferPool,
+        scratch: &mut [u8],
+        allowed: usize,
+    ) -> Result<Got, Fault> {
+        Ok(match &mut self.carrier {
+            // Bytes wait in the pipe for the destination; it says when it takes more.
+            Carrier::Piped(_) => Got::Full,
+            // Bytes are waiting for the destination: read behind them, or wait if full.
+            Carrier::Buffered(buf) => {
+                let spare = buf.spare();
+                if spare.is_empty() {
+                    return Ok(Got::Full);
+                }
+                let spare = cap(spare, allowed);
+                let asked = spare.len();
+                match read_some(io.src, spare).map_err(|e| io.src_fault(e))? {
+                    Some(0) => Got::Eof,
+                    Some(n) => {
+                        buf.commit(n);
+                        Got::Data {
+                            drained: n < asked,
+                            n,
+                        }
+                    }
+                    None => Got::WouldBlock,
+                }
+            }
+            // The destination cannot take anything now: read straight into a pooled buffer.
+            Carrier::Empty if !io.dst_ready.writable => {
+                let Some(mut buf) = pool.get() else {
+                    return Ok(Got::Starved);
+                };
+                let spare = cap(buf.spare(), allowed);
+                let asked = spare.len();
+                let got = read_some(io.src, spare);
+                match got {
+                    Ok(Some(n)) if n > 0 => {
+                        buf.commit(n);
+                        self.splicing.copied(n, asked);
+                        self.carrier = Carrier::Buffered(buf);
+                    }
+                    _ => pool.put(buf),
+                }
+                match got.map_err(|e| io.src_fault(e))? {
+                    Some(0) => Got::Eof,
+                    Some(n) => Got::Data {
+                        drained: n < asked,
+                        n,
+                    },
+                    None => Got::WouldBlock,
+                }
+            }
+            // The usual case: read into the worker's scratch buffer and write on at once;
+            // only what the destination refuses moves into a pooled buffer.
+            Carrier::Empty if pool.can_lend() => {
+                let into = cap(scratch, allowed);
+                let asked = into.len();
+                match read_some(io.src, into).map_err(|e| io.src_fault(e))? {
+                    Some(0) => Got::Eof,
+                    Some(n) => {
+                        self.splicing.copied(n, asked);
+                        let chunk = scratch.get(..n).unwrap_or_default();
+                        self.forward(chunk, io.dst, io.dst_ready, pool)
+                            .map_err(|e| io.dst_fault(e))?;
+                        Got::Data {
+                            drained: n < asked,
+                            n,
+                        }
+                    }
+                    None => Got::WouldBlock,
+                }
+            }
+            // The pool is dry but the destination takes bytes.
+            Carrier::Empty => self.pass_through(io, cap(scratch, allowed))?,
+        })
     }
 
     /// With no buffer to lend, a direction whose destination is writable still moves: it peeks,
@@ -429,24 +486,80 @@ impl Direction {
         })
     }
 
-    /// Writes pending bytes while the destination takes them; returns the buffer when empty.
+    /// Moves one read of the source into `pipe` and on to the destination as far as it takes
+    /// it; what it does not take stays in the pipe, held by the direction. The read never
+    /// counts as draining the source: a splice can stop short at a page boundary.
+    fn splice_in<S: Stream>(
+        &mut self,
+        mut pipe: Pipe,
+        src: RawFd,
+        io: &mut Ends<'_, S>,
+        pool: &mut BufferPool,
+        pipes: &mut PipePool,
+        allowed: usize,
+    ) -> Result<Got, Fault> {
+        let len = pipe.capacity().min(allowed);
+        match retry(|| pipe.fill(src, len)) {
+            Ok(Some(0)) => {
+                pipes.put(pipe);
+                Ok(Got::Eof)
+            }
+            Ok(Some(n)) => {
+                self.splicing.spliced(n);
+                self.carrier = Carrier::Piped(pipe);
+                self.flush(io.dst, io.dst_ready, pool, pipes)
+                    .map_err(|e| io.dst_fault(e))?;
+                Ok(Got::Data { drained: false, n })
+            }
+            Ok(None) => {
+                pipes.put(pipe);
+                Ok(Got::WouldBlock)
+            }
+            // These sockets cannot splice: this direction copies from now on.
+            Err(e) if splice::unsupported(&e) => {
+                pipes.put(pipe);
+                self.splicing = Splicing::Off;
+                Ok(Got::Left { n: 0 })
+            }
+            Err(e) => {
+                pipes.put(pipe);
+                Err(io.src_fault(e))
+            }
+        }
+    }
+
+    /// Writes pending bytes while the destination takes them; returns the buffer or pipe when
+    /// empty.
     fn flush<S: Stream>(
         &mut self,
         dst: &mut S,
         ready: &mut Readiness,
         pool: &mut BufferPool,
+        pipes: &mut PipePool,
     ) -> io::Result<()> {
-        let Carrier::Buffered(buf) = &mut self.carrier else {
-            return Ok(());
-        };
-        if !buf.is_empty() {
-            let n = write_ready(dst, ready, buf.pending())?;
-            buf.consume(n);
-            self.bytes += n as u64;
+        match &mut self.carrier {
+            Carrier::Empty => return Ok(()),
+            Carrier::Buffered(buf) => {
+                if !buf.is_empty() {
+                    let n = write_ready(dst, ready, buf.pending())?;
+                    buf.consume(n);
+                    self.bytes += n as u64;
+                }
+                if !buf.is_empty() {
+                    return Ok(());
+                }
+            }
+            Carrier::Piped(pipe) => {
+                let fd = dst.fd().ok_or(io::ErrorKind::Unsupported)?;
+                let n = pipe.drain_into(fd, ready)?;
+                self.bytes += n as u64;
+                pipes.count(n);
+                if pipe.pending() > 0 {
+                    return Ok(());
+                }
+            }
         }
-        if buf.is_empty() {
-            self.carrier.release(pool);
-        }
+        self.carrier.release(pool, pipes);
         Ok(())
     }
 
@@ -624,6 +737,8 @@ impl Pair {
         let (mut up, mut down) = (Direction::new(), Direction::new());
         up.throttle = throttle(&origin.conf).map(Box::new);
         down.throttle = throttle(&origin.conf).map(Box::new);
+        up.splicing = Splicing::new(origin.conf.splice);
+        down.splicing = up.splicing;
         Pair {
             gen,
             upstream: origin.conf.upstream,
@@ -666,6 +781,7 @@ impl Pair {
     pub fn pump(
         &mut self,
         pool: &mut BufferPool,
+        pipes: &mut PipePool,
         scratch: &mut [u8],
         now: Instant,
     ) -> Result<Step, Fault> {
@@ -684,6 +800,7 @@ impl Pair {
                 last: self.down.state == DirState::Closed,
             },
             pool,
+            pipes,
             scratch,
             now,
         )?;
@@ -698,6 +815,7 @@ impl Pair {
                 last: self.up.state == DirState::Closed,
             },
             pool,
+            pipes,
             scratch,
             now,
         )?;
@@ -735,9 +853,9 @@ impl Pair {
         self.up.bytes + self.down.bytes
     }
 
-    pub fn release_buffers(&mut self, pool: &mut BufferPool) {
-        self.up.release(pool);
-        self.down.release(pool);
+    pub fn release_buffers(&mut self, pool: &mut BufferPool, pipes: &mut PipePool) {
+        self.up.release(pool, pipes);
+        self.down.release(pool, pipes);
     }
 
     /// Before the pair closes for `end`: makes closing send a reset (`SO_LINGER 0`) to each peer
@@ -893,6 +1011,7 @@ mod tests {
         src_ready: Readiness,
         dst_ready: Readiness,
         pool: BufferPool,
+        pipes: PipePool,
         scratch: Vec<u8>,
         dir: Direction,
         last: bool,
@@ -916,6 +1035,7 @@ mod tests {
                 src_ready: ready(),
                 dst_ready: ready(),
                 pool: BufferPool::new(BUF, BUF * buffers, Arc::new(PoolStats::default())),
+                pipes: PipePool::new(4096, 4, Arc::default()),
                 scratch: vec![0; BUF],
                 dir: Direction::new(),
                 last: false,
@@ -935,6 +1055,7 @@ mod tests {
                     last: self.last,
                 },
                 &mut self.pool,
+                &mut self.pipes,
                 &mut self.scratch,
                 self.now,
             )
@@ -1307,7 +1428,7 @@ mod tests {
         );
         r.pump().expect("pump");
         assert_eq!(r.pool.in_use(), 1);
-        r.dir.release(&mut r.pool);
+        r.dir.release(&mut r.pool, &mut r.pipes);
         assert_eq!(r.pool.in_use(), 0);
         assert!(!r.dir.holds_buffer());
     }

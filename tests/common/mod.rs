@@ -122,9 +122,24 @@ pub fn forward(servers: &[SocketAddr]) -> Config {
 }
 
 /// Starts a proxy for `config`.
-pub fn start(config: Config) -> Proxy {
+pub fn start(mut config: Config) -> Proxy {
     raise_fd_limit();
+    splice_from_env(&mut config);
     Proxy::start(config).expect("the proxy starts")
+}
+
+/// `SLUICE_TEST_SPLICE=on|off|auto` gives every TCP listener that `splice` mode, so the TCP
+/// tests run on the splice path and on the copy path (`make test` runs them under each).
+pub fn splice_from_env(config: &mut Config) {
+    let mode = match std::env::var("SLUICE_TEST_SPLICE").as_deref() {
+        Ok("on") => sluice::config::Splice::On,
+        Ok("off") => sluice::config::Splice::Off,
+        Ok("auto") => sluice::config::Splice::Auto,
+        _ => return,
+    };
+    for l in &mut config.listeners {
+        l.splice = mode;
+    }
 }
 
 /// Parses the config text `text` and starts a proxy for it; panics with the text if it does

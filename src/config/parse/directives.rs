@@ -93,6 +93,8 @@ pub(super) const DIRECTIVES: &[Directive] = &[
     many("deny", Main),
     once("per_ip_table_size", Main, "a number"),
     once("resolver", Main, "a nameserver address"),
+    once("splice_pipe_size", Main, "a size"),
+    once("max_pipes", Main, "a number"),
     many("allow", Admin),
     once("balance", Upstream, "a balance method"),
     many("server", Upstream),
@@ -140,6 +142,7 @@ pub(super) const DIRECTIVES: &[Directive] = &[
         once("sni_default", Listen, "an upstream name or an address"),
     ),
     only(Proto::Tcp, once("sni_timeout", Listen, "a duration")),
+    only(Proto::Tcp, once("splice", Listen, "'auto', 'on' or 'off'")),
 ];
 
 /// The directive `name` of `context`.

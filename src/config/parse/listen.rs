@@ -234,6 +234,15 @@ impl Parser<'_> {
                     let arg = self.single(&inner, d.takes)?;
                     listen.sni_timeout = self.positive_duration(&arg.text, arg, name)?;
                 }
+                "splice" => {
+                    let arg = self.single(&inner, d.takes)?;
+                    let names = crate::config::Splice::ALL.map(|(n, _)| n);
+                    listen.splice = crate::config::Splice::ALL
+                        .iter()
+                        .find(|(n, _)| *n == arg.text)
+                        .map(|(_, mode)| *mode)
+                        .ok_or_else(|| self.not_one_of(arg, "splice mode", &names))?;
+                }
                 "so_keepalive" => {
                     let arg = self.single(&inner, d.takes)?;
                     listen.so_keepalive = self.keepalive(arg)?;

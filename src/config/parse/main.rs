@@ -7,6 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 const MIN_BUFFER_SIZE: usize = 1 << 10;
+/// One page, and Linux's `pipe-max-size` default (an unprivileged process may not go past it).
+const MIN_PIPE_SIZE: usize = 4 << 10;
+const MAX_PIPE_SIZE: usize = 1 << 20;
 const MAX_BUFFER_SIZE: usize = 16 << 20;
 /// A longer spin only burns CPU: past a few milliseconds, sleeping in the kernel costs less.
 const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
@@ -32,6 +35,25 @@ impl Parser<'_> {
                     self.config.access.push(rule);
                 }
                 "resolver" => self.resolver(&stmt)?,
+                "splice_pipe_size" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    let size = self.size(arg)?;
+                    if !(MIN_PIPE_SIZE..=MAX_PIPE_SIZE).contains(&size) {
+                        return Err(self.err_at(
+                            arg,
+                            format!(
+                                "splice_pipe_size must be between 4k and 1m, got '{}'",
+                                arg.text
+                            ),
+                        ));
+                    }
+                    self.config.splice_pipe_size = size;
+                }
+                "max_pipes" => {
+                    let arg = self.single(&stmt, d.takes)?;
+                    self.config.max_pipes =
+                        Some(self.usize_value(&arg.text, arg, "max_pipes", 0)?);
+                }
                 "per_ip_table_size" => {
                     let arg = self.single(&stmt, d.takes)?;
                     self.config.per_ip_table_size =

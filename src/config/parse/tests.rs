@@ -560,10 +560,43 @@ fn unknown_directives_suggest_from_their_context() {
     assert_eq!(e.message, "unknown directive 'servr'");
     // Directives of DESIGN.md this build does not know yet.
     assert_err(
-        "listen 80 {\n  proxy 127.0.0.1:1;\n  splice auto;\n}",
+        "upstream u {\n  server 127.0.0.1:1;\n  pool 16;\n}",
         3,
         3,
-        "unknown directive 'splice'",
+        "unknown directive 'pool'",
+    );
+}
+
+#[test]
+fn splice_and_its_pipes() {
+    use crate::config::Splice;
+    let c = ok("splice_pipe_size 256k;\nmax_pipes 100;\n\
+                listen 127.0.0.1:1 { proxy 127.0.0.1:2; splice on; }\n\
+                listen 127.0.0.1:3 { proxy 127.0.0.1:2; splice off; }\n\
+                listen 127.0.0.1:4 { proxy 127.0.0.1:2; }\n");
+    let modes: Vec<Splice> = c.listeners.iter().map(|l| l.splice).collect();
+    assert_eq!(modes, [Splice::On, Splice::Off, Splice::Auto]);
+    assert_eq!((c.splice_pipe_size, c.max_pipes), (256 * 1024, Some(100)));
+    let d = ok("");
+    assert_eq!((d.splice_pipe_size, d.max_pipes), (64 * 1024, None));
+    assert_eq!(ok("max_pipes 0;").max_pipes, Some(0), "0 splices nothing");
+    assert_err(
+        "listen 127.0.0.1:1 { proxy 127.0.0.1:2; splice yes; }",
+        1,
+        48,
+        "unknown splice mode 'yes' (expected one of: auto, on, off)",
+    );
+    assert_err(
+        "splice_pipe_size 2m;",
+        1,
+        18,
+        "splice_pipe_size must be between 4k and 1m",
+    );
+    assert_err(
+        "listen udp 127.0.0.1:1 { proxy 127.0.0.1:2; splice on; }",
+        1,
+        45,
+        "splice",
     );
 }
 

@@ -27,6 +27,7 @@ use super::buffer::BufferPool;
 use super::connect::{self, Outcome};
 use super::listener;
 use super::pipe::{Fault, Pair, PairState, Step};
+use super::splice::PipePool;
 use super::Side;
 use crate::accounting::{self, Settle};
 use crate::config::{Config, Listen, ServerId};
@@ -60,6 +61,7 @@ pub struct TcpProxy {
     pairs: Slab<Pair>,
     next_gen: Gen,
     pool: BufferPool,
+    pipes: PipePool,
     scratch: Box<[u8]>,
     /// The process's cap, kept by every worker together through `Metrics::reserve`.
     max_connections: usize,
@@ -86,12 +88,23 @@ pub struct TcpProxy {
 
 impl TcpProxy {
     /// A part with no listener yet (see [`TcpProxy::reload`]).
-    pub fn new(config: &Config, pool_stats: Arc<PoolStats>, worker: usize) -> TcpProxy {
+    pub fn new(
+        config: &Config,
+        pool_stats: Arc<PoolStats>,
+        pipe_stats: Arc<crate::metrics::PipeStats>,
+        worker: usize,
+    ) -> TcpProxy {
+        // Each pipe is two descriptors: by default pipes may take half of them at most.
+        let max_pipes = config.max_pipes.unwrap_or_else(|| {
+            let share = crate::sys::nofile_limit() / 4 / config.workers.max(1) as u64;
+            usize::try_from(share).unwrap_or(usize::MAX)
+        });
         TcpProxy {
             listeners: Vec::new(),
             pairs: Slab::new(),
             next_gen: 0,
             pool: BufferPool::new(config.buffer_size, config.buffer_memory, pool_stats),
+            pipes: PipePool::new(config.splice_pipe_size, max_pipes, pipe_stats),
             scratch: vec![0u8; config.buffer_size.max(1)].into_boxed_slice(),
             max_connections: config.max_connections,
             worker,
@@ -602,7 +615,7 @@ impl TcpProxy {
             return;
         };
         let before = (pair.bytes(), pair.half_closed());
-        let step = match pair.pump(&mut self.pool, &mut self.scratch, ctx.now) {
+        let step = match pair.pump(&mut self.pool, &mut self.pipes, &mut self.scratch, ctx.now) {
             Ok(step) => step,
             Err(fault) => {
                 self.fail(key, fault, ctx);
@@ -681,7 +694,7 @@ impl TcpProxy {
             }
         }
         pair.reset_cut_peers(end);
-        pair.release_buffers(&mut self.pool);
+        pair.release_buffers(&mut self.pool, &mut self.pipes);
         if let Some(ticket) = pair.ticket.take() {
             ctx.per_ip.release(ticket);
         }
