@@ -84,6 +84,18 @@ pub struct PipeStats {
     pub fallbacks: AtomicU64,
 }
 
+/// Pre-connected spares (`pool`), all workers together.
+#[derive(Debug, Default)]
+pub struct SpareStats {
+    /// Spares open now, connecting or ready.
+    pub open: AtomicUsize,
+    /// Spares a client took.
+    pub taken: AtomicU64,
+    /// Spares closed without a client: the server closed or reset them while idle, they aged
+    /// past `idle`, or their server went down.
+    pub discarded: AtomicU64,
+}
+
 /// Upper bounds of the connect-time histogram's buckets, in microseconds: loopback (100 µs) to
 /// a slow WAN (10 s).
 pub const CONNECT_BUCKETS_US: [u64; 16] = [
@@ -526,6 +538,7 @@ pub struct Metrics {
     pub resolver_ignored: AtomicU64,
     pub pool: Arc<PoolStats>,
     pub pipes: Arc<PipeStats>,
+    pub spares: Arc<SpareStats>,
     ends: Ends,
     /// Swapped whole by a reload; the workers never read it on the data path (pairs and sessions
     /// hold their listener's counters), so the lock is taken only by a reload and by readers.

@@ -181,6 +181,7 @@ fn stopping_mid_stream_resets_both_peers() {
         balance: sluice::config::Balance::RoundRobin,
         servers: vec![sluice::config::Server::new(sink.addr())],
         health_check: None,
+        pool: None,
     });
     let mut upload = config.listeners[0].clone();
     upload.upstream = sluice::config::UpstreamId(1);

@@ -51,6 +51,8 @@ pub enum Kind {
     SluiceSpliceBig,
     /// sluice with `splice off`: the copy path only (plain `sluice` is `splice auto`).
     SluiceCopy,
+    /// sluice with `pool 16`: connections to the backend opened before clients come.
+    SluicePool,
     Haproxy,
     HaproxyBusy,
     /// haproxy with `option splice-request` and `option splice-response`.
@@ -60,7 +62,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Direct,
         Kind::Sluice,
         Kind::SluiceBusy,
@@ -70,6 +72,7 @@ impl Kind {
         Kind::SluiceSplice,
         Kind::SluiceSpliceBig,
         Kind::SluiceCopy,
+        Kind::SluicePool,
         Kind::Haproxy,
         Kind::HaproxyBusy,
         Kind::HaproxySplice,
@@ -88,6 +91,7 @@ impl Kind {
             Kind::SluiceSplice => "sluice-splice",
             Kind::SluiceSpliceBig => "sluice-splice-1m",
             Kind::SluiceCopy => "sluice-copy",
+            Kind::SluicePool => "sluice-pool",
             Kind::Haproxy => "haproxy",
             Kind::HaproxyBusy => "haproxy-bp",
             Kind::HaproxySplice => "haproxy-splice",
@@ -112,11 +116,15 @@ impl Kind {
                 | Kind::SluiceSplice
                 | Kind::SluiceSpliceBig
                 | Kind::SluiceCopy
+                | Kind::SluicePool
         )
     }
 
     fn is_haproxy(self) -> bool {
-        matches!(self, Kind::Haproxy | Kind::HaproxyBusy | Kind::HaproxySplice)
+        matches!(
+            self,
+            Kind::Haproxy | Kind::HaproxyBusy | Kind::HaproxySplice
+        )
     }
 
     /// The config lines that set how a listener moves its bytes.
@@ -440,6 +448,12 @@ fn command(
             }
             if kind == Kind::SluiceAcl {
                 text = with_access_rules(&text, proto, env.max_conns);
+            }
+            if kind == Kind::SluicePool && proto == Proto::Tcp {
+                let block =
+                    format!("upstream bench {{\n    server {backend};\n    pool 16;\n}}\n\n");
+                text = text.replacen(&format!("proxy {backend};"), "proxy bench;", 1);
+                text = text.replacen("\nlisten ", &format!("\n{block}listen "), 1);
             }
             write(text)?;
             let mut args = vec!["-c".into(), conf_arg];

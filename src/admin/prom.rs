@@ -154,6 +154,24 @@ pub fn render(v: &View) -> String {
     );
     out.sample("sluice_splice_fallbacks_total", &[], v.splice_fallbacks);
     out.family(
+        "sluice_spares",
+        "gauge",
+        "Pre-connected spare connections open now (pool), connecting or ready.",
+    );
+    out.sample("sluice_spares", &[], v.spares_open);
+    out.family(
+        "sluice_spares_taken_total",
+        "counter",
+        "Spares a new client took in place of a connect.",
+    );
+    out.sample("sluice_spares_taken_total", &[], v.spares_taken);
+    out.family(
+        "sluice_spares_discarded_total",
+        "counter",
+        "Spares closed unused: closed by the server while idle, or older than idle=.",
+    );
+    out.sample("sluice_spares_discarded_total", &[], v.spares_discarded);
+    out.family(
         "sluice_proxy_protocol_errors_total",
         "counter",
         "Clients closed (UDP: datagrams dropped) for a missing, bad or late PROXY header.",

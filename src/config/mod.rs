@@ -232,6 +232,17 @@ pub struct Upstream {
     pub balance: Balance,
     pub servers: Vec<Server>,
     pub health_check: Option<HealthCheck>,
+    /// `pool N [idle=T]`: connections each worker keeps open to each available server.
+    pub pool: Option<SparePool>,
+}
+
+/// Pre-connected spares of an upstream (`pool`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SparePool {
+    /// Spares per server, per worker.
+    pub size: u32,
+    /// A spare not taken within this is closed and replaced (servers close idle connections).
+    pub idle: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -574,10 +585,13 @@ impl Config {
                 .filter_map(|s| s.resolve.as_deref())
                 .collect();
             names.dedup();
-            let resolved = match names.is_empty() {
+            let mut resolved = match names.is_empty() {
                 true => String::new(),
                 false => format!(" (re-resolving {})", names.join(" ")),
             };
+            if let Some(p) = u.pool {
+                resolved.push_str(&format!(" (pool {} per server and worker)", p.size));
+            }
             out.push_str(&format!(
                 "\n  upstream {}: {}, {}{checked}: {}{resolved}",
                 u.name,
@@ -601,6 +615,7 @@ impl Config {
             balance,
             servers: servers.iter().map(|a| Server::new(*a)).collect(),
             health_check: None,
+            pool: None,
         };
         Config {
             upstreams: vec![upstream],

@@ -149,6 +149,8 @@ pub enum Timer {
     AcceptResume,
     /// A drain's `shutdown_timeout` ran out.
     DrainDeadline,
+    /// Time to look at the pre-connected spares again (refill, age out).
+    Spares,
 }
 
 #[cfg(test)]

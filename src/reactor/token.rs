@@ -27,6 +27,7 @@ const TAG_UDP_SESSION: usize = 3;
 const TAG_PROBE: usize = 4;
 const TAG_ADMIN_LISTENER: usize = 5;
 const TAG_ADMIN: usize = 6;
+const TAG_SPARE: usize = 7;
 const TAG_WAKER: usize = 15;
 
 /// A slot's owner's generation. It wraps (at 65,536, or 64 on 32-bit targets): a stale event
@@ -64,6 +65,8 @@ pub enum Target {
     AdminListener,
     /// An admin endpoint's connection.
     Admin(Key),
+    /// A pre-connected spare (`pool`).
+    Spare(Key),
     Unknown,
 }
 
@@ -104,6 +107,10 @@ pub fn admin(key: Key) -> Token {
     make(TAG_ADMIN, key.index, key.gen)
 }
 
+pub fn spare(key: Key) -> Token {
+    make(TAG_SPARE, key.index, key.gen)
+}
+
 pub fn decode(token: Token) -> Target {
     let index = token.0 & INDEX_MASK;
     let gen = ((token.0 >> GEN_SHIFT) & GEN_MASK) as Gen;
@@ -116,6 +123,7 @@ pub fn decode(token: Token) -> Target {
         TAG_PROBE => Target::Probe(key),
         TAG_ADMIN_LISTENER => Target::AdminListener,
         TAG_ADMIN => Target::Admin(key),
+        TAG_SPARE => Target::Spare(key),
         TAG_WAKER => Target::Waker,
         _ => Target::Unknown,
     }
@@ -135,6 +143,7 @@ mod tests {
                 assert_eq!(decode(udp_session(key)), Target::UdpSession(key));
                 assert_eq!(decode(probe(key)), Target::Probe(key));
                 assert_eq!(decode(admin(key)), Target::Admin(key));
+                assert_eq!(decode(spare(key)), Target::Spare(key));
             }
             assert_eq!(decode(listener(index)), Target::Listener(index));
             assert_eq!(decode(udp_listener(index)), Target::UdpListener(index));

@@ -110,6 +110,7 @@ impl Worker {
             &first.config,
             Arc::clone(&stats.pool),
             Arc::clone(&stats.pipes),
+            Arc::clone(&stats.spares),
             index,
         );
         let now = Instant::now();
@@ -344,6 +345,7 @@ impl Worker {
         match target {
             Target::Listener(slot) => tcp.listener_ready(slot, &mut ctx),
             Target::Pair(key, half) => tcp.socket_ready(key, half, event, &mut ctx),
+            Target::Spare(key) => tcp.spare_ready(key, event, &mut ctx),
             Target::UdpListener(slot) => udp.listener_ready(slot, &mut ctx),
             Target::UdpSession(key) => udp.session_ready(key, event, &mut ctx),
             Target::Probe(key) => probes.ready(key, event, &mut ctx),
@@ -423,6 +425,7 @@ impl Worker {
                     }
                 }
                 Timer::AcceptResume => tcp.accept_resume(),
+                Timer::Spares => tcp.refill_spares(&mut ctx),
                 // The loop sees the deadline once this turn ends.
                 Timer::DrainDeadline => {}
             }

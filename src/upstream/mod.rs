@@ -166,6 +166,8 @@ impl Tried {
 /// Per-worker run-time state of one upstream group.
 pub struct Group {
     pub name: String,
+    /// Pre-connected spares to keep per server (`pool`); the TCP part keeps them.
+    pub pool: Option<config::SparePool>,
     balance: Balance,
     servers: Vec<ServerState>,
     primary: Pool,
@@ -211,6 +213,7 @@ impl Group {
         let seed = balance::process_seed(&conf.name);
         Group {
             name: conf.name.clone(),
+            pool: conf.pool,
             balance: conf.balance,
             primary: Pool::new(conf.balance, primary, &servers, seed),
             backup: Pool::new(conf.balance, backup, &servers, !seed),
@@ -642,6 +645,7 @@ pub fn rebuild(
                     balance: before.balance,
                     servers: Vec::new(),
                     health_check: None,
+                    pool: None,
                 };
                 groups.push(Group::new(&empty, &[], Arc::clone(&before.changes)));
                 Some(groups.len() - 1)
@@ -723,6 +727,7 @@ mod tests {
                 balance,
                 servers,
                 health_check: None,
+                pool: None,
             },
             &[],
             Arc::default(),
@@ -743,6 +748,7 @@ mod tests {
             balance,
             servers,
             health_check: None,
+            pool: None,
         };
         (conf, shared)
     }

@@ -187,6 +187,7 @@ fn upstream(balance: Balance, n: usize) -> Upstream {
         balance,
         servers,
         health_check: None,
+        pool: None,
     }
 }
 

@@ -99,6 +99,7 @@ pub(super) const DIRECTIVES: &[Directive] = &[
     once("balance", Upstream, "a balance method"),
     many("server", Upstream),
     once("health_check", Upstream, ""),
+    once("pool", Upstream, "a number of spares"),
     once("proxy", Listen, "an upstream name or an address"),
     only(Proto::Tcp, once("connect_timeout", Listen, "a duration")),
     once("idle_timeout", Listen, "a duration"),

@@ -70,6 +70,7 @@ fn parse_with(text: &str, file: &str, resolve: Resolve<'_>) -> Result<Config, Co
         listen_lines: HashMap::new(),
         buffer_memory: None,
         first_name: Cell::new(None),
+        pool_lines: HashMap::new(),
     };
     parser.main()?;
     parser.finish()
@@ -173,6 +174,8 @@ struct Parser<'a> {
     buffer_memory: Option<Arg>,
     /// The line of the first host name looked up: a `resolver` after it would come too late.
     first_name: Cell<Option<u32>>,
+    /// The line of each upstream's `pool`, by name (checked against `proxy_protocol` at the end).
+    pool_lines: HashMap<String, Pos>,
 }
 
 impl Parser<'_> {

@@ -53,6 +53,12 @@ impl Parser<'_> {
                 }
                 None => None,
             };
+            let used = std::iter::once(upstream)
+                .chain(routes.iter().map(|(_, u)| u.0))
+                .chain(sni_default.map(|u| u.0));
+            for id in used {
+                self.no_spares_for_headers(&pending, id)?;
+            }
             let mut listen = pending.listen;
             listen.upstream = UpstreamId(upstream);
             listen.sni_routes = routes;
@@ -76,6 +82,39 @@ impl Parser<'_> {
         self.upstream_names.insert(upstream.name.clone(), index);
         self.config.upstreams.push(upstream);
         index
+    }
+
+    /// A spare is opened before its client is known, so it cannot start with a PROXY header
+    /// naming that client: `pool` and a header for any of the upstream's servers are refused.
+    fn no_spares_for_headers(
+        &self,
+        pending: &PendingListen,
+        upstream: usize,
+    ) -> Result<(), ConfigError> {
+        let Some(u) = self.config.upstreams.get(upstream) else {
+            return Ok(());
+        };
+        let Some(&(line, col)) = self.pool_lines.get(&u.name) else {
+            return Ok(());
+        };
+        let sends = |s: &crate::config::Server| {
+            s.proxy_protocol
+                .unwrap_or(pending.listen.proxy_protocol)
+                .is_some()
+        };
+        if !u.servers.iter().any(sends) {
+            return Ok(());
+        }
+        Err(ConfigError::new(
+            self.file,
+            line,
+            col,
+            format!(
+                "'pool' cannot go with proxy_protocol: listener {} (line {}) sends upstream '{}' \
+                 a PROXY header, and a spare is connected before its client is known",
+                pending.listen.addr, pending.line, u.name
+            ),
+        ))
     }
 
     /// A listener whose upstream includes one of sluice's own listen addresses would feed its
@@ -121,6 +160,7 @@ impl Parser<'_> {
                 balance: Balance::RoundRobin,
                 servers: addrs.into_iter().map(Server::new).collect(),
                 health_check: None,
+                pool: None,
             }));
         }
         let names = self

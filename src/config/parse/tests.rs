@@ -558,13 +558,6 @@ fn unknown_directives_suggest_from_their_context() {
     // Close to a name of another context only: no suggestion from there.
     let e = fail("listen 80 {\n  servr 127.0.0.1:1;\n}");
     assert_eq!(e.message, "unknown directive 'servr'");
-    // Directives of DESIGN.md this build does not know yet.
-    assert_err(
-        "upstream u {\n  server 127.0.0.1:1;\n  pool 16;\n}",
-        3,
-        3,
-        "unknown directive 'pool'",
-    );
 }
 
 #[test]
@@ -1813,5 +1806,65 @@ fn resolver_and_resolve_errors() {
         1,
         34,
         "'resolve' takes no value",
+    );
+}
+
+#[test]
+fn pool_of_spares() {
+    let c = ok("upstream u { server 127.0.0.1:1; pool 16 idle=5s; }\n\
+                upstream v { server 127.0.0.1:2; pool 2; }\n");
+    let pools: Vec<_> = c.upstreams.iter().map(|u| u.pool).collect();
+    assert_eq!(
+        pools,
+        [
+            Some(crate::config::SparePool {
+                size: 16,
+                idle: Duration::from_secs(5)
+            }),
+            Some(crate::config::SparePool {
+                size: 2,
+                idle: Duration::from_secs(30)
+            }),
+        ]
+    );
+    assert_eq!(
+        ok("upstream u { server 127.0.0.1:1; }").upstreams[0].pool,
+        None
+    );
+    assert_err(
+        "upstream u { server 127.0.0.1:1; pool 0; }",
+        1,
+        39,
+        "'pool' must be between 1 and 1000",
+    );
+    assert_err(
+        "upstream u { server 127.0.0.1:1; pool 4 max=2; }",
+        1,
+        41,
+        "unknown pool option 'max=2'",
+    );
+    assert_err(
+        "upstream u { server 127.0.0.1:1; pool; }",
+        1,
+        38,
+        "expected a number of spares after 'pool'",
+    );
+    // A spare is connected before its client is known: no PROXY header can name the client.
+    assert_err(
+        "upstream u {\n  server 127.0.0.1:1;\n  pool 4;\n}\nlisten 127.0.0.1:9 {\n  proxy u;\n  proxy_protocol v2;\n}\n",
+        3,
+        3,
+        "'pool' cannot go with proxy_protocol: listener 127.0.0.1:9 (line 5) sends upstream 'u' a PROXY header",
+    );
+    assert_err(
+        "upstream u {\n  server 127.0.0.1:1 proxy_protocol=v1;\n  pool 4;\n}\nlisten 127.0.0.1:9 { proxy u; }\n",
+        3,
+        3,
+        "'pool' cannot go with proxy_protocol",
+    );
+    // A server that says off wins over the listener's header: no conflict.
+    ok(
+        "upstream u {\n  server 127.0.0.1:1 proxy_protocol=off;\n  pool 4;\n}\n\
+        listen 127.0.0.1:9 {\n  proxy u;\n  proxy_protocol v2;\n}\n",
     );
 }

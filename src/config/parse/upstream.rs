@@ -37,6 +37,7 @@ impl Parser<'_> {
             balance: Balance::RoundRobin,
             servers: Vec::new(),
             health_check: None,
+            pool: None,
         };
         let mut seen = Seen::default();
         let mut server_lines: HashMap<SocketAddr, u32> = HashMap::new();
@@ -72,6 +73,11 @@ impl Parser<'_> {
                 }
                 "health_check" => {
                     upstream.health_check = Some(self.health_check(&inner)?);
+                }
+                "pool" => {
+                    upstream.pool = Some(self.spare_pool(&inner, d.takes)?);
+                    self.pool_lines
+                        .insert(name.text.clone(), (inner.name.line, inner.name.col));
                 }
                 _ => return Err(self.unknown(Context::Upstream, &inner.name)),
             }
@@ -164,6 +170,34 @@ impl Parser<'_> {
             });
         }
         Ok(())
+    }
+
+    /// `pool N [idle=T]`: N from 1 to 1000 spares per server and worker; idle 30 s by default.
+    fn spare_pool(
+        &self,
+        stmt: &Stmt,
+        takes: &str,
+    ) -> Result<crate::config::SparePool, ConfigError> {
+        let Some(n) = stmt.args.first() else {
+            return Err(self.err(stmt.term.pos(), format!("expected {takes} after 'pool'")));
+        };
+        let mut pool = crate::config::SparePool {
+            size: self.u32_value(&n.text, n, "pool", 1, 1000)?,
+            idle: std::time::Duration::from_secs(30),
+        };
+        for arg in stmt.args.iter().skip(1) {
+            match arg.text.strip_prefix("idle=") {
+                Some(v) => pool.idle = self.positive_duration(v, arg, "idle")?,
+                None => {
+                    return Err(self.err_at(
+                        arg,
+                        format!("unknown pool option '{}' (expected idle=T)", arg.text),
+                    ))
+                }
+            }
+        }
+        self.semi(stmt)?;
+        Ok(pool)
     }
 
     pub(super) fn health_check(&self, stmt: &Stmt) -> Result<HealthCheck, ConfigError> {

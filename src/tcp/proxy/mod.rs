@@ -22,6 +22,7 @@ use slab::Slab;
 mod accept;
 mod header;
 mod peek;
+mod spares;
 
 use super::buffer::BufferPool;
 use super::connect::{self, Outcome};
@@ -62,6 +63,8 @@ pub struct TcpProxy {
     next_gen: Gen,
     pool: BufferPool,
     pipes: PipePool,
+    /// Pre-connected spares of pooled upstreams.
+    spares: spares::Spares,
     scratch: Box<[u8]>,
     /// The process's cap, kept by every worker together through `Metrics::reserve`.
     max_connections: usize,
@@ -92,6 +95,7 @@ impl TcpProxy {
         config: &Config,
         pool_stats: Arc<PoolStats>,
         pipe_stats: Arc<crate::metrics::PipeStats>,
+        spare_stats: Arc<crate::metrics::SpareStats>,
         worker: usize,
     ) -> TcpProxy {
         // Each pipe is two descriptors: by default pipes may take half of them at most.
@@ -105,6 +109,7 @@ impl TcpProxy {
             next_gen: 0,
             pool: BufferPool::new(config.buffer_size, config.buffer_memory, pool_stats),
             pipes: PipePool::new(config.splice_pipe_size, max_pipes, pipe_stats),
+            spares: spares::Spares::new(spare_stats),
             scratch: vec![0u8; config.buffer_size.max(1)].into_boxed_slice(),
             max_connections: config.max_connections,
             worker,
@@ -202,6 +207,7 @@ impl TcpProxy {
         for key in unrouted {
             self.close(key, End::Shutdown, ctx);
         }
+        self.remap_spares(remap, ctx);
         self.reopen_accepting();
         failed
     }
@@ -386,6 +392,7 @@ impl TcpProxy {
     /// Closes every listening socket (a new instance can bind the ports at once); open pairs go
     /// on with their listener's settings.
     pub fn stop_listening(&mut self, ctx: &mut Ctx<'_>) {
+        self.close_spares(ctx);
         for l in self.listeners.iter_mut().flatten() {
             if let Some(mut socket) = l.socket.take() {
                 let _ = ctx.registry.deregister(&mut socket);
@@ -400,6 +407,7 @@ impl TcpProxy {
     }
 
     pub fn close_all(&mut self, end: End, ctx: &mut Ctx<'_>) {
+        self.close_spares(ctx);
         let keys: Vec<Key> = self.pairs.iter().map(|(k, p)| Key::new(k, p.gen)).collect();
         for key in keys {
             self.close(key, end, ctx);
@@ -453,6 +461,21 @@ impl TcpProxy {
             pair.tried.insert(server);
             pair.tries += 1;
             pair.last_server = Some(server);
+            let upstream = pair.upstream;
+            if group.pool.is_some() && self.take_spare(key, upstream, server, ctx) {
+                // Connected already: the pair's next drive finds it so and starts streaming.
+                if let Some(pair) = live(&mut self.pairs, key) {
+                    pair.state = PairState::Connecting { server, since: now };
+                }
+                self.ready.push(key);
+                return;
+            }
+            let (Some(pair), Some(group)) = (
+                live(&mut self.pairs, key),
+                ctx.upstreams.get_mut(upstream.0),
+            ) else {
+                return;
+            };
             let token = token::pair(key, Side::Server.half());
             match connect::start(ctx.registry, addr, token) {
                 Ok(stream) => {
