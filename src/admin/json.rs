@@ -168,6 +168,7 @@ pub fn stats(v: &View) -> String {
     j.count("buffer_pool_bytes", v.buffer_pool_bytes);
     j.count("splice_pipes", v.pipes_in_use);
     j.count("spliced_bytes", v.spliced_bytes);
+    j.count("splice_fallbacks", v.splice_fallbacks);
     j.count("proxy_protocol_errors", v.proxy_protocol_errors);
     j.key("listeners").open_array();
     for l in &v.listeners {

@@ -71,8 +71,9 @@ pub struct Config {
     pub resolver: Resolver,
     /// Bytes of each kernel pipe a splicing direction uses (`splice_pipe_size`).
     pub splice_pipe_size: usize,
-    /// Pipes each worker lends at once (`max_pipes`; 0 splices nothing); `None`: a quarter of
-    /// the descriptor limit, shared by the workers.
+    /// Pipes each worker lends at once (`max_pipes`; 0 splices nothing); `None`: as many as
+    /// `buffer_memory` would hold of `splice_pipe_size`, and at most a quarter of the
+    /// descriptor limit shared by the workers.
     pub max_pipes: Option<usize>,
 }
 

@@ -394,6 +394,17 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) -> Option<String> {
         });
         new.admin = running.admin.clone();
     }
+    if new.splice_pipe_size != running.splice_pipe_size {
+        kept.push(format!("splice_pipe_size {}", running.splice_pipe_size));
+        new.splice_pipe_size = running.splice_pipe_size;
+    }
+    if new.max_pipes != running.max_pipes {
+        kept.push(match running.max_pipes {
+            Some(n) => format!("max_pipes {n}"),
+            None => "max_pipes (the default)".to_string(),
+        });
+        new.max_pipes = running.max_pipes;
+    }
     if new.log_level != running.log_level {
         kept.push(format!("log_level {}", running.log_level));
         new.log_level = running.log_level;

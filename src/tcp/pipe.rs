@@ -299,6 +299,8 @@ impl Direction {
         now: Instant,
     ) -> Result<Step, Fault> {
         let mut budget = READ_BUDGET;
+        // Bytes too: 16 splices into 1 MiB pipes must not hold the worker for 16 MiB.
+        let mut bytes_left = READ_BUDGET as usize * scratch.len().max(1);
         loop {
             self.flush(io.dst, io.dst_ready, pool, pipes)
                 .map_err(|e| io.dst_fault(e))?;
@@ -320,7 +322,7 @@ impl Direction {
             if !io.src_ready.readable {
                 return Ok(Step::Idle);
             }
-            if budget == 0 {
+            if budget == 0 || bytes_left == 0 {
                 return Ok(Step::Yield);
             }
             let allowed = match self.throttle.as_deref_mut() {
@@ -338,16 +340,26 @@ impl Direction {
                 (Carrier::Empty, true) => io.src.fd().zip(io.dst.fd()),
                 _ => None,
             };
-            let pipe = piped.and_then(|(src, _)| pipes.get().map(|pipe| (pipe, src)));
+            let pipe = match piped.map(|(src, _)| (pipes.get(), src)) {
+                Some((Ok(pipe), src)) => Some((pipe, src)),
+                // The kernel will not make pipes (out of descriptors, no splice here): this
+                // direction copies from now on rather than ask again on every read.
+                Some((Err(splice::NoPipe::Broken), _)) => {
+                    self.splicing = Splicing::Off;
+                    None
+                }
+                Some((Err(splice::NoPipe::AtCap), _)) | None => None,
+            };
             let got = if let Some((pipe, src)) = pipe {
                 self.splice_in(pipe, src, &mut io, pool, pipes, allowed)?
             } else {
                 self.copy_step(&mut io, pool, scratch, allowed)?
             };
-            if let (Got::Data { n, .. } | Got::Left { n }, Some(t)) =
-                (&got, self.throttle.as_deref_mut())
-            {
-                t.consume(*n);
+            if let Got::Data { n, .. } | Got::Left { n } = &got {
+                bytes_left = bytes_left.saturating_sub(*n);
+                if let Some(t) = self.throttle.as_deref_mut() {
+                    t.consume(*n);
+                }
             }
             match got {
                 Got::Eof => {
@@ -404,13 +416,16 @@ impl Direction {
                 let Some(mut buf) = pool.get() else {
                     return Ok(Got::Starved);
                 };
+                let room = buf.spare().len();
                 let spare = cap(buf.spare(), allowed);
                 let asked = spare.len();
                 let got = read_some(io.src, spare);
                 match got {
                     Ok(Some(n)) if n > 0 => {
                         buf.commit(n);
-                        self.splicing.copied(n, asked);
+                        // Against the room, not `asked`: a read the throttle cut is no sign
+                        // of a bulk stream.
+                        self.splicing.copied(n, room);
                         self.carrier = Carrier::Buffered(buf);
                     }
                     _ => pool.put(buf),
@@ -432,7 +447,7 @@ impl Direction {
                 match read_some(io.src, into).map_err(|e| io.src_fault(e))? {
                     Some(0) => Got::Eof,
                     Some(n) => {
-                        self.splicing.copied(n, asked);
+                        self.splicing.copied(n, scratch.len());
                         let chunk = scratch.get(..n).unwrap_or_default();
                         self.forward(chunk, io.dst, io.dst_ready, pool)
                             .map_err(|e| io.dst_fault(e))?;
@@ -505,7 +520,7 @@ impl Direction {
                 Ok(Got::Eof)
             }
             Ok(Some(n)) => {
-                self.splicing.spliced(n);
+                self.splicing.spliced(n, len);
                 self.carrier = Carrier::Piped(pipe);
                 self.flush(io.dst, io.dst_ready, pool, pipes)
                     .map_err(|e| io.dst_fault(e))?;
@@ -599,11 +614,16 @@ fn cap(buf: &mut [u8], n: usize) -> &mut [u8] {
 }
 
 /// Writes as much of `from` as the destination takes while it is writable; returns how much.
+/// An error after some bytes went returns those (they count); the next write meets it again.
 fn write_ready<S: Stream>(dst: &mut S, ready: &mut Readiness, from: &[u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < from.len() && ready.writable {
         let rest = from.get(done..).unwrap_or_default();
-        match write_some(dst, rest)? {
+        let wrote = match write_some(dst, rest) {
+            Err(_) if done > 0 => return Ok(done),
+            other => other?,
+        };
+        match wrote {
             Some(n) => {
                 done += n;
                 // A short write means the send buffer is full; EPOLLOUT will say when not.

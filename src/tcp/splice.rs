@@ -26,9 +26,19 @@ use crate::reactor::Readiness;
 const CACHE_LIMIT: usize = 64;
 /// Full reads in a row that move an `auto` direction to the pipe.
 const TO_PIPE: u8 = 4;
-/// Splices in a row below `SMALL` that move it back to copying.
+/// Small splices in a row (under a sixteenth of what was asked: 4 KiB of a 64 KiB pipe) that
+/// move it back to copying.
 const TO_COPY: u8 = 8;
-const SMALL: usize = 4096;
+const SMALL_PART: usize = 16;
+
+/// Why the pool lent no pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPipe {
+    /// `max_pipes` are lent: copy this time, a pipe may be free next time.
+    AtCap,
+    /// The kernel will not make one (out of descriptors, or no splice on this system).
+    Broken,
+}
 
 /// A kernel pipe lent to a direction, and how many bytes it holds.
 /// Sizes are `u32` (a pipe is at most 1 MiB) so that a `Carrier` holding a pipe is no larger
@@ -62,13 +72,18 @@ impl Pipe {
     }
 
     /// Moves the pipe's bytes into socket `dst` while it takes them; returns how many went.
-    /// Only `WouldBlock` clears `ready.writable`: a short splice may be a page boundary.
+    /// Only `WouldBlock` clears `ready.writable`: a short splice may be a page boundary. An
+    /// error after some bytes went returns those (they count); the next call meets it again.
     pub fn drain_into(&mut self, dst: RawFd, ready: &mut Readiness) -> io::Result<usize> {
         let mut done = 0;
         while self.pending > 0 && ready.writable {
             let pending = self.pending as usize;
-            match crate::reactor::retry(|| crate::sys::splice(self.read.as_raw_fd(), dst, pending))?
-            {
+            let read = self.read.as_raw_fd();
+            let moved = match crate::reactor::retry(|| crate::sys::splice(read, dst, pending)) {
+                Err(_) if done > 0 => return Ok(done),
+                other => other?,
+            };
+            match moved {
                 Some(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Some(n) => {
                     let n = n.min(pending);
@@ -103,26 +118,30 @@ impl PipePool {
         }
     }
 
-    /// An empty pipe, or `None` (counted) when `max` are lent or the kernel refuses one.
-    pub fn get(&mut self) -> Option<Pipe> {
+    /// An empty pipe, or why not (counted as a fallback, unless `max_pipes 0` turned
+    /// splicing off altogether).
+    pub fn get(&mut self) -> Result<Pipe, NoPipe> {
         if self.lent >= self.max {
-            self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-            return None;
+            if self.max > 0 {
+                self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(NoPipe::AtCap);
         }
         let pipe = match self.free.pop() {
             Some(pipe) => pipe,
             None => match self.make() {
                 Ok(pipe) => pipe,
-                Err(_) => {
+                Err(e) => {
+                    log::debug!("cannot make a pipe: {}", crate::sys::io_reason(&e));
                     self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-                    return None;
+                    return Err(NoPipe::Broken);
                 }
             },
         };
         self.lent += 1;
         let now = self.stats.in_use.fetch_add(1, Ordering::Relaxed) + 1;
         self.stats.peak.fetch_max(now, Ordering::Relaxed);
-        Some(pipe)
+        Ok(pipe)
     }
 
     fn make(&self) -> io::Result<Pipe> {
@@ -171,6 +190,8 @@ pub enum Splicing {
 impl Splicing {
     pub fn new(mode: Splice) -> Splicing {
         match mode {
+            // splice(2) is Linux's.
+            _ if !cfg!(target_os = "linux") => Splicing::Off,
             Splice::Off => Splicing::Off,
             Splice::On => Splicing::On,
             Splice::Auto => Splicing::Auto {
@@ -206,18 +227,15 @@ impl Splicing {
         }
     }
 
-    /// A splice into the pipe took `n` bytes.
-    pub fn spliced(&mut self, n: usize) {
+    /// A splice into the pipe took `n` of the `asked` bytes.
+    pub fn spliced(&mut self, n: usize, asked: usize) {
         if let Splicing::Auto {
             piping: true,
             streak,
         } = self
         {
-            *streak = if n < SMALL {
-                streak.saturating_add(1)
-            } else {
-                0
-            };
+            let small = n.saturating_mul(SMALL_PART) < asked;
+            *streak = if small { streak.saturating_add(1) } else { 0 };
             if *streak >= TO_COPY {
                 *self = Splicing::Auto {
                     piping: false,
@@ -251,17 +269,22 @@ mod tests {
         }
         assert!(s.wants_pipe());
         for _ in 0..TO_COPY - 1 {
-            s.spliced(512);
+            s.spliced(512, 65536);
         }
-        s.spliced(65536);
+        s.spliced(65536, 65536);
         for _ in 0..TO_COPY - 1 {
-            s.spliced(512);
+            s.spliced(512, 65536);
         }
         assert!(s.wants_pipe(), "a large splice starts the count again");
-        s.spliced(512);
+        // A splice the throttle cut to 512 bytes took all it was allowed: not small.
+        s.spliced(512, 512);
+        assert!(s.wants_pipe());
+        for _ in 0..TO_COPY {
+            s.spliced(512, 65536);
+        }
         assert!(!s.wants_pipe());
         let mut on = Splicing::new(Splice::On);
-        on.spliced(1);
+        on.spliced(1, 65536);
         assert!(on.wants_pipe() && !Splicing::new(Splice::Off).wants_pipe());
     }
 
@@ -270,7 +293,7 @@ mod tests {
         let stats = Arc::new(PipeStats::default());
         let mut pool = PipePool::new(64 * 1024, 2, Arc::clone(&stats));
         let (a, b) = (pool.get().expect("a pipe"), pool.get().expect("a pipe"));
-        assert!(pool.get().is_none());
+        assert_eq!(pool.get().err(), Some(NoPipe::AtCap));
         assert_eq!(stats.fallbacks.load(Ordering::Relaxed), 1);
         assert_eq!(stats.in_use.load(Ordering::Relaxed), 2);
         assert!(a.capacity() >= 4096);

@@ -98,10 +98,12 @@ impl TcpProxy {
         spare_stats: Arc<crate::metrics::SpareStats>,
         worker: usize,
     ) -> TcpProxy {
-        // Each pipe is two descriptors: by default pipes may take half of them at most.
+        // By default pipes may pin no more kernel memory than `buffer_memory` lets buffers
+        // take, and (two descriptors each) no more than half the descriptors.
         let max_pipes = config.max_pipes.unwrap_or_else(|| {
             let share = crate::sys::nofile_limit() / 4 / config.workers.max(1) as u64;
-            usize::try_from(share).unwrap_or(usize::MAX)
+            let by_fds = usize::try_from(share).unwrap_or(usize::MAX);
+            by_fds.min(config.buffer_memory / config.splice_pipe_size.max(1))
         });
         TcpProxy {
             listeners: Vec::new(),
