@@ -7,7 +7,7 @@ HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 BIN     := target/release/sluice
 STATIC  := target/$(HOST)/release/sluice
 
-.PHONY: all build run test lint static install clean bench bench-compare bench-micro fuzz
+.PHONY: all build run test lint static install clean bench bench-compare bench-micro fuzz chaos
 
 all: build
 
@@ -25,6 +25,11 @@ test:
 	$(CARGO) test --all-targets
 	SLUICE_TEST_SPLICE=on $(CARGO) test $(TCP_TESTS)
 	SLUICE_TEST_SPLICE=off $(CARGO) test $(TCP_TESTS)
+
+# The long chaos run: CHAOS_CONNECTIONS (default 5000) from CHAOS_SEED (default 1), half on
+# the copy path and half splicing; `make test` runs 600 of them (tests/chaos.rs).
+chaos:
+	$(CARGO) test --release --test chaos -- --ignored --nocapture
 
 lint:
 	$(CARGO) fmt --all -- --check
