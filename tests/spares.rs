@@ -131,9 +131,11 @@ fn a_server_that_closes_idle_connections_costs_no_client() {
     let p = proxy(&pooled(backend.addr(), "4"));
     let addr = p.local_addr(0).expect("listener");
     let stats = p.stats_handle();
-    // A client every 400 ms for 4 s: spares wait long enough for the server to close many.
-    for i in 0..10 {
-        std::thread::sleep(Duration::from_millis(400));
+    // A client every 330 ms for 4 s: spares wait long enough for the server to close many,
+    // and the period does not line up with its 1 s (a client landing just as the server
+    // closes is the one race no check can rule out).
+    for i in 0..12 {
+        std::thread::sleep(Duration::from_millis(330));
         let msg = format!("request {i}");
         let back = exchange(addr, msg.as_bytes()).unwrap_or_else(|e| panic!("client {i}: {e}"));
         assert_eq!(back, msg.as_bytes(), "client {i}");
@@ -181,4 +183,31 @@ fn a_server_marked_down_has_its_spares_closed() {
     let path = format!("/servers?upstream=app&server={}&state=up", backend.addr());
     assert_eq!(http::post(admin, &path, "").status, 200);
     assert!(wait_until(EVENTUALLY, || backend.active() == 3));
+}
+
+#[test]
+fn spares_leave_a_full_server_one_slot_and_a_resetting_one_alone() {
+    // max_conns 3 with pool 8: at most two spares, so a client can still be given the server.
+    let (backend, _) = recording();
+    let p = proxy(&format!(
+        "upstream app {{\n  server {} max_conns=3;\n  pool 8;\n}}\nlisten 127.0.0.1:0 {{ proxy app; }}\n",
+        backend.addr()
+    ));
+    let addr = p.local_addr(0).expect("listener");
+    assert!(wait_until(EVENTUALLY, || backend.active() == 2));
+    assert!(!wait_until(Duration::from_millis(600), || backend.active() > 2));
+    assert_eq!(exchange(addr, b"one client").expect("echo"), b"one client");
+
+    // A server that accepts and resets at once gets a spare about once a second, not in a loop.
+    let resetter = Backend::spawn(|s, _| {
+        let _ = socket2::SockRef::from(&*s).set_linger(Some(Duration::ZERO));
+    });
+    let q = proxy(&pooled(resetter.addr(), "4"));
+    std::thread::sleep(Duration::from_millis(2500));
+    let opened = resetter.accepted();
+    assert!(
+        opened <= 4 * 4,
+        "{opened} spares opened in 2.5 s to a server that resets them"
+    );
+    assert!(q.stats().spares.discarded.load(Ordering::Relaxed) >= 1);
 }

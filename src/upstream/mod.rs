@@ -83,6 +83,13 @@ impl ServerState {
         self.conf.max_conns != 0 && self.active >= self.conf.max_conns
     }
 
+    /// Whether one more connection leaves a slot free under `max_conns`: a spare may never
+    /// take the last one, or the balancer (which skips full servers) could not give the
+    /// server to the client the spare is for.
+    pub fn room_for_spare(&self) -> bool {
+        self.conf.max_conns == 0 || self.active.saturating_add(1) < self.conf.max_conns
+    }
+
     /// Available apart from the clock: what `least_conn` can rank without knowing the time.
     fn listed(&self) -> bool {
         !self.conf.down && !self.retired && self.healthy && !self.full() && !self.marked

@@ -97,6 +97,17 @@ impl Parser<'_> {
         let Some(&(line, col)) = self.pool_lines.get(&u.name) else {
             return Ok(());
         };
+        if pending.listen.proto == Proto::Udp {
+            return Err(ConfigError::new(
+                self.file,
+                line,
+                col,
+                format!(
+                    "'pool' keeps TCP connections: udp listener {} (line {}) uses upstream '{}'",
+                    pending.listen.addr, pending.line, u.name
+                ),
+            ));
+        }
         let sends = |s: &crate::config::Server| {
             s.proxy_protocol
                 .unwrap_or(pending.listen.proxy_protocol)

@@ -1862,6 +1862,12 @@ fn pool_of_spares() {
         3,
         "'pool' cannot go with proxy_protocol",
     );
+    assert_err(
+        "upstream u {\n  server 127.0.0.1:1;\n  pool 4;\n}\nlisten udp 127.0.0.1:9 { proxy u; }\n",
+        3,
+        3,
+        "'pool' keeps TCP connections: udp listener 127.0.0.1:9 (line 5) uses upstream 'u'",
+    );
     // A server that says off wins over the listener's header: no conflict.
     ok(
         "upstream u {\n  server 127.0.0.1:1 proxy_protocol=off;\n  pool 4;\n}\n\

@@ -464,10 +464,16 @@ impl TcpProxy {
             pair.tries += 1;
             pair.last_server = Some(server);
             let upstream = pair.upstream;
-            if group.pool.is_some() && self.take_spare(key, upstream, server, ctx) {
-                // Connected already: the pair's next drive finds it so and starts streaming.
+            let spare = match group.pool {
+                Some(_) => self.take_spare(key, upstream, server, ctx),
+                None => None,
+            };
+            if let Some(took) = spare {
+                // Connected already: the pair's next drive finds it so and starts streaming,
+                // and the server's connect-time histogram gets the time the spare's connect took.
                 if let Some(pair) = live(&mut self.pairs, key) {
-                    pair.state = PairState::Connecting { server, since: now };
+                    let since = now.checked_sub(took).unwrap_or(now);
+                    pair.state = PairState::Connecting { server, since };
                 }
                 self.ready.push(key);
                 return;

@@ -34,8 +34,13 @@ use crate::upstream::{Availability, Remap};
 
 /// How often the spares are looked at: refills, ages, servers that went down.
 const REFILL_EVERY: Duration = Duration::from_millis(250);
-/// How long a server whose spare failed to connect waits before it gets another.
+/// How long a server whose spare failed to connect (or died young) waits for another.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A spare still connecting after this is given up, as a failed connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A spare the server closes within this of its connect is a server that refuses to keep
+/// idle connections: it is not reopened at once, or the worker would reconnect in a loop.
+const YOUNG: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SpareState {
@@ -51,7 +56,10 @@ struct Spare {
     stream: TcpStream,
     state: SpareState,
     ready: Readiness,
+    /// When its connect started (`Connecting`) or finished (`Ready`).
     since: Instant,
+    /// How long its connect took, for the server's connect-time histogram when it is taken.
+    connect_time: Duration,
 }
 
 /// A worker's spares.
@@ -119,20 +127,31 @@ impl TcpProxy {
         for (index, s) in &self.spares.slab {
             let group = ctx.upstreams.get(s.upstream.0);
             let pool = group.and_then(|g| g.pool);
-            let usable = group.is_some_and(|g| {
-                matches!(
-                    g.availability(s.server, now),
-                    Availability::Up | Availability::Full
-                )
-            });
-            let aged = s.state == SpareState::Ready
-                && pool.is_some_and(|p| now.saturating_duration_since(s.since) >= p.idle);
+            // A full server is not picked: its spares would hold slots no client can use.
+            let usable = group.is_some_and(|g| g.availability(s.server, now) == Availability::Up);
+            let age = now.saturating_duration_since(s.since);
+            let aged = match s.state {
+                SpareState::Ready => pool.is_some_and(|p| age >= p.idle),
+                SpareState::Connecting => age >= CONNECT_TIMEOUT,
+            };
             if self.spares.off || pool.is_none() || !usable || aged {
-                doomed.push(Key::new(index, s.gen));
+                let late = s.state == SpareState::Connecting && aged;
+                doomed.push((
+                    Key::new(index, s.gen),
+                    late.then_some((s.upstream, s.server)),
+                ));
             }
         }
-        for key in doomed {
+        for (key, late) in doomed {
             self.close_spare(key, ctx);
+            if let Some((upstream, server)) = late {
+                self.spares
+                    .retry_at
+                    .insert((upstream, server), now + RETRY_AFTER);
+                if let Some(group) = ctx.upstreams.get_mut(upstream.0) {
+                    group.connect_failed(server, now);
+                }
+            }
         }
         let mut pooled = false;
         if !self.spares.off {
@@ -169,7 +188,11 @@ impl TcpProxy {
             if group.availability(id, now) != Availability::Up {
                 return;
             }
-            let Some(addr) = group.server(id).map(|s| s.conf.addr) else {
+            let Some(addr) = group
+                .server(id)
+                .filter(|s| s.room_for_spare())
+                .map(|s| s.conf.addr)
+            else {
                 return;
             };
             let entry = self.spares.slab.vacant_entry();
@@ -185,6 +208,7 @@ impl TcpProxy {
                         state: SpareState::Connecting,
                         ready: Readiness::default(),
                         since: now,
+                        connect_time: Duration::ZERO,
                     });
                     self.spares.next_gen = token::next_gen(self.spares.next_gen);
                     self.spares.counted(at, true);
@@ -214,6 +238,7 @@ impl TcpProxy {
                 Outcome::Connected => {
                     let _ = s.stream.set_nodelay(true);
                     s.state = SpareState::Ready;
+                    s.connect_time = ctx.now.saturating_duration_since(s.since);
                     s.since = ctx.now;
                     // A reset or close that came with the connect shows on the next peek.
                     if !still_open(&s.stream) {
@@ -241,11 +266,22 @@ impl TcpProxy {
         }
     }
 
-    /// A spare the server closed while idle: closed, counted, and replaced at the next look.
+    /// A spare the server closed while idle: closed, counted, and replaced at the next look
+    /// (a second later when it died young: a server that closes at once is not reconnected in
+    /// a loop).
     fn discard_spare(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let young = self.spares.live(key).and_then(|s| {
+            let fresh = ctx.now.saturating_duration_since(s.since) < YOUNG;
+            fresh.then_some((s.upstream, s.server))
+        });
         self.close_spare(key, ctx);
         self.spares.stats.discarded.fetch_add(1, Ordering::Relaxed);
-        self.arm_refill(ctx, Duration::ZERO);
+        if let Some(at) = young {
+            self.spares.retry_at.insert(at, ctx.now + RETRY_AFTER);
+        }
+        if self.spares.timer.is_none() {
+            self.arm_refill(ctx, REFILL_EVERY);
+        }
     }
 
     /// Closes a spare unused, giving its server its connection slot back.
@@ -273,21 +309,20 @@ impl TcpProxy {
 
     /// Gives pair `key`, about to connect to `server` of `upstream`, a ready spare to it
     /// instead: re-registered under the pair's token, the server's slot passing to the pair.
-    /// True when the pair got one (it then finishes its "connect" on its next drive).
+    /// The time its connect took, when the pair got one (it then finishes its "connect" on
+    /// its next drive).
     pub(super) fn take_spare(
         &mut self,
         key: Key,
         upstream: UpstreamId,
         server: ServerId,
         ctx: &mut Ctx<'_>,
-    ) -> bool {
+    ) -> Option<Duration> {
         loop {
             let found = self.spares.slab.iter().find(|(_, s)| {
                 s.upstream == upstream && s.server == server && s.state == SpareState::Ready
             });
-            let Some((index, gen)) = found.map(|(i, s)| (i, s.gen)) else {
-                return false;
-            };
+            let (index, gen) = found.map(|(i, s)| (i, s.gen))?;
             let spare_key = Key::new(index, gen);
             let open = self
                 .spares
@@ -320,7 +355,7 @@ impl TcpProxy {
                 if let Some(group) = ctx.upstreams.get_mut(upstream.0) {
                     group.release(server);
                 }
-                return false;
+                return None;
             };
             if let Some(k) = &pair.origin.conf.so_keepalive {
                 connect::keepalive(&s.stream, k);
@@ -333,8 +368,11 @@ impl TcpProxy {
                 ..Readiness::default()
             };
             self.spares.stats.taken.fetch_add(1, Ordering::Relaxed);
+            // The refill runs on the loop's next turn: the clients of one turn share it, and
+            // the next client finds a spare again (a delay here left most of a quick series
+            // of clients without one).
             self.arm_refill(ctx, Duration::ZERO);
-            return true;
+            return Some(s.connect_time);
         }
     }
 
