@@ -106,9 +106,25 @@ fn options() -> getopts::Options {
         "NAME",
     );
     o.optflag("", "udp", "forward UDP instead of TCP (with -L/-U)");
-    o.optflag("V", "version", "print the version and exit");
+    o.optflag(
+        "V",
+        "version",
+        "print the version, the git commit, rustc and target it was built from, and exit",
+    );
     o.optflag("h", "help", "print this help and exit");
     o
+}
+
+/// What `-V` prints: enough to tell which source, compiler and target made this binary
+/// (build.rs records them).
+fn version() -> String {
+    format!(
+        "sluice {}\ncommit: {}\nrustc: {}\ntarget: {}",
+        env!("CARGO_PKG_VERSION"),
+        env!("SLUICE_GIT_COMMIT"),
+        env!("SLUICE_RUSTC"),
+        env!("SLUICE_TARGET"),
+    )
 }
 
 fn parse_args(args: &[String]) -> Result<Mode, Failure> {
@@ -120,7 +136,7 @@ fn parse_args(args: &[String]) -> Result<Mode, Failure> {
         return Ok(Mode::Print(opts.usage(USAGE)));
     }
     if m.opt_present("V") {
-        return Ok(Mode::Print(format!("sluice {}", env!("CARGO_PKG_VERSION"))));
+        return Ok(Mode::Print(version()));
     }
     if let Some(extra) = m.free.first() {
         return Err(Failure::Usage(format!("unexpected argument '{}'", extra)));

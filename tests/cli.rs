@@ -475,3 +475,29 @@ fn the_workers_option() {
         "{threads} threads: main and two workers expected"
     );
 }
+
+/// `sluice -V` says what built it: the version, the commit of this tree (or "unknown" outside
+/// a git tree), the compiler and the target.
+#[test]
+fn the_version_names_commit_compiler_and_target() {
+    let out = run_sluice(&["-V"]);
+    assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "four lines:\n{}", out.stdout);
+    assert_eq!(lines[0], format!("sluice {}", env!("CARGO_PKG_VERSION")));
+    let commit = lines[1].strip_prefix("commit: ").expect("commit line");
+    let head = std::process::Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(head) => assert_eq!(commit, head, "the commit this tree is at"),
+        None => assert_eq!(commit, "unknown"),
+    }
+    let rustc = lines[2].strip_prefix("rustc: ").expect("rustc line");
+    assert!(rustc.starts_with("rustc 1."), "{rustc}");
+    let target = lines[3].strip_prefix("target: ").expect("target line");
+    assert!(target.contains("-linux"), "{target}");
+}
