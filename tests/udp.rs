@@ -629,3 +629,190 @@ fn a_client_that_cannot_be_served_evicts_no_session() {
     assert_eq!(load(&stats.udp_sessions_active), 1);
     assert_eq!(exchange(&a, addr, b"still here"), b"still here");
 }
+
+/// Rounds of bursts: each of `clients` sends `burst` datagrams at once, then reads what comes
+/// back. Every reply must be one of its own requests, whole, and later than the one before it
+/// (batched replies keep each client's order); returns (sent, received).
+fn burst_rounds(addr: SocketAddr, clients: u64, burst: u64, rounds: u64) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            thread::spawn(move || {
+                let socket = udp_client(Duration::from_millis(300));
+                let mut buf = vec![0u8; 65_536];
+                let (mut sent, mut received) = (0, 0);
+                let mut last: Option<u64> = None;
+                for round in 0..rounds {
+                    assert!(Instant::now() < deadline, "client {c}: out of time");
+                    for k in 0..burst {
+                        let seq = round * burst + k;
+                        socket.send_to(&request(c, seq), addr).expect("send");
+                        sent += 1;
+                    }
+                    for _ in 0..burst {
+                        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                            break; // lost on the way (loopback may drop a burst): not a fault
+                        };
+                        assert_eq!(from, addr, "client {c}: a reply from elsewhere");
+                        let seq = (0..rounds * burst)
+                            .find(|&s| buf[..n] == request(c, s)[..])
+                            .unwrap_or_else(|| panic!("client {c}: a reply it never sent"));
+                        assert!(
+                            last.map_or(true, |l| seq > l),
+                            "client {c}: reply {seq} after {last:?}"
+                        );
+                        last = Some(seq);
+                        received += 1;
+                    }
+                }
+                (sent, received)
+            })
+        })
+        .collect();
+    threads.into_iter().fold((0, 0), |(s, r), t| {
+        let (a, b) = t.join().expect("client thread");
+        (s + a, r + b)
+    })
+}
+
+/// Issue 15, item 4: with datagrams read 16 at a time and replies sent in batches, bursts from
+/// 20 clients come back whole, each to its own client, in order.
+#[test]
+fn bursts_from_20_clients_come_back_whole_and_in_order() {
+    let backend = UdpBackend::echo("echo");
+    let proxy = start_conf(&udp_conf(&server_lines(&[backend.addr], ""), ""));
+    let addr = proxy.local_addr(0).expect("listener");
+    let stats = proxy.stats_handle();
+    let (sent, received) = burst_rounds(addr, 20, 12, 10);
+    println!(
+        "{sent} sent, {received} came back; the proxy dropped {}",
+        load(&stats.udp_dropped)
+    );
+    assert!(
+        received * 10 >= sent * 9,
+        "most replies arrive on loopback: {received} of {sent}"
+    );
+    assert_eq!(
+        load(&stats.udp_sessions_total),
+        20,
+        "one session per client"
+    );
+}
+
+/// Issue 15, item 4, seen from the system calls: the listener is read with recvmmsg, several
+/// datagrams at a time, and replies leave with sendmmsg, several per call.
+#[test]
+fn datagrams_move_in_batches_of_system_calls() {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: strace is not installed");
+        return;
+    }
+    let backend = UdpBackend::echo("echo");
+    let dir = std::env::temp_dir().join(format!("sluice-mmsg-{}", unique()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let trace = dir.join("trace");
+    let mut started = None;
+    for _ in 0..5 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Udp)));
+        let mut command = std::process::Command::new("strace");
+        command
+            .args([
+                "-f",
+                "-qq",
+                "-e",
+                "trace=recvmmsg,sendmmsg,recvfrom,sendto",
+                "-o",
+            ])
+            .arg(&trace)
+            .arg(sluice_bin())
+            .args([
+                "--udp",
+                "-L",
+                &addr.to_string(),
+                "-U",
+                &backend.addr.to_string(),
+            ])
+            .env_remove("RUST_LOG");
+        let mut child = SluiceChild::spawn(command);
+        wait_until(EVENTUALLY, || {
+            child.stderr().contains("listening on") || child.exited().is_some()
+        });
+        if child.stderr().contains("listening on") {
+            started = Some((child, addr));
+            break;
+        }
+    }
+    let (child, addr) = started.expect("sluice under strace listens");
+    let (sent, received) = burst_rounds(addr, 20, 12, 5);
+    // The proxy is sluice, strace's child: stop it, and strace ends with it.
+    let pid = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        child.pid(),
+        child.pid()
+    ))
+    .expect("strace's children");
+    let pid = pid
+        .split_whitespace()
+        .next()
+        .expect("the traced sluice")
+        .to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let out = child.finish(EVENTUALLY);
+    let text = std::fs::read_to_string(&trace).expect("the trace");
+    let _ = std::fs::remove_dir_all(&dir);
+    // Lines end in "= N" (datagrams moved) or "= -1 EAGAIN ...".
+    let moved = |call: &str| -> Vec<u64> {
+        text.lines()
+            .filter(|l| l.contains(&format!("{call}(")))
+            .filter_map(|l| {
+                l.rsplit_once("= ")?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let (reads, writes) = (moved("recvmmsg"), moved("sendmmsg"));
+    let (read_total, write_total) = (reads.iter().sum::<u64>(), writes.iter().sum::<u64>());
+    println!(
+        "{sent} sent, {received} back; recvmmsg: {} calls moved {read_total}, most {:?}; \
+         sendmmsg: {} calls moved {write_total}, most {:?}",
+        reads.len(),
+        reads.iter().max(),
+        writes.len(),
+        writes.iter().max()
+    );
+    assert!(
+        out.stderr.contains("stopped") || out.code == Some(0),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        read_total >= received,
+        "the listener's datagrams came by recvmmsg"
+    );
+    assert!(
+        reads.iter().any(|&n| n > 1),
+        "a recvmmsg took several datagrams"
+    );
+    assert!(write_total >= received, "the replies left by sendmmsg");
+    assert!(
+        writes.iter().any(|&n| n > 1),
+        "a sendmmsg sent several replies"
+    );
+    assert!(
+        (writes.len() as u64) < write_total,
+        "fewer sendmmsg calls than replies: {} for {write_total}",
+        writes.len()
+    );
+}

@@ -449,5 +449,7 @@ impl Worker {
         if udp.has_pending_work() {
             udp.run_pending(&mut ctx);
         }
+        // Last: the replies this turn's events gathered leave together.
+        udp.flush(&mut ctx);
     }
 }

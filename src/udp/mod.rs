@@ -4,8 +4,12 @@
 //! worker's poll, so replies are told apart by socket, never by a lookup. Client → server
 //! datagrams arrive on the listener and leave on the session socket; replies leave through the
 //! listener to the client's address, from the address the client sent to (on a wildcard
-//! listener the kernel reports it with each datagram). Each datagram is read once into the
-//! worker's 64 KiB datagram buffer and written once; boundaries are kept. A full send buffer
+//! listener the kernel reports it with each datagram). Each datagram is read once into a 64 KiB
+//! slot and written once from it; boundaries are kept. A listener's datagrams are read up to
+//! 16 at a time (`recvmmsg`), and replies are gathered in a batch of slots and sent together
+//! (`sendmmsg`) when the batch is full, when a reply for another listener comes, before a
+//! listener closes, and at the end of every turn of the worker's loop, so a reply waits for
+//! no more than the events of one turn and leaves in the order it came. A full send buffer
 //! drops the datagram (UDP semantics) and counts it: nothing waits for writability and nothing
 //! spins.
 //!
@@ -39,6 +43,7 @@ use crate::proxy_protocol as pp;
 use crate::reactor::timer::TimerKey;
 use crate::reactor::token::{self, Gen, Key};
 use crate::reactor::{after, retry, End, LogLimit, Readiness, Suppressed, Timer};
+use crate::sys::{self, Datagrams};
 use crate::upstream::{Remap, Tried};
 use session::SessionTable;
 
@@ -123,15 +128,6 @@ struct UdpListen {
 }
 
 impl UdpListen {
-    /// One datagram from a client, with the local address it was sent to on a wildcard listener.
-    fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
-        if self.wildcard {
-            return crate::sys::recv_from_to(&self.socket, buf);
-        }
-        let (n, from) = self.socket.recv_from(buf)?;
-        Ok((n, from, None))
-    }
-
     /// A reply to `client`, from `local` when the listener is a wildcard one.
     fn reply(
         &self,
@@ -155,7 +151,11 @@ pub(crate) struct UdpProxy {
     /// By slot, which is the listener's token and the high part of its sessions' tokens: a
     /// listener keeps its slot while it has its socket (a reload that keeps it included).
     listeners: Vec<Option<UdpListen>>,
-    buf: Box<[u8]>,
+    /// A listener's datagrams, as one `recvmmsg` read them.
+    rx: Datagrams,
+    /// Replies not sent yet, all for the listener in slot `tx_listener` (see [`UdpProxy::flush`]).
+    tx: Datagrams,
+    tx_listener: usize,
     next_gen: Gen,
     /// Sessions that stopped reading with datagrams left (budget); drained before sleeping.
     ready: Vec<Key>,
@@ -176,7 +176,9 @@ impl UdpProxy {
     pub(crate) fn new() -> UdpProxy {
         UdpProxy {
             listeners: Vec::new(),
-            buf: Box::default(),
+            rx: Datagrams::default(),
+            tx: Datagrams::default(),
+            tx_listener: 0,
             next_gen: 0,
             ready: Vec::new(),
             out: Vec::new(),
@@ -196,6 +198,8 @@ impl UdpProxy {
         remap: &Remap,
         ctx: &mut Ctx<'_>,
     ) -> Vec<BindError> {
+        // Replies gathered so far leave before any listener can close.
+        self.flush(ctx);
         let mut failed = Vec::new();
         let by_identity = Origin::by_identity(origins);
         for (index, slot) in self.listeners.iter_mut().enumerate() {
@@ -273,8 +277,9 @@ impl UdpProxy {
             self.free_from = self.free_from.min(slot);
             return Err(fail(e));
         }
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; DATAGRAM_BUFFER].into_boxed_slice();
+        if self.rx.slot_size() == 0 {
+            self.rx = Datagrams::new(DATAGRAM_BUFFER);
+            self.tx = Datagrams::new(DATAGRAM_BUFFER);
         }
         if let Some(entry) = self.listeners.get_mut(slot) {
             *entry = Some(UdpListen {
@@ -370,6 +375,7 @@ impl UdpProxy {
     /// finish, and replies leave through the listening socket, so a drain ends sessions at once.
     pub(crate) fn shut(&mut self, ctx: &mut Ctx<'_>) {
         self.close_all(End::Shutdown, ctx);
+        self.flush(ctx);
         for slot in &mut self.listeners {
             if let Some(mut l) = slot.take() {
                 let _ = ctx.registry.deregister(&mut l.socket);
@@ -392,12 +398,13 @@ impl UdpProxy {
 
     /// Client datagrams: find or open the client's session and send each on to its server.
     fn drain_listener(&mut self, id: usize, ctx: &mut Ctx<'_>) {
-        for _ in 0..RECV_BUDGET {
+        let mut taken = 0;
+        while taken < RECV_BUDGET {
             let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
                 return;
             };
-            let (n, client, local) = match retry(|| l.recv(&mut self.buf)) {
-                Ok(Some(got)) => got,
+            let n = match retry(|| sys::recv_many(&l.socket, &mut self.rx, l.wildcard)) {
+                Ok(Some(n)) => n,
                 Ok(None) => {
                     l.ready.readable = false;
                     return;
@@ -406,67 +413,91 @@ impl UdpProxy {
                     log::debug!(
                         "udp {}: receive failed: {}",
                         l.origin.addr,
-                        crate::sys::io_reason(&e)
+                        sys::io_reason(&e)
                     );
+                    taken += 1;
                     continue;
                 }
             };
-            // Behind `accept_proxy_protocol` every datagram starts with a v2 header naming the
-            // real client: it is taken off here, and used for rules, limits and balancing.
-            let peer = client;
-            let (start, client, dst) = match l.origin.conf.accept_proxy_protocol {
-                false => (0, peer, None),
-                true => match self.strip_header(id, n, peer, ctx) {
-                    Some(taken) => taken,
-                    None => continue,
-                },
-            };
-            let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
+            if n < sys::DATAGRAM_BATCH && sys::SHORT_READ_DRAINS {
+                // Fewer than asked for: the queue was empty, and the next datagram raises a
+                // new event, so the call that would only say EAGAIN is saved.
+                l.ready.readable = false;
+            }
+            for i in 0..n {
+                self.take_datagram(id, i, ctx);
+            }
+            taken += n.max(1);
+            if !self.listener_mut(id).is_some_and(|l| l.ready.readable) {
                 return;
-            };
-            // A session speaks for one client: when the peer (a balancer in front) now sends for
-            // another, the old session ends (once the new client is let in) and it gets its own.
-            let stale = l.sessions.find(&peer).and_then(|slot| {
-                let s = l.sessions.get(slot)?;
-                (s.client != client).then(|| session_key(id, slot, s.gen))
-            });
-            let slot = match l.sessions.find(&peer) {
-                Some(slot) if stale.is_none() => slot,
-                _ if l.taking == Taking::KnownClients => {
-                    ctx.metrics.dropped(&l.origin.stats);
-                    log::trace!(
-                        "udp {}: removed by a reload; {} dropped",
-                        l.origin.addr,
-                        client
-                    );
-                    continue;
-                }
-                _ if l.origin.acl.denies(client.ip()).is_some() => {
-                    let origin = Arc::clone(&l.origin);
-                    let rule = origin.acl.denies(client.ip()).copied();
-                    let log = self.denial_log.pass(ctx.now).is_some();
-                    accounting::deny(ctx, &origin, client, Denial::Acl, rule.as_ref(), log);
-                    continue;
-                }
-                _ => {
-                    if let Some(key) = stale {
-                        self.end(key, End::ClientClosed, ctx);
-                    }
-                    match self.open(id, peer, client, ctx) {
-                        Some(slot) => {
-                            if let Some(s) =
-                                self.listener_mut(id).and_then(|l| l.sessions.get_mut(slot))
-                            {
-                                s.proxied_dst = dst;
-                            }
-                            slot
-                        }
-                        None => continue,
-                    }
-                }
-            };
-            self.send_up(id, slot, start..n, local, ctx);
+            }
         }
+    }
+
+    /// Datagram `i` of the batch just read on listener `id`: to its client's session, opened
+    /// for it when the client is new and let in.
+    fn take_datagram(&mut self, id: usize, i: usize, ctx: &mut Ctx<'_>) {
+        let Some((datagram, peer, local)) = self.rx.get(i) else {
+            return;
+        };
+        let n = datagram.len();
+        let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        // Behind `accept_proxy_protocol` every datagram starts with a v2 header naming the
+        // real client: it is taken off here, and used for rules, limits and balancing.
+        let (start, client, dst) = match l.origin.conf.accept_proxy_protocol {
+            false => (0, peer, None),
+            true => match self.strip_header(id, i, peer, ctx) {
+                Some(taken) => taken,
+                None => return,
+            },
+        };
+        let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        // A session speaks for one client: when the peer (a balancer in front) now sends for
+        // another, the old session ends (once the new client is let in) and it gets its own.
+        let stale = l.sessions.find(&peer).and_then(|slot| {
+            let s = l.sessions.get(slot)?;
+            (s.client != client).then(|| session_key(id, slot, s.gen))
+        });
+        let slot = match l.sessions.find(&peer) {
+            Some(slot) if stale.is_none() => slot,
+            _ if l.taking == Taking::KnownClients => {
+                ctx.metrics.dropped(&l.origin.stats);
+                log::trace!(
+                    "udp {}: removed by a reload; {} dropped",
+                    l.origin.addr,
+                    client
+                );
+                return;
+            }
+            _ if l.origin.acl.denies(client.ip()).is_some() => {
+                let origin = Arc::clone(&l.origin);
+                let rule = origin.acl.denies(client.ip()).copied();
+                let log = self.denial_log.pass(ctx.now).is_some();
+                accounting::deny(ctx, &origin, client, Denial::Acl, rule.as_ref(), log);
+                return;
+            }
+            _ => {
+                if let Some(key) = stale {
+                    self.end(key, End::ClientClosed, ctx);
+                }
+                match self.open(id, peer, client, ctx) {
+                    Some(slot) => {
+                        if let Some(s) =
+                            self.listener_mut(id).and_then(|l| l.sessions.get_mut(slot))
+                        {
+                            s.proxied_dst = dst;
+                        }
+                        slot
+                    }
+                    None => return,
+                }
+            }
+        };
+        self.send_up(id, slot, i, start..n, local, ctx);
     }
 
     /// Takes the v2 PROXY header off the datagram in `buf[..n]` from `peer`: where the payload
@@ -475,7 +506,7 @@ impl UdpProxy {
     fn strip_header(
         &mut self,
         id: usize,
-        n: usize,
+        i: usize,
         peer: SocketAddr,
         ctx: &mut Ctx<'_>,
     ) -> Option<(usize, SocketAddr, Option<SocketAddr>)> {
@@ -487,7 +518,7 @@ impl UdpProxy {
             accounting::deny(ctx, &origin, peer, Denial::UntrustedProxy, None, log);
             return None;
         }
-        let datagram = self.buf.get(..n).unwrap_or_default();
+        let datagram = self.rx.get(i).map(|(d, _, _)| d).unwrap_or_default();
         let why = match pp::parse(datagram) {
             pp::Parsed::Header(h, len) => {
                 let dst = h.client().and(h.addrs).map(|(_, dst)| dst);
@@ -517,6 +548,7 @@ impl UdpProxy {
         &mut self,
         id: usize,
         slot: usize,
+        i: usize,
         payload: std::ops::Range<usize>,
         local: Option<IpAddr>,
         ctx: &mut Ctx<'_>,
@@ -529,7 +561,8 @@ impl UdpProxy {
         };
         s.local = local;
         let n = payload.len();
-        let mut datagram = self.buf.get(payload).unwrap_or_default();
+        let received = self.rx.get(i).map(|(d, _, _)| d).unwrap_or_default();
+        let mut datagram = received.get(payload).unwrap_or_default();
         // The server's own `proxy_protocol=` wins; over UDP any version means v2.
         let version = ctx
             .upstreams
@@ -579,6 +612,11 @@ impl UdpProxy {
     fn drain_session(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let (id, slot) = split_key(key);
         for _ in 0..RECV_BUDGET {
+            if self.tx_listener != id || self.tx.is_full() {
+                // The batch holds one listener's replies, and only so many.
+                self.flush(ctx);
+                self.tx_listener = id;
+            }
             let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
                 return;
             };
@@ -591,7 +629,10 @@ impl UdpProxy {
             if !s.ready.readable {
                 return;
             }
-            let n = match retry(|| s.socket.recv(&mut self.buf)) {
+            let Some(room) = self.tx.next_room() else {
+                return;
+            };
+            let n = match retry(|| s.socket.recv(room)) {
                 Ok(Some(n)) => n,
                 Ok(None) => {
                     s.ready.readable = false;
@@ -614,13 +655,9 @@ impl UdpProxy {
             s.down.add(n);
             s.last_active = ctx.now;
             let replies = s.down.datagrams;
-            let local = s.local;
-            let datagram = self.buf.get(..n).unwrap_or_default();
             let limit = u64::from(s.origin.conf.udp_responses);
-            if !matches!(retry(|| l.reply(datagram, client, local)), Ok(Some(_))) {
-                ctx.metrics.dropped(&l.origin.stats);
-                log::trace!("udp {}: reply to {} dropped", l.origin.addr, client);
-            }
+            // Sent with the others at the next flush, from where the client sent to.
+            self.tx.push(n, client, s.local);
             l.sessions.touch(slot);
             if limit > 0 && replies >= limit {
                 // The exchange is complete (DNS style): free the session at once.
@@ -816,8 +853,65 @@ impl UdpProxy {
         self.close_if_retired(id, ctx);
     }
 
+    /// Sends the gathered replies through their listener's socket, as few `sendmmsg` calls as
+    /// the kernel takes them in. A reply the socket refuses is dropped and counted (a full send
+    /// buffer drops the rest of the batch too: they would find it full as well).
+    pub(crate) fn flush(&mut self, ctx: &mut Ctx<'_>) {
+        if self.tx.is_empty() {
+            return;
+        }
+        let Some(l) = self
+            .listeners
+            .get(self.tx_listener)
+            .and_then(Option::as_ref)
+        else {
+            self.tx.clear();
+            return;
+        };
+        let total = self.tx.len();
+        let mut sent = 0;
+        while sent < total {
+            match retry(|| sys::send_many(&l.socket, &self.tx, sent)) {
+                Ok(Some(0)) | Ok(None) => {
+                    for _ in sent..total {
+                        ctx.metrics.dropped(&l.origin.stats);
+                    }
+                    log::trace!(
+                        "udp {}: {} replies dropped (send buffer full)",
+                        l.origin.addr,
+                        total - sent
+                    );
+                    break;
+                }
+                Ok(Some(k)) => sent += k,
+                Err(e) => {
+                    // The first of the rest failed: alone, and as `reply` does it (a source the
+                    // route refuses is left to the kernel to pick).
+                    let Some((datagram, client, local)) = self.tx.get(sent) else {
+                        break;
+                    };
+                    let alone = match e.kind() {
+                        io::ErrorKind::InvalidInput if local.is_some() => {
+                            retry(|| l.reply(datagram, client, None))
+                        }
+                        _ => Err(e),
+                    };
+                    if !matches!(alone, Ok(Some(_))) {
+                        ctx.metrics.dropped(&l.origin.stats);
+                        log::trace!("udp {}: reply to {} dropped", l.origin.addr, client);
+                    }
+                    sent += 1;
+                }
+            }
+        }
+        self.tx.clear();
+    }
+
     /// Closes a listener a reload removed once its last session has ended.
     fn close_if_retired(&mut self, id: usize, ctx: &mut Ctx<'_>) {
+        if self.tx_listener == id {
+            self.flush(ctx);
+        }
         let Some(slot) = self.listeners.get_mut(id) else {
             return;
         };
