@@ -25,13 +25,15 @@ use targets::{Env, Kind};
 
 const USAGE: &str = "\
 Usage: sluice-bench [--scenario NAME]... [--target NAME]... [--reps N] [--seconds S]
-                    [--sluice PATH] [--out FILE]
+                    [--sluice PATH] [--baseline PATH] [--out FILE]
 
   --scenario NAME  throughput, rr, pingpong, churn, idle, udp (repeatable; default: all)
   --target NAME    direct, sluice, haproxy, nginx, socat (repeatable; default: all installed)
   --reps N         repetitions per case and target; tables show medians (default 3)
   --seconds S      measuring window per run, after a short warm-up (default 3)
   --sluice PATH    the sluice binary (default: target/release/sluice of this repo)
+  --baseline PATH  another sluice binary, run as target sluice-base beside sluice (a change
+                   against the code before it, in one run)
   --out FILE       also write the tables here (default: bench/out/results.md)";
 
 /// Idle connections held when the descriptor limit allows.
@@ -47,6 +49,7 @@ struct Args {
     reps: usize,
     seconds: f64,
     sluice: PathBuf,
+    baseline: Option<PathBuf>,
     out: PathBuf,
 }
 
@@ -58,6 +61,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         reps: 3,
         seconds: 3.0,
         sluice: root.join("../target/release/sluice"),
+        baseline: None,
         out: root.join("out/results.md"),
     };
     while let Some(flag) = args.next() {
@@ -101,6 +105,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                     .ok_or_else(|| format!("--seconds wants 0.1..=600, got '{value}'"))?;
             }
             "--sluice" => a.sluice = PathBuf::from(value),
+            "--baseline" => a.baseline = Some(PathBuf::from(value)),
             "--out" => a.out = PathBuf::from(value),
             _ => return Err(format!("unknown option '{name}'")),
         }
@@ -109,7 +114,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         a.scenarios = Scenario::ALL.to_vec();
     }
     if a.targets.is_empty() {
-        a.targets = Kind::ALL.to_vec();
+        let base = a.baseline.is_some();
+        a.targets = Kind::ALL
+            .into_iter()
+            .filter(|&k| base || k != Kind::SluiceBase)
+            .collect();
     }
     dedup(&mut a.scenarios);
     dedup(&mut a.targets);
@@ -232,6 +241,7 @@ fn run(a: Args) -> Result<(), String> {
         .unwrap_or_else(|| PathBuf::from("."));
     let env = Env {
         sluice: a.sluice.clone(),
+        baseline: a.baseline.clone(),
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("out"),
         proxy_cpus,
         taskset,

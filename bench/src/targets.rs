@@ -38,6 +38,8 @@ const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 pub enum Kind {
     Direct,
     Sluice,
+    /// The `--baseline` binary, as `sluice` is run.
+    SluiceBase,
     SluiceBusy,
     /// sluice with `-w 2`: two workers sharing the listening ports.
     SluiceWorkers,
@@ -62,9 +64,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Direct,
         Kind::Sluice,
+        Kind::SluiceBase,
         Kind::SluiceBusy,
         Kind::SluiceWorkers,
         Kind::SluiceScraped,
@@ -84,6 +87,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Sluice => "sluice",
+            Kind::SluiceBase => "sluice-base",
             Kind::SluiceBusy => "sluice-bp",
             Kind::SluiceWorkers => "sluice-w2",
             Kind::SluiceScraped => "sluice-scrape",
@@ -109,6 +113,7 @@ impl Kind {
         matches!(
             self,
             Kind::Sluice
+                | Kind::SluiceBase
                 | Kind::SluiceBusy
                 | Kind::SluiceWorkers
                 | Kind::SluiceScraped
@@ -152,6 +157,9 @@ pub enum Proto {
 #[derive(Debug, Clone)]
 pub struct Env {
     pub sluice: PathBuf,
+    /// Another sluice binary (`--baseline`), run as `sluice-base` on the default config, so a
+    /// change is measured against the code before it in one run.
+    pub baseline: Option<PathBuf>,
     pub out: PathBuf,
     /// CPUs the proxy is pinned to; `None`: not pinned (one CPU only).
     pub proxy_cpus: Option<Vec<usize>>,
@@ -180,6 +188,11 @@ pub fn which(name: &str) -> Option<PathBuf> {
 pub fn available(kind: Kind, env: &Env) -> Result<(), String> {
     match kind {
         Kind::Direct => Ok(()),
+        Kind::SluiceBase => match &env.baseline {
+            Some(path) if path.is_file() => Ok(()),
+            Some(path) => Err(format!("{} not found", path.display())),
+            None => Err("no --baseline binary given".to_string()),
+        },
         k if k.is_sluice() && env.sluice.is_file() => Ok(()),
         Kind::Haproxy | Kind::HaproxyBusy | Kind::HaproxySplice => which("haproxy")
             .map(|_| ())
@@ -460,7 +473,11 @@ fn command(
             if kind == Kind::SluiceWorkers {
                 args.extend(["-w".into(), "2".into()]);
             }
-            Ok((env.sluice.clone(), args))
+            let binary = match (kind, &env.baseline) {
+                (Kind::SluiceBase, Some(path)) => path.clone(),
+                _ => env.sluice.clone(),
+            };
+            Ok((binary, args))
         }
         Kind::Haproxy | Kind::HaproxyBusy | Kind::HaproxySplice => {
             let splicing = kind == Kind::HaproxySplice;
