@@ -2,6 +2,8 @@
 //! SIGINT/SIGTERM, reload the file on SIGHUP. Exit status: 0 clean stop, 1 config or runtime
 //! error, 2 usage error.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -486,12 +486,20 @@ fn the_version_names_commit_compiler_and_target() {
     assert_eq!(lines.len(), 4, "four lines:\n{}", out.stdout);
     assert_eq!(lines[0], format!("sluice {}", env!("CARGO_PKG_VERSION")));
     let commit = lines[1].strip_prefix("commit: ").expect("commit line");
-    let head = std::process::Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR")])
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    // As build.rs decides: the commit only when this crate is the top of its own git tree.
+    let own = git(&["rev-parse", "--show-toplevel"]).is_some_and(|top| {
+        std::fs::canonicalize(top).ok() == std::fs::canonicalize(env!("CARGO_MANIFEST_DIR")).ok()
+    });
+    let head = git(&["rev-parse", "HEAD"]).filter(|_| own);
     match head {
         Some(head) => assert_eq!(commit, head, "the commit this tree is at"),
         None => assert_eq!(commit, "unknown"),

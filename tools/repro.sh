@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Settings that would change the binary or where it is written come from the Makefile and
+# Cargo.toml alone.
+unset CARGO_TARGET_DIR CARGO_BUILD_TARGET_DIR CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS \
+    CARGO_INCREMENTAL RUSTFLAGS
+for var in $(env | sed -n 's/^\(CARGO_PROFILE_[A-Z_]*\)=.*/\1/p'); do unset "$var"; done
+if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+    echo "note: uncommitted changes are not in these builds; they build HEAD" >&2
+fi
 commit=$(git rev-parse HEAD)
 work=$(mktemp -d "${TMPDIR:-/tmp}/sluice-repro.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -24,6 +32,14 @@ size=$(stat -c %s "$a/target/$host/release/sluice")
 echo "commit $commit, $host, $size bytes"
 echo "$sum_a  $a/target/$host/release/sluice"
 echo "$sum_b  $b/target/$host/release/sluice"
+# Neither the checkout's place nor cargo's may show in the binary: then neither can matter.
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+for path in "$a" "$b" "$cargo_home" "$PWD"; do
+    if grep -qaF "$path" "$a/target/$host/release/sluice"; then
+        echo "NOT reproducible elsewhere: the binary holds the path $path" >&2
+        exit 1
+    fi
+done
 if [ "$sum_a" != "$sum_b" ]; then
     echo "NOT reproducible: the two builds differ" >&2
     cmp -l "$a/target/$host/release/sluice" "$b/target/$host/release/sluice" | head -5 >&2 || true

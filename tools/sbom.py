@@ -14,8 +14,8 @@ import json
 import os
 import pathlib
 import subprocess
+import re
 import sys
-import tomllib
 import uuid
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -46,8 +46,15 @@ def tree():
 
 
 def checksums():
-    lock = tomllib.loads((ROOT / "Cargo.lock").read_text(encoding="utf-8"))
-    return {(p["name"], p["version"]): p.get("checksum") for p in lock["package"]}
+    """(name, version) -> checksum, from Cargo.lock's [[package]] entries (read by hand: the
+    format is fixed and tomllib needs Python 3.11)."""
+    text = (ROOT / "Cargo.lock").read_text(encoding="utf-8")
+    sums = {}
+    for block in text.split("[[package]]")[1:]:
+        fields = dict(re.findall(r'^(name|version|checksum) = "([^"]*)"', block, re.M))
+        if "name" in fields and "version" in fields:
+            sums[(fields["name"], fields["version"])] = fields.get("checksum")
+    return sums
 
 
 def ref(name, version):
@@ -59,7 +66,10 @@ def licenses(expression):
         return []
     if " " in expression:
         return [{"expression": expression}]
-    return [{"license": {"id": expression}}]
+    if re.fullmatch(r"[A-Za-z0-9.+-]+", expression) and not expression.startswith("LicenseRef"):
+        return [{"license": {"id": expression}}]
+    # An old-style "MIT/Apache-2.0" or a LicenseRef is no SPDX id: keep it as a name.
+    return [{"license": {"name": expression}}]
 
 
 def build():
@@ -93,12 +103,13 @@ def build():
         if checksum:
             component["hashes"] = [{"alg": "SHA-256", "content": checksum}]
         components.append(component)
-    lock_digest = hashlib.sha256((ROOT / "Cargo.lock").read_bytes()).digest()
+    lock_digest = hashlib.sha256(
+        (ROOT / "Cargo.lock").read_bytes() + target().encode()).digest()
     top = ref(root[1], root[2])
     return {
         "bomFormat": "CycloneDX",
         "specVersion": SPEC,
-        # Derived from the lock file and the version, so the same inputs give the same bill.
+        # Derived from the lock file and the target, so the same inputs give the same bill.
         "serialNumber": "urn:uuid:" + str(uuid.UUID(bytes=lock_digest[:16], version=5)),
         "version": 1,
         "metadata": {

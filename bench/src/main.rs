@@ -7,11 +7,15 @@
 //! are interleaved within a repetition so that a slow drift of the machine (another build, thermal
 //! throttling) touches all of them alike. Everything binds and connects on 127.0.0.1 only.
 
+// `unsafe` only in `sys`, as in sluice itself.
+#![deny(unsafe_code)]
+
 mod backends;
 mod procfs;
 mod report;
 mod scenarios;
 mod stats;
+#[allow(unsafe_code)]
 mod sys;
 mod targets;
 
