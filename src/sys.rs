@@ -276,9 +276,11 @@ pub fn send_to_from(
     pktinfo::send(socket.as_raw_fd(), buf, to, from)
 }
 
-/// A `recvmmsg` that returned fewer datagrams than asked emptied the socket's queue, and the
-/// next datagram to arrive raises a new edge-triggered event (the kernel wakes the poller on
-/// every datagram queued), so the socket need not be read again until then.
+/// A `recvmmsg` on a non-blocking socket that returned fewer datagrams than asked found the
+/// queue empty when it returned, so the next datagram makes it non-empty again and raises a new
+/// edge-triggered event: the socket need not be read again until then. (A short batch can also
+/// mean an error after some datagrams, which the kernel keeps for the next call; an unconnected
+/// listener without `IP_RECVERR` is not given such errors.)
 pub const SHORT_READ_DRAINS: bool = cfg!(target_os = "linux");
 
 /// Datagrams one `recvmmsg` or `sendmmsg` moves at most. Sixteen take a burst of 20 clients'
@@ -347,7 +349,7 @@ impl Datagrams {
 
     /// The room of the next free slot, to read a datagram into before [`Datagrams::push`].
     pub fn next_room(&mut self) -> Option<&mut [u8]> {
-        if self.is_full() {
+        if self.is_full() || self.slot == 0 {
             return None;
         }
         let start = self.count * self.slot;
@@ -469,7 +471,9 @@ mod pktinfo {
         Ok((n as usize, socket_addr(&storage)?, local_of(&msg)))
     }
 
-    /// The destination address a received datagram's `IP_PKTINFO`/`IPV6_PKTINFO` names.
+    /// The destination address a received datagram's `IP_PKTINFO`/`IPV6_PKTINFO` names. Only
+    /// for a header recvmsg or recvmmsg just filled: its control pointer and length are the
+    /// kernel's (private to this module, whose two callers are those).
     fn local_of(msg: &libc::msghdr) -> Option<IpAddr> {
         if msg.msg_control.is_null() {
             return None;
@@ -482,8 +486,11 @@ mod pktinfo {
             while !cmsg.is_null() {
                 let header = &*cmsg;
                 let data = libc::CMSG_DATA(cmsg);
+                // A header too short for the struct its type names is skipped, not read past.
+                let fits =
+                    |size: usize| header.cmsg_len as usize >= libc::CMSG_LEN(size as _) as usize;
                 match (header.cmsg_level, header.cmsg_type) {
-                    (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    (libc::IPPROTO_IP, libc::IP_PKTINFO) if fits(size_of::<libc::in_pktinfo>()) => {
                         let info: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
                         // The local address of the packet (ip(7)): for a datagram sent to a
                         // broadcast or multicast address, a unicast address of the interface,
@@ -492,7 +499,9 @@ mod pktinfo {
                             info.ipi_spec_dst.s_addr,
                         ))));
                     }
-                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)
+                        if fits(size_of::<libc::in6_pktinfo>()) =>
+                    {
                         let info: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
                         let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
                         // A multicast group is no source; the kernel picks one then.

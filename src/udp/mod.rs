@@ -437,13 +437,15 @@ impl UdpProxy {
     /// Datagram `i` of the batch just read on listener `id`: to its client's session, opened
     /// for it when the client is new and let in.
     fn take_datagram(&mut self, id: usize, i: usize, ctx: &mut Ctx<'_>) {
-        let Some((datagram, peer, local)) = self.rx.get(i) else {
-            return;
-        };
-        let n = datagram.len();
         let Some(l) = self.listeners.get_mut(id).and_then(Option::as_mut) else {
             return;
         };
+        let Some((datagram, peer, local)) = self.rx.get(i) else {
+            // No source address the socket could name (never on IP sockets): nobody to answer.
+            ctx.metrics.dropped(&l.origin.stats);
+            return;
+        };
+        let n = datagram.len();
         // Behind `accept_proxy_protocol` every datagram starts with a v2 header naming the
         // real client: it is taken off here, and used for rules, limits and balancing.
         let (start, client, dst) = match l.origin.conf.accept_proxy_protocol {
@@ -630,6 +632,8 @@ impl UdpProxy {
                 return;
             }
             let Some(room) = self.tx.next_room() else {
+                // Not reached (a full batch was flushed above); come back rather than stall.
+                self.ready.push(key);
                 return;
             };
             let n = match retry(|| s.socket.recv(room)) {
@@ -865,6 +869,12 @@ impl UdpProxy {
             .get(self.tx_listener)
             .and_then(Option::as_ref)
         else {
+            // Not reached: every path that closes a listener flushes first. Counted if it is.
+            for _ in 0..self.tx.len() {
+                ctx.metrics
+                    .udp_dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             self.tx.clear();
             return;
         };
@@ -888,6 +898,9 @@ impl UdpProxy {
                     // The first of the rest failed: alone, and as `reply` does it (a source the
                     // route refuses is left to the kernel to pick).
                     let Some((datagram, client, local)) = self.tx.get(sent) else {
+                        for _ in sent..total {
+                            ctx.metrics.dropped(&l.origin.stats);
+                        }
                         break;
                     };
                     let alone = match e.kind() {
@@ -909,22 +922,24 @@ impl UdpProxy {
 
     /// Closes a listener a reload removed once its last session has ended.
     fn close_if_retired(&mut self, id: usize, ctx: &mut Ctx<'_>) {
+        let retired = self
+            .listeners
+            .get(id)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.taking == Taking::KnownClients && l.sessions.is_empty());
+        if !retired {
+            return;
+        }
+        // Its replies leave before its socket closes (and only then: a flush at every session
+        // end would split the batches of `udp_responses` listeners into single datagrams).
         if self.tx_listener == id {
             self.flush(ctx);
         }
-        let Some(slot) = self.listeners.get_mut(id) else {
-            return;
-        };
-        let retired = slot
-            .as_ref()
-            .is_some_and(|l| l.taking == Taking::KnownClients && l.sessions.is_empty());
-        if retired {
-            if let Some(mut l) = slot.take() {
-                let _ = ctx.registry.deregister(&mut l.socket);
-                log::debug!("udp {}: closed, its last session ended", l.origin.addr);
-            }
-            self.free_from = self.free_from.min(id);
+        if let Some(mut l) = self.listeners.get_mut(id).and_then(Option::take) {
+            let _ = ctx.registry.deregister(&mut l.socket);
+            log::debug!("udp {}: closed, its last session ended", l.origin.addr);
         }
+        self.free_from = self.free_from.min(id);
     }
 }
 
