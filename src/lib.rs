@@ -18,7 +18,7 @@
 //! 7. `config` `resolver` `sys` `logging` `testing`: the typed config and the name lookups it
 //!    needs, the OS calls below std, log output
 
-// `unsafe` is refused everywhere but in `sys` (and `make audit` lists each block there).
+// Unsafe code is refused everywhere but in `sys` (`make audit` lists each block there).
 #![deny(unsafe_code)]
 
 pub mod accounting;
