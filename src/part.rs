@@ -152,6 +152,45 @@ pub enum Sharing {
     Another,
 }
 
+/// Port 0 for sockets that will share their port: the kernel may hand a UDP `SO_REUSEPORT`
+/// socket a port another such socket of the same user already has (they count as compatible),
+/// and the two would then split each other's datagrams. A port is picked by a socket without
+/// the option (which no holder is compatible with), released, and bound with it; a port taken
+/// in that moment is tried again with another.
+fn bind_fresh_port(
+    proto: Proto,
+    addr: SocketAddr,
+    prepare: &dyn Fn(&socket2::Socket) -> io::Result<()>,
+) -> Result<socket2::Socket, BindError> {
+    let mut last = None;
+    for _ in 0..8 {
+        let probe = bind(proto, addr, Sharing::Alone, prepare)?;
+        let picked = probe
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| BindError {
+                proto,
+                addr,
+                error: io::Error::other("no local address"),
+            })?;
+        drop(probe);
+        match bind(proto, picked, Sharing::Another, prepare) {
+            Ok(socket) => return Ok(socket),
+            Err(e) if e.error.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(BindError { addr, ..e }),
+        }
+    }
+    Err(last.map_or_else(
+        || BindError {
+            proto,
+            addr,
+            error: io::ErrorKind::AddrInUse.into(),
+        },
+        |e| BindError { addr, ..e },
+    ))
+}
+
 /// Binds a listening socket of either protocol with the options sluice always wants: IPv6
 /// sockets only for IPv6 (`[::]:P` and `0.0.0.0:P` are separate listeners, as in nginx),
 /// non-blocking. `prepare` sets the protocol's own options before `bind`.
@@ -161,7 +200,10 @@ pub fn bind(
     sharing: Sharing,
     prepare: &dyn Fn(&socket2::Socket) -> io::Result<()>,
 ) -> Result<socket2::Socket, BindError> {
-    if sharing == Sharing::First && addr.port() != 0 {
+    if sharing == Sharing::First && addr.port() == 0 {
+        return bind_fresh_port(proto, addr, prepare);
+    }
+    if sharing == Sharing::First {
         // SO_REUSEPORT would let this bind succeed beside another process of the same user
         // holding the port (and share its traffic): find that out first.
         drop(bind(proto, addr, Sharing::Alone, prepare)?);

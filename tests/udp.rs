@@ -826,3 +826,17 @@ fn datagrams_move_in_batches_of_system_calls() {
         writes.len()
     );
 }
+
+/// Two UDP listeners on port 0 never share a port: the kernel would give a `SO_REUSEPORT`
+/// socket a port another such socket already has, and the two proxies would split each
+/// other's datagrams (seen as sessions from strangers in tests running side by side).
+#[test]
+fn listeners_on_port_0_get_ports_of_their_own() {
+    let _ = sluice::sys::raise_nofile_limit();
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let sockets: Vec<_> = (0..600)
+        .map(|_| sluice::udp::bind(any, sluice::part::Sharing::First).expect("bind"))
+        .collect();
+    let ports: HashSet<u16> = sockets.iter().map(|(_, local)| local.port()).collect();
+    assert_eq!(ports.len(), sockets.len(), "a port was handed out twice");
+}
