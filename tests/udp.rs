@@ -699,63 +699,50 @@ fn bursts_from_20_clients_come_back_whole_and_in_order() {
     );
 }
 
-/// Issue 15, item 4, seen from the system calls: the listener is read with recvmmsg, several
-/// datagrams at a time, and replies leave with sendmmsg, several per call.
-#[test]
-fn datagrams_move_in_batches_of_system_calls() {
+/// sluice under `strace -f`, listening on a free port for `args(addr)`, with the trace going
+/// to a file of its own; None (after saying so) where strace is missing or may not trace.
+fn traced_sluice(
+    args: impl Fn(SocketAddr) -> Vec<String>,
+) -> Option<(SluiceChild, SocketAddr, std::path::PathBuf)> {
     if std::process::Command::new("strace")
         .arg("-V")
         .output()
         .is_err()
     {
         eprintln!("skipped: strace is not installed");
-        return;
+        return None;
     }
-    let backend = UdpBackend::echo("echo");
     let dir = std::env::temp_dir().join(format!("sluice-mmsg-{}", unique()));
     std::fs::create_dir_all(&dir).expect("dir");
     let trace = dir.join("trace");
-    let mut started = None;
     for _ in 0..5 {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Udp)));
         let mut command = std::process::Command::new("strace");
         command
-            .args([
-                "-f",
-                "-qq",
-                "-e",
-                "trace=recvmmsg,sendmmsg,recvfrom,sendto",
-                "-o",
-            ])
+            .args(["-f", "-qq", "-e", "trace=recvmmsg,sendmmsg", "-o"])
             .arg(&trace)
             .arg(sluice_bin())
-            .args([
-                "--udp",
-                "-w",
-                "1",
-                "-L",
-                &addr.to_string(),
-                "-U",
-                &backend.addr.to_string(),
-            ])
+            .args(args(addr))
             .env_remove("RUST_LOG");
         let mut child = SluiceChild::spawn(command);
         wait_until(EVENTUALLY, || {
             child.stderr().contains("listening on") || child.exited().is_some()
         });
         if child.stderr().contains("listening on") {
-            started = Some((child, addr));
-            break;
+            return Some((child, addr, trace));
         }
         let why = child.stderr();
         if why.contains("ptrace") || why.contains("Operation not permitted") {
             eprintln!("skipped: strace cannot trace here: {why}");
-            return;
+            return None;
         }
     }
-    let (child, addr) = started.expect("sluice under strace listens");
-    let (sent, received) = burst_rounds(addr, 20, 12, 5);
-    // The proxy is sluice, strace's child: stop it, and strace ends with it.
+    panic!("sluice under strace did not listen");
+}
+
+/// Stops the traced sluice (strace's child; strace ends with it) and returns, for `recvmmsg`
+/// and `sendmmsg`, how many datagrams each call moved.
+fn stop_traced(child: SluiceChild, trace: &std::path::Path) -> (Vec<u64>, Vec<u64>) {
     let pid = std::fs::read_to_string(format!(
         "/proc/{}/task/{}/children",
         child.pid(),
@@ -773,8 +760,11 @@ fn datagrams_move_in_batches_of_system_calls() {
         .expect("kill")
         .success());
     let out = child.finish(EVENTUALLY);
-    let text = std::fs::read_to_string(&trace).expect("the trace");
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.code == Some(0), "{}", out.stderr);
+    let text = std::fs::read_to_string(trace).expect("the trace");
+    if let Some(dir) = trace.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     // Lines end in "= N" (datagrams moved) or "= -1 EAGAIN ...".
     let moved = |call: &str| -> Vec<u64> {
         text.lines()
@@ -792,7 +782,24 @@ fn datagrams_move_in_batches_of_system_calls() {
             })
             .collect()
     };
-    let (reads, writes) = (moved("recvmmsg"), moved("sendmmsg"));
+    (moved("recvmmsg"), moved("sendmmsg"))
+}
+
+/// Issue 15, item 4, seen from the system calls: the listener is read with recvmmsg, several
+/// datagrams at a time, and replies leave with sendmmsg, several per call.
+#[test]
+fn datagrams_move_in_batches_of_system_calls() {
+    let backend = UdpBackend::echo("echo");
+    let upstream = backend.addr.to_string();
+    let Some((child, addr, trace)) = traced_sluice(|addr| {
+        ["--udp", "-w", "1", "-L", &addr.to_string(), "-U", &upstream]
+            .map(String::from)
+            .to_vec()
+    }) else {
+        return;
+    };
+    let (sent, received) = burst_rounds(addr, 20, 12, 5);
+    let (reads, writes) = stop_traced(child, &trace);
     let (read_total, write_total) = (reads.iter().sum::<u64>(), writes.iter().sum::<u64>());
     println!(
         "{sent} sent, {received} back; recvmmsg: {} calls moved {read_total}, most {:?}; \
@@ -801,11 +808,6 @@ fn datagrams_move_in_batches_of_system_calls() {
         reads.iter().max(),
         writes.len(),
         writes.iter().max()
-    );
-    assert!(
-        out.stderr.contains("stopped") || out.code == Some(0),
-        "{}",
-        out.stderr
     );
     assert!(
         read_total >= received,
@@ -824,6 +826,43 @@ fn datagrams_move_in_batches_of_system_calls() {
         (writes.len() as u64) < write_total,
         "fewer sendmmsg calls than replies: {} for {write_total}",
         writes.len()
+    );
+}
+
+/// With `udp_responses 1` every reply ends its session; the replies of one turn still leave
+/// together (a flush at each session end once sent them one per call).
+#[test]
+fn replies_that_end_their_sessions_still_leave_in_batches() {
+    let backend = UdpBackend::echo("echo");
+    let dir = std::env::temp_dir().join(format!("sluice-responses-{}", unique()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = dir.join("sluice.conf");
+    let upstream = backend.addr;
+    let Some((child, addr, trace)) = traced_sluice(|addr| {
+        let text = format!(
+            "access_log off;\nlisten udp {addr} {{\n    proxy {upstream};\n    udp_responses 1;\n}}\n"
+        );
+        std::fs::write(&conf, text).expect("write the config");
+        ["-w", "1", "-c", conf.to_str().expect("path")]
+            .map(String::from)
+            .to_vec()
+    }) else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    // One datagram per client per round: each opens a session its reply ends.
+    let (sent, received) = burst_rounds(addr, 20, 1, 20);
+    let (_, writes) = stop_traced(child, &trace);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{sent} sent, {received} back; sendmmsg: {} calls, most {:?}",
+        writes.len(),
+        writes.iter().max()
+    );
+    assert!(received * 10 >= sent * 9, "{received} of {sent} came back");
+    assert!(
+        writes.iter().any(|&n| n > 1),
+        "a sendmmsg sent several replies"
     );
 }
 
