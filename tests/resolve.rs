@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use sluice::config::Config;
+use sluice::runtime::Proxy;
 
 /// How the responder answers.
 #[derive(Clone, Default)]
@@ -291,8 +292,9 @@ fn two_a_records_give_two_servers_and_a_change_moves_new_connections_only() {
     );
 }
 
-#[test]
-fn a_silent_resolver_leaves_the_last_good_set() {
+/// A proxy whose one server is `resolve`d through a responder that answers 127.0.0.2 (TTL 1 s,
+/// `valid=1s`), checked to reach it: the start of the tests that change the answers later.
+fn proxying_to_one_address() -> (Servers, Responder, Proxy, SocketAddr) {
     let servers = Servers::start();
     let dns = Responder::start(Zone {
         a: vec![[127, 0, 0, 2].into()],
@@ -304,6 +306,12 @@ fn a_silent_resolver_leaves_the_last_good_set() {
     let proxy = start(config);
     let addr = proxy.local_addr(0).expect("listener");
     assert_eq!(fetch_name(addr).expect("a name"), "2");
+    (servers, dns, proxy, addr)
+}
+
+#[test]
+fn a_silent_resolver_leaves_the_last_good_set() {
+    let (_servers, dns, proxy, addr) = proxying_to_one_address();
     dns.set(|z| z.silent = true);
     // Each query waits 2 s for the one nameserver, twice.
     let failed = wait_until(Duration::from_secs(15), || {
@@ -370,17 +378,7 @@ fn a_truncated_answer_is_asked_again_over_tcp() {
 
 #[test]
 fn a_truncated_answer_while_running_is_asked_again_over_tcp() {
-    let servers = Servers::start();
-    let dns = Responder::start(Zone {
-        a: vec![[127, 0, 0, 2].into()],
-        ttl: 1,
-        ..Zone::default()
-    });
-    let config = Config::parse(&conf(dns.addr, servers.port, "1s"), "resolve.conf")
-        .unwrap_or_else(|e| panic!("{e}"));
-    let proxy = start(config);
-    let addr = proxy.local_addr(0).expect("listener");
-    assert_eq!(fetch_name(addr).expect("a name"), "2");
+    let (_servers, dns, _proxy, addr) = proxying_to_one_address();
     assert_eq!(dns.tcp_queries.load(Ordering::Relaxed), 0);
     dns.set(|z| {
         z.truncate = true;

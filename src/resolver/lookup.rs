@@ -274,6 +274,14 @@ impl Lookup {
         }
     }
 
+    /// Query `q` under a fresh random id, encoded: the id and the packet.
+    fn question(&self, q: usize) -> io::Result<(u16, Vec<u8>)> {
+        let id = random_id();
+        let packet = message::query(id, &self.name, self.queries[q].qtype)
+            .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
+        Ok((id, packet))
+    }
+
     fn send_udp(
         &self,
         q: usize,
@@ -282,9 +290,7 @@ impl Lookup {
         token: Token,
         now: Instant,
     ) -> io::Result<State> {
-        let id = random_id();
-        let packet = message::query(id, &self.name, self.queries[q].qtype)
-            .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
+        let (id, packet) = self.question(q)?;
         let mut socket = UdpSocket::bind(unspecified(server))?;
         socket.connect(server)?;
         registry.register(&mut socket, token, Interest::READABLE)?;
@@ -307,9 +313,7 @@ impl Lookup {
         token: Token,
         now: Instant,
     ) -> io::Result<State> {
-        let id = random_id();
-        let packet = message::query(id, &self.name, self.queries[q].qtype)
-            .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
+        let (id, packet) = self.question(q)?;
         let len = u16::try_from(packet.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
         let mut out = len.to_be_bytes().to_vec();
         out.extend_from_slice(&packet);
