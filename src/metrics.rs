@@ -513,6 +513,10 @@ pub struct Metrics {
     pub connect_failures: AtomicU64,
     /// How often accepting paused for lack of file descriptors.
     pub accept_backoffs: AtomicU64,
+    /// Clients closed because no descriptor was left to open their server connection.
+    pub connect_fd_shortages: AtomicU64,
+    /// Times a pair had to wait for a buffer: the pools had lent all `buffer_memory` allows.
+    pub buffer_waits: AtomicU64,
     /// Polls that found events while `busy_poll` kept the worker awake: sleeps it saved.
     pub busy_poll_hits: AtomicU64,
     pub udp_sessions_total: AtomicU64,

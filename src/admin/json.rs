@@ -170,6 +170,11 @@ pub fn stats(v: &View) -> String {
     j.count("spliced_bytes", v.spliced_bytes);
     j.count("splice_fallbacks", v.splice_fallbacks);
     j.count("proxy_protocol_errors", v.proxy_protocol_errors);
+    j.key("descriptor_shortages").open();
+    j.count("accept", v.accept_backoffs)
+        .count("connect", v.connect_fd_shortages)
+        .close();
+    j.count("buffer_waits", v.buffer_waits);
     j.key("listeners").open_array();
     for l in &v.listeners {
         j.open();

@@ -136,6 +136,28 @@ pub fn render(v: &View) -> String {
     );
     out.sample("sluice_buffer_pool_bytes", &[], v.buffer_pool_bytes);
     out.family(
+        "sluice_buffer_waits_total",
+        "counter",
+        "Times a connection waited for a buffer: the pools had lent all buffer_memory allows.",
+    );
+    out.sample("sluice_buffer_waits_total", &[], v.buffer_waits);
+    out.family(
+        "sluice_descriptor_shortages_total",
+        "counter",
+        "Out of file descriptors: accepting paused (at=accept), or a client closed because its \
+         server connection could not be opened (at=connect).",
+    );
+    out.sample(
+        "sluice_descriptor_shortages_total",
+        &[("at", "accept")],
+        v.accept_backoffs,
+    );
+    out.sample(
+        "sluice_descriptor_shortages_total",
+        &[("at", "connect")],
+        v.connect_fd_shortages,
+    );
+    out.family(
         "sluice_splice_pipes",
         "gauge",
         "Kernel pipes lent to splicing directions now.",

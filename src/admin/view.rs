@@ -34,6 +34,9 @@ pub struct View {
     pub spares_taken: u64,
     pub spares_discarded: u64,
     pub proxy_protocol_errors: u64,
+    pub accept_backoffs: u64,
+    pub connect_fd_shortages: u64,
+    pub buffer_waits: u64,
     pub listeners: Vec<ListenerView>,
     pub upstreams: Vec<UpstreamView>,
 }
@@ -191,6 +194,9 @@ impl View {
             spares_taken: get(&m.spares.taken),
             spares_discarded: get(&m.spares.discarded),
             proxy_protocol_errors: get(&m.proxy_protocol_errors),
+            accept_backoffs: get(&m.accept_backoffs),
+            connect_fd_shortages: get(&m.connect_fd_shortages),
+            buffer_waits: get(&m.buffer_waits),
             listeners,
             upstreams,
         }

@@ -12,6 +12,7 @@
 //! the listener leaves it as it was; a reload only translates its upstream and server ids.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -500,6 +501,9 @@ impl TcpProxy {
                 }
                 Err(error) if listener::is_fd_exhaustion(&error) => {
                     // Our shortage, not the server's fault: no passive-health mark.
+                    ctx.metrics
+                        .connect_fd_shortages
+                        .fetch_add(1, Ordering::Relaxed);
                     if let Some(held_back) = self.fd_warnings.pass(now) {
                         log::warn!(
                             "cannot open a server connection: {}{}",
@@ -679,6 +683,9 @@ impl TcpProxy {
         }
         let newly_starved = step == Step::Starved && !pair.starved;
         pair.starved |= newly_starved;
+        if newly_starved {
+            ctx.metrics.buffer_waits.fetch_add(1, Ordering::Relaxed);
+        }
         if pair.half_closed() && !before.1 {
             // The shorter half-close timeout may now be due before the armed timer.
             let deadline = after(pair.last_active, pair.origin.conf.half_close_timeout);
