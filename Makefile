@@ -7,7 +7,7 @@ HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 BIN     := target/release/sluice
 STATIC  := target/$(HOST)/release/sluice
 
-.PHONY: all build run test lint static repro audit sbom install clean bench bench-compare bench-micro fuzz chaos
+.PHONY: all build run test lint static repro audit sbom install clean bench bench-compare bench-micro fuzz chaos soak
 
 all: build
 
@@ -26,10 +26,18 @@ test:
 	SLUICE_TEST_SPLICE=on $(CARGO) test $(TCP_TESTS)
 	SLUICE_TEST_SPLICE=off $(CARGO) test $(TCP_TESTS)
 
-# The long chaos run: CHAOS_CONNECTIONS (default 5000) from CHAOS_SEED (default 1), half on
-# the copy path and half splicing; `make test` runs 600 of them (tests/chaos.rs).
+# The long chaos run: CHAOS_CONNECTIONS (default 5000) from CHAOS_SEED (default 1): TCP on the
+# copy path, splicing and with the PROXY protocol (tests/chaos.rs), then UDP sessions without
+# and with it (tests/chaos_udp.rs). `make test` runs a short variant of each with fixed seeds,
+# and the chaos load against a sluice starved of descriptors and buffers.
 chaos:
-	$(CARGO) test --release --test chaos -- --ignored --nocapture
+	$(CARGO) test --release --test chaos --test chaos_udp -- --ignored --nocapture
+
+# The soak: as many long-lived connections as the descriptor limit allows (at most 9,000),
+# each exchanging a message a second, for SOAK_SECONDS (default 600), with reloads and health
+# flips; prints the RSS samples, their slope and the CPU per connection (tests/soak.rs).
+soak:
+	$(CARGO) test --release --test soak -- --ignored --nocapture
 
 lint:
 	$(CARGO) fmt --all -- --check
