@@ -10,8 +10,13 @@
 //! no pair, buffer or pipe is left and no descriptor leaked. A failure prints the seed of the
 //! connection, and that seed replays it (`CHAOS_SEED=... CHAOS_CONNECTIONS=1`).
 //!
-//! `make test` runs a short variant (300 connections on the copy path and 300 splicing, fixed
-//! seeds); `make chaos` runs `chaos_long` (`CHAOS_CONNECTIONS`, default 5,000) in release.
+//! With the PROXY protocol on, clients send a v1 header naming a port of their own seed and the
+//! backend checks that the v2 header sluice sends names it; some clients send no header at all.
+//! `chaos_starved` runs the load against the binary starved of descriptors and buffers.
+//!
+//! `make test` runs a short variant (300 connections on the copy path, 300 splicing, 200 with
+//! the PROXY protocol, fixed seeds) and `chaos_starved`; `make chaos` runs `chaos_long`
+//! (`CHAOS_CONNECTIONS`, default 5,000) in release.
 
 mod common;
 
@@ -56,6 +61,9 @@ enum ServerFault {
     NeverReads,
     /// Reads its request slowly.
     SlowReader,
+    /// Sends its whole answer and half-closes before it reads the request: sluice must keep
+    /// the other direction going after one side's FIN.
+    HalfCloseFirst,
 }
 
 /// One connection's plan, all drawn from its seed.
@@ -92,6 +100,7 @@ impl ServerFault {
             ServerFault::CloseBeforeRead => "close before read",
             ServerFault::NeverReads => "never reads",
             ServerFault::SlowReader => "slow reader",
+            ServerFault::HalfCloseFirst => "half-close first",
         }
     }
 }
@@ -121,6 +130,7 @@ impl Plan {
             3 => ServerFault::CloseBeforeRead,
             4 => ServerFault::NeverReads,
             5 => ServerFault::SlowReader,
+            6 => ServerFault::HalfCloseFirst,
             _ => ServerFault::None,
         };
         // A slow reader gets more than the kernel buffers on its path hold (4 MiB of send
@@ -351,6 +361,12 @@ fn serve(mut s: TcpStream, tally: &Tally, proxy_protocol: bool) {
         }
         _ => {}
     }
+    if plan.server == ServerFault::HalfCloseFirst {
+        if write_stream(&mut s, answer_seed(plan.seed), plan.answer, false, false).is_err() {
+            return;
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    }
     let slow = plan.server == ServerFault::SlowReader;
     let got = match read_checked(&mut s, request_seed(plan.seed), plan.request, slow) {
         Ok(got) => got,
@@ -373,6 +389,9 @@ fn serve(mut s: TcpStream, tally: &Tally, proxy_protocol: bool) {
     tally
         .bytes_checked
         .fetch_add(plan.request, Ordering::Relaxed);
+    if plan.server == ServerFault::HalfCloseFirst {
+        return; // answered already
+    }
     let (len, one_byte) = match plan.server {
         ServerFault::ResetAt(k) => (k, false),
         ServerFault::OneByteWrites => (plan.answer, true),
@@ -768,7 +787,8 @@ fn chaos_starved() {
         "sluice never ran out of descriptors: {}",
         head(&child.stderr(), 30)
     );
-    let ticks = ticks_over_a_second(pid);
+    let starved_ticks = ticks_over_a_second(pid);
+    let ticks = starved_ticks;
     assert!(
         ticks < TICKS_PER_SECOND / 5,
         "sluice used {} ms of CPU in 1 s while out of descriptors",
@@ -799,8 +819,12 @@ fn chaos_starved() {
     );
     assert!(accepts > 0, "accepting never paused:\n{metrics}");
     assert!(waits > 0, "no pair ever waited for a buffer:\n{metrics}");
+    let ms = |ticks: u64| ticks * 1000 / TICKS_PER_SECOND;
     let extra = format!(
-        "descriptor shortages: {accepts} at accept, {connects} at connect; {waits} buffer waits"
+        "descriptor shortages: {accepts} at accept, {connects} at connect; {waits} buffer \
+         waits; CPU {} ms in 1 s while starved, {} ms in 1 s idle after",
+        ms(starved_ticks),
+        ms(ticks)
     );
     report("starved", seeds, &tally, started, &extra);
     child.signal("TERM");
