@@ -377,6 +377,20 @@ pub fn recv_many(socket: &impl AsRawFd, batch: &mut Datagrams, pktinfo: bool) ->
     pktinfo::recv_many(socket.as_raw_fd(), batch, pktinfo)
 }
 
+/// Appends to `batch`, in one call, up to `max` of the datagrams waiting on the connected
+/// `socket`, each to go on to `peer` from `local`. `WouldBlock` when none was waiting; fewer
+/// than asked means the queue was empty ([`SHORT_READ_DRAINS`]), which saves the read that
+/// would only say so. (An error the kernel met after some datagrams waits for the next call.)
+pub fn recv_connected(
+    socket: &impl AsRawFd,
+    batch: &mut Datagrams,
+    max: usize,
+    peer: SocketAddr,
+    local: Option<IpAddr>,
+) -> io::Result<usize> {
+    pktinfo::recv_connected(socket.as_raw_fd(), batch, max, peer, local)
+}
+
 /// Sends datagrams `from..` of `batch` from `socket` in one call, each to its peer and, where
 /// it has one, from its local address. Returns how many went; an error is the first one's
 /// (the caller deals with it and goes on from the next).
@@ -577,6 +591,57 @@ mod pktinfo {
         Ok(n)
     }
 
+    pub fn recv_connected(
+        fd: RawFd,
+        batch: &mut Datagrams,
+        max: usize,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+    ) -> io::Result<usize> {
+        let (slot, first) = (batch.slot, batch.count.min(DATAGRAM_BATCH));
+        let want = max.min(DATAGRAM_BATCH - first);
+        if want == 0 || slot == 0 || batch.data.len() < slot * DATAGRAM_BATCH {
+            return Ok(0);
+        }
+        // SAFETY: all-zero is a valid iovec and mmsghdr (null pointers, zero lengths): a
+        // connected socket needs no name, and these datagrams no control data.
+        let (mut iovs, mut msgs): (
+            [libc::iovec; DATAGRAM_BATCH],
+            [libc::mmsghdr; DATAGRAM_BATCH],
+        ) = unsafe { (zeroed(), zeroed()) };
+        let rooms = batch.data.chunks_exact_mut(slot).skip(first).take(want);
+        for ((room, iov), msg) in rooms.zip(&mut iovs).zip(&mut msgs) {
+            *iov = libc::iovec {
+                iov_base: room.as_mut_ptr().cast(),
+                iov_len: room.len(),
+            };
+            msg.msg_hdr.msg_iov = iov;
+            msg.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: the first `want` headers each point to their own iovec, and each iovec to its
+        // own free `slot` bytes of `batch.data`, alive for the call; a null timeout means none.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                want as libc::c_uint,
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = (n as usize).min(want);
+        for (k, msg) in msgs.iter().enumerate().take(n) {
+            batch.lens[first + k] = (msg.msg_len as usize).min(slot);
+            batch.peers[first + k] = Some(peer);
+            batch.locals[first + k] = local;
+        }
+        batch.count = first + n;
+        Ok(n)
+    }
+
     pub fn send_many(fd: RawFd, batch: &Datagrams, from: usize) -> io::Result<usize> {
         let count = batch.count.min(DATAGRAM_BATCH).saturating_sub(from);
         let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
@@ -734,6 +799,22 @@ mod pktinfo {
         Ok(1)
     }
 
+    /// Without recvmmsg: one datagram per call.
+    pub fn recv_connected(
+        fd: RawFd,
+        batch: &mut Datagrams,
+        max: usize,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+    ) -> io::Result<usize> {
+        let Some(room) = batch.next_room().filter(|_| max > 0) else {
+            return Ok(0);
+        };
+        let n = socket(fd).recv(room)?;
+        batch.push(n, peer, local);
+        Ok(1)
+    }
+
     /// Without sendmmsg: one datagram per call.
     pub fn send_many(fd: RawFd, batch: &Datagrams, from: usize) -> io::Result<usize> {
         let Some((bytes, to, _)) = batch.get(from) else {
@@ -741,5 +822,68 @@ mod pktinfo {
         };
         socket(fd).send_to(bytes, to)?;
         Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    fn pair() -> (UdpSocket, UdpSocket) {
+        let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        a.connect(b.local_addr().expect("addr")).expect("connect");
+        b.connect(a.local_addr().expect("addr")).expect("connect");
+        b.set_nonblocking(true).expect("nonblocking");
+        (a, b)
+    }
+
+    /// Reads until `want` came, or a deadline (datagrams on loopback arrive at once, but a
+    /// test must not hang on that).
+    fn read_all(b: &UdpSocket, batch: &mut Datagrams, max: usize, peer: SocketAddr, want: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while batch.len() < want && std::time::Instant::now() < deadline {
+            let _ = recv_connected(b, batch, max, peer, None);
+        }
+    }
+
+    #[test]
+    fn connected_datagrams_append_after_what_the_batch_holds() {
+        let (a, b) = pair();
+        let peer = SocketAddr::from(([127, 0, 0, 9], 5353));
+        let mut batch = Datagrams::new(2048);
+        if let Some(room) = batch.next_room() {
+            room[..3].copy_from_slice(b"old");
+        }
+        batch.push(3, peer, None);
+        for msg in [&b"one"[..], b"two!", b""] {
+            a.send(msg).expect("send");
+        }
+        read_all(&b, &mut batch, DATAGRAM_BATCH, peer, 4);
+        let got: Vec<&[u8]> = (0..batch.len())
+            .filter_map(|i| batch.get(i).map(|d| d.0))
+            .collect();
+        assert_eq!(got, [&b"old"[..], b"one", b"two!", b""]);
+        assert!(batch.get(3).is_some_and(|d| d.1 == peer));
+        // Nothing more waits: a would-block, and the batch is as it was.
+        let again = recv_connected(&b, &mut batch, DATAGRAM_BATCH, peer, None);
+        assert_eq!(again.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
+        assert_eq!(batch.len(), 4);
+    }
+
+    #[test]
+    fn connected_reads_take_no_more_than_asked() {
+        let (a, b) = pair();
+        let peer = a.local_addr().expect("addr");
+        for msg in [&b"1"[..], b"2", b"3"] {
+            a.send(msg).expect("send");
+        }
+        let mut batch = Datagrams::new(64);
+        read_all(&b, &mut batch, 2, peer, 2);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(recv_connected(&b, &mut batch, 0, peer, None).ok(), Some(0));
+        read_all(&b, &mut batch, 2, peer, 3);
+        assert_eq!(batch.get(2).map(|d| d.0), Some(&b"3"[..]));
     }
 }

@@ -613,7 +613,8 @@ impl UdpProxy {
     /// Server datagrams: each goes back to the client through the listening socket.
     fn drain_session(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let (id, slot) = split_key(key);
-        for _ in 0..RECV_BUDGET {
+        let mut taken = 0;
+        while taken < RECV_BUDGET {
             if self.tx_listener != id || self.tx.is_full() {
                 // The batch holds one listener's replies, and only so many.
                 self.flush(ctx);
@@ -631,12 +632,23 @@ impl UdpProxy {
             if !s.ready.readable {
                 return;
             }
-            let Some(room) = self.tx.next_room() else {
-                // Not reached (a full batch was flushed above); come back rather than stall.
-                self.ready.push(key);
-                return;
+            let limit = u64::from(s.origin.conf.udp_responses);
+            // With `udp_responses`, no more than the session may still pass on.
+            let max = match limit {
+                0 => sys::DATAGRAM_BATCH,
+                _ => limit
+                    .saturating_sub(s.down.datagrams)
+                    .min(sys::DATAGRAM_BATCH as u64) as usize,
             };
-            let n = match retry(|| s.socket.recv(room)) {
+            if max == 0 {
+                // Not reached: a session ends as its last reply is read.
+                self.end(key, End::ServerClosed, ctx);
+                return;
+            }
+            let first = self.tx.len();
+            let n = match retry(|| {
+                sys::recv_connected(&s.socket, &mut self.tx, max, client, s.local)
+            }) {
                 Ok(Some(n)) => n,
                 Ok(None) => {
                     s.ready.readable = false;
@@ -656,16 +668,25 @@ impl UdpProxy {
                     return;
                 }
             };
-            s.down.add(n);
-            s.last_active = ctx.now;
-            let replies = s.down.datagrams;
-            let limit = u64::from(s.origin.conf.udp_responses);
+            taken += n.max(1);
             // Sent with the others at the next flush, from where the client sent to.
-            self.tx.push(n, client, s.local);
+            for i in first..first + n {
+                s.down
+                    .add(self.tx.get(i).map_or(0, |(bytes, _, _)| bytes.len()));
+            }
+            s.last_active = ctx.now;
+            let complete = limit > 0 && s.down.datagrams >= limit;
+            let drained = n < max.min(sys::DATAGRAM_BATCH - first) && sys::SHORT_READ_DRAINS;
+            if drained {
+                s.ready.readable = false;
+            }
             l.sessions.touch(slot);
-            if limit > 0 && replies >= limit {
+            if complete {
                 // The exchange is complete (DNS style): free the session at once.
                 self.end(key, End::ServerClosed, ctx);
+                return;
+            }
+            if drained {
                 return;
             }
         }
