@@ -871,14 +871,14 @@ fn run(first: u64, sessions: u64, proxy_protocol: bool, reload_every: u64) {
     );
     let (expected, lost) = (load(&tally.expected), load(&tally.lost));
     assert!(
-        lost * 2 <= expected,
-        "{lost} of {expected} replies lost: on loopback most must arrive"
+        lost * 20 <= expected,
+        "{lost} of {expected} replies lost: on loopback at most 5% may be"
     );
     drop(proxy);
     drop(backend);
     // The backend's thread and socket are gone once it is dropped; the proxy's with it.
     assert!(
-        wait_until(EVENTUALLY, || open_fds() <= fds_before + 8),
+        wait_until(EVENTUALLY, || open_fds() <= fds_before),
         "descriptors leaked: {} open, {} before",
         open_fds(),
         fds_before

@@ -11,7 +11,7 @@
 //! samples, their slope, and CPU per connection per second.
 //!
 //! `make soak` runs `soak_long` (`SOAK_SECONDS`, default 600; `SOAK_CONNECTIONS`, default as
-//! many as the limit allows, at most 9,000); `make test` runs `soak_short` (15 s, 400).
+//! many as the limit allows, at most 9,000); `make test` runs `soak_short` (20 s, 400).
 
 mod common;
 
@@ -180,8 +180,8 @@ fn echo(s: &mut TcpStream, buf: &mut [u8]) -> bool {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClientState {
-    /// The connect is in flight.
-    Connecting,
+    /// The connect, begun then, is in flight.
+    Connecting(Instant),
     /// Waiting for its next turn to send.
     Idle,
     /// A message is out; its echo has `got` bytes so far.
@@ -229,7 +229,8 @@ struct Clients {
 }
 
 impl Clients {
-    fn connect(&mut self, id: usize) {
+    /// Opens client `id`; a failure counts as an error and leaves it closed.
+    fn connect(&mut self, id: usize, tally: &Tally) {
         match TcpStream::connect(self.to) {
             Ok(mut stream) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
@@ -241,13 +242,15 @@ impl Clients {
                 {
                     self.clients[id] = Some(Client {
                         stream,
-                        state: ClientState::Connecting,
+                        state: ClientState::Connecting(Instant::now()),
                         seq: 0,
                         echo: [0; MESSAGE],
                     });
+                } else {
+                    tally.error(format!("client {id}: cannot register its socket"));
                 }
             }
-            Err(e) => panic!("client {id}: cannot connect to sluice: {e}"),
+            Err(e) => tally.error(format!("client {id}: cannot connect to sluice: {e}")),
         }
     }
 
@@ -261,7 +264,7 @@ impl Clients {
         self.clients
             .iter()
             .flatten()
-            .filter(|c| c.state == ClientState::Connecting)
+            .filter(|c| matches!(c.state, ClientState::Connecting(_)))
             .count()
     }
 
@@ -289,12 +292,15 @@ impl Clients {
     fn fail(&mut self, id: usize, why: String, tally: &Tally) {
         tally.error(why);
         self.close(id);
-        self.connect(id);
+        self.connect(id, tally);
     }
 }
 
 fn on_ready(id: usize, c: &mut Client, tally: &Tally) -> Result<(), String> {
-    if c.state == ClientState::Connecting {
+    if let ClientState::Connecting(_) = c.state {
+        if let Ok(Some(e)) | Err(e) = c.stream.take_error() {
+            return Err(format!("client {id}: connect failed: {e}"));
+        }
         match c.stream.peer_addr() {
             Ok(_) => c.state = ClientState::Idle,
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
@@ -312,7 +318,10 @@ fn on_ready(id: usize, c: &mut Client, tally: &Tally) -> Result<(), String> {
 
 fn on_turn(id: usize, c: &mut Client, now: Instant) -> Result<(), String> {
     match c.state {
-        ClientState::Connecting => Ok(()),
+        ClientState::Connecting(since) if now - since > ECHO_WITHIN => {
+            Err(format!("client {id}: not connected in 5 s"))
+        }
+        ClientState::Connecting(_) => Ok(()),
         ClientState::Waiting { since, got } if now - since > ECHO_WITHIN => Err(format!(
             "client {id}: message {} echoed {got} of {MESSAGE} bytes in 5 s",
             c.seq
@@ -380,7 +389,7 @@ fn run_clients(to: SocketAddr, n: usize, churn: usize, until: Instant, tally: &T
     let mut last_tick = started;
     while Instant::now() < until {
         while opened < n && c.connecting() < 256 {
-            c.connect(opened);
+            c.connect(opened, tally);
             opened += 1;
         }
         let _ = c.poll.poll(&mut events, Some(Duration::from_millis(10)));
@@ -403,7 +412,7 @@ fn run_clients(to: SocketAddr, n: usize, churn: usize, until: Instant, tally: &T
                         Some(ClientState::Idle)
                     ) {
                         c.close(id);
-                        c.connect(id);
+                        c.connect(id, tally);
                         tally.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -510,6 +519,8 @@ fn soak(shape: Soak) {
     let (mut reloads, mut flips, mut seen_down, mut seen_up_again) = (0u64, 0u64, 0u64, 0u64);
     thread::scope(|scope| {
         scope.spawn(|| {
+            // Set however the clients end, a panic included: the conductor must not wait on.
+            let _done = SetOnDrop(&done);
             run_clients(
                 listen,
                 shape.connections,
@@ -517,7 +528,6 @@ fn soak(shape: Soak) {
                 until,
                 &tally,
             );
-            done.store(true, Ordering::Relaxed);
         });
         // The conductor: samples, reloads and flips, on a schedule from the start.
         let (mut next_sample, mut next_reload, mut next_flip) = (
@@ -526,7 +536,8 @@ fn soak(shape: Soak) {
             started + shape.flip_every,
         );
         let mut flip = Flip::Steady;
-        while !done.load(Ordering::Relaxed) {
+        let give_up = until + Duration::from_secs(60);
+        while !done.load(Ordering::Relaxed) && Instant::now() < give_up {
             let now = Instant::now();
             if now >= next_sample {
                 let t = (now - started).as_secs_f64();
@@ -642,20 +653,43 @@ fn soak(shape: Soak) {
             rss.join(", ")
         );
     }
+    // Every connection that had its warm-up exchanges once a second after it.
+    let steady = shape.seconds.saturating_sub(shape.warm_up.as_secs()) as usize;
+    let floor = (shape.connections * steady * 9 / 10) as u64;
+    let exchanges = tally.exchanges.load(Ordering::Relaxed);
+    assert!(
+        exchanges >= floor,
+        "{exchanges} exchanges, fewer than 90% of one a second per connection after warm-up"
+    );
     child.signal("TERM");
     let out = child.finish(Duration::from_secs(40));
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "sluice did not stop cleanly: {}",
+        head(&out.stderr, 40)
+    );
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// `make test`: a short soak, so the soak itself stays working.
 #[test]
 fn soak_short() {
     soak(Soak {
-        seconds: 15,
+        seconds: 20,
         connections: 400,
         reload_every: Duration::from_secs(4),
         flip_every: Duration::from_secs(6),
-        flip_down: Duration::from_secs(4),
+        flip_down: Duration::from_secs(5),
         sample_every: Duration::from_secs(1),
         warm_up: Duration::from_secs(3),
         churn_per_second: 10,

@@ -138,14 +138,16 @@ pub fn render(v: &View) -> String {
     out.family(
         "sluice_buffer_waits_total",
         "counter",
-        "Times a connection waited for a buffer: the pools had lent all buffer_memory allows.",
+        "Times a connection began to wait for a buffer: the pools had lent all buffer_memory \
+         allows.",
     );
     out.sample("sluice_buffer_waits_total", &[], v.buffer_waits);
     out.family(
         "sluice_descriptor_shortages_total",
         "counter",
-        "Out of file descriptors: accepting paused (at=accept), or a client closed because its \
-         server connection could not be opened (at=connect).",
+        "Out of file descriptors or socket memory: times accepting paused for 100 ms \
+         (at=accept), clients closed because their server connection could not be opened \
+         (at=connect).",
     );
     out.sample(
         "sluice_descriptor_shortages_total",
