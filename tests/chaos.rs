@@ -61,9 +61,9 @@ enum ServerFault {
     NeverReads,
     /// Reads its request slowly.
     SlowReader,
-    /// Sends its whole answer and half-closes before it reads the request: sluice must keep
-    /// the other direction going after one side's FIN.
-    HalfCloseFirst,
+    /// Reads this many bytes of the request, then sends its whole answer and half-closes,
+    /// then reads the rest: sluice must keep the other direction going after one side's FIN.
+    HalfCloseAt(u64),
 }
 
 /// One connection's plan, all drawn from its seed.
@@ -100,7 +100,7 @@ impl ServerFault {
             ServerFault::CloseBeforeRead => "close before read",
             ServerFault::NeverReads => "never reads",
             ServerFault::SlowReader => "slow reader",
-            ServerFault::HalfCloseFirst => "half-close first",
+            ServerFault::HalfCloseAt(_) => "half-close at a random byte",
         }
     }
 }
@@ -130,7 +130,7 @@ impl Plan {
             3 => ServerFault::CloseBeforeRead,
             4 => ServerFault::NeverReads,
             5 => ServerFault::SlowReader,
-            6 => ServerFault::HalfCloseFirst,
+            6 => ServerFault::HalfCloseAt(r.below(request + 1)),
             _ => ServerFault::None,
         };
         // A slow reader gets more than the kernel buffers on its path hold (4 MiB of send
@@ -202,14 +202,30 @@ enum Ended {
     Cut(u64),
 }
 
-/// Reads `stream` to its end, checking each byte against the stream for `seed` and at most
-/// `len` of them; `pause` between small reads for a slow reader.
+/// Reads `s` to its end, checking each byte against the stream for `seed` and at most `len`
+/// of them; pauses between small reads for a slow reader.
 fn read_checked(s: &mut TcpStream, seed: u64, len: u64, slow: bool) -> Result<Ended, String> {
     let mut verifier = Verifier::new(seed);
+    match read_checked_to(s, &mut verifier, len, u64::MAX, slow)? {
+        Some(ended) => Ok(ended),
+        None => Err("read past its end".to_string()),
+    }
+}
+
+/// Reads on from where `verifier` is, checking, until `stop` bytes came in all (`None`) or
+/// the stream ended first.
+fn read_checked_to(
+    s: &mut TcpStream,
+    verifier: &mut Verifier,
+    len: u64,
+    stop: u64,
+    slow: bool,
+) -> Result<Option<Ended>, String> {
     let mut buf = vec![0u8; if slow { 4096 } else { 64 * 1024 }];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(Ended::Clean(verifier.pos)),
+    while verifier.pos < stop {
+        let room = (stop - verifier.pos).min(buf.len() as u64) as usize;
+        match s.read(&mut buf[..room]) {
+            Ok(0) => return Ok(Some(Ended::Clean(verifier.pos))),
             Ok(n) => {
                 if verifier.pos + n as u64 > len {
                     return Err(format!(
@@ -228,9 +244,10 @@ fn read_checked(s: &mut TcpStream, seed: u64, len: u64, slow: bool) -> Result<En
             Err(e) if is_timeout(&e) => {
                 return Err(format!("stalled after {} bytes", verifier.pos))
             }
-            Err(_) => return Ok(Ended::Cut(verifier.pos)),
+            Err(_) => return Ok(Some(Ended::Cut(verifier.pos))),
         }
     }
+    Ok(None)
 }
 
 /// Writes `len` bytes of the stream for `seed`, in the client's or server's manner.
@@ -440,15 +457,31 @@ fn serve(mut s: TcpStream, tally: &Tally, proxy_protocol: bool) {
         }
         _ => {}
     }
-    if plan.server == ServerFault::HalfCloseFirst {
-        if write_stream(&mut s, answer_seed(plan.seed), plan.answer, false, false).is_err() {
-            return;
-        }
-        let _ = s.shutdown(Shutdown::Write);
-    }
     let slow = plan.server == ServerFault::SlowReader;
-    let got = match read_checked(&mut s, request_seed(plan.seed), plan.request, slow) {
-        Ok(got) => got,
+    let mut verifier = Verifier::new(request_seed(plan.seed));
+    let (mut got, mut answered) = (None, false);
+    if let ServerFault::HalfCloseAt(k) = plan.server {
+        // A request that ends before byte k is checked below like any other. (A one-byte
+        // writer's request was shortened after k was drawn.)
+        let k = k.min(plan.request);
+        got = match read_checked_to(&mut s, &mut verifier, plan.request, k, false) {
+            Ok(got) => got,
+            Err(why) => return tally.violation(plan.seed, format!("backend: {why}")),
+        };
+        if got.is_none() {
+            if write_stream(&mut s, answer_seed(plan.seed), plan.answer, false, false).is_err() {
+                return;
+            }
+            let _ = s.shutdown(Shutdown::Write);
+            answered = true;
+        }
+    }
+    let got = match got.map_or_else(
+        || read_checked_to(&mut s, &mut verifier, plan.request, u64::MAX, slow),
+        |ended| Ok(Some(ended)),
+    ) {
+        Ok(Some(got)) => got,
+        Ok(None) => return tally.violation(plan.seed, "backend: read past its end".to_string()),
         Err(why) => return tally.violation(plan.seed, format!("backend: {why}")),
     };
     match (got, plan.client) {
@@ -474,8 +507,8 @@ fn serve(mut s: TcpStream, tally: &Tally, proxy_protocol: bool) {
     tally
         .bytes_checked
         .fetch_add(plan.request, Ordering::Relaxed);
-    if plan.server == ServerFault::HalfCloseFirst {
-        return; // answered already
+    if answered {
+        return;
     }
     let (len, one_byte) = match plan.server {
         ServerFault::ResetAt(k) => (k, false),
