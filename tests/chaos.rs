@@ -688,10 +688,6 @@ impl Drop for ChaosBackend {
     }
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
-
 /// How a run's listener is set up.
 #[derive(Debug, Clone, Copy)]
 struct Mode {

@@ -780,10 +780,6 @@ fn chaos_config(backend: SocketAddr, proxy_protocol: bool) -> Config {
     Config::parse(&text, "chaos_udp.conf").unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
-
 /// Prints the run's figures in one line.
 fn summary(shared: &Shared<'_>, first: u64, proxy_protocol: bool, took: Duration) {
     let (t, stats) = (shared.tally, shared.proxy.stats());

@@ -261,6 +261,11 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 /// Linux reports /proc CPU times in USER_HZ, which is 100 on every architecture it supports.
 pub const TICKS_PER_SECOND: u64 = 100;
 
+/// Descriptors this process has open: a leak check compares the count before and after.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
 /// Descriptors the process has open with a number below `below` (the ones that count
 /// against an `RLIMIT_NOFILE` of `below`: new descriptors take the lowest free number).
 pub fn open_fds_below(pid: u32, below: usize) -> usize {
