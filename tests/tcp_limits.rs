@@ -191,10 +191,13 @@ fn max_connections_holds_back_the_eleventh_client() {
 
 // ---- out of descriptors --------------------------------------------------------------------
 
-/// `sluice -L .. -U upstream` under `ulimit -n`, once its listener is up.
+/// sluice forwarding to `upstream` under `ulimit -n`, with an admin endpoint, once its
+/// listener is up.
 struct Limited {
     child: SluiceChild,
     addr: SocketAddr,
+    admin: SocketAddr,
+    _conf: TempFile,
     /// Descriptors sluice holds with no connection open.
     baseline: usize,
     limit: usize,
@@ -204,12 +207,17 @@ fn spawn_limited(limit: usize, upstream: SocketAddr) -> Limited {
     for _ in 0..5 {
         let port = free_port(Transport::Tcp);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Tcp)));
+        let conf = TempFile::new(
+            "limited.conf",
+            &format!("admin {admin};\nlisten {addr} {{\n  proxy {upstream};\n}}\n"),
+        );
         let mut command = Command::new("sh");
         command
             .arg("-c")
             .arg(format!("ulimit -n {} && exec \"$0\" \"$@\"", limit))
             .arg(sluice_bin())
-            .args(["-L", &addr.to_string(), "-U", &upstream.to_string()])
+            .args(["-c", conf.path_str()])
             .env_remove("RUST_LOG");
         let mut child = SluiceChild::spawn(command);
         // Up means listening, seen without connecting (a probe would open a pair).
@@ -242,6 +250,8 @@ fn spawn_limited(limit: usize, upstream: SocketAddr) -> Limited {
         return Limited {
             child,
             addr,
+            admin,
+            _conf: conf,
             baseline: last,
             limit,
         };
@@ -305,6 +315,13 @@ fn served_again(addr: SocketAddr, within: Duration) -> bool {
     })
 }
 
+/// `sluice_descriptor_shortages_total{at}` from the admin endpoint.
+fn shortages(sluice: &Limited, at: &str) -> f64 {
+    let metrics = http::get(sluice.admin, "/metrics").body;
+    let series = format!("sluice_descriptor_shortages_total{{at=\"{at}\"}}");
+    http::sample(&metrics, &series).unwrap_or(0.0)
+}
+
 /// CPU seconds (as clock ticks) the process uses over one second.
 fn cpu_ticks_over_one_second(pid: u32) -> u64 {
     let before = cpu_ticks(pid);
@@ -365,6 +382,10 @@ fn out_of_descriptors_on_accept_does_not_spin_and_recovers() {
         head(&sluice.child.stderr(), 30)
     );
     assert!(sluice.child.exited().is_none(), "sluice exited");
+    assert!(
+        shortages(&sluice, "accept") > 0.0,
+        "the paused accepts are counted"
+    );
 }
 
 #[test]
@@ -392,6 +413,10 @@ fn out_of_descriptors_on_server_connect_recovers() {
         head(&sluice.child.stderr(), 30)
     );
     assert!(sluice.child.exited().is_none(), "sluice exited");
+    assert!(
+        shortages(&sluice, "connect") > 0.0,
+        "the clients closed for want of a server connection are counted"
+    );
 }
 
 /// Issue 17, item 1: a pool of one buffer and an echo server whose sockets push back after about
