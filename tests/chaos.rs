@@ -885,31 +885,33 @@ fn ticks_over_a_second(pid: u32) -> u64 {
 
 /// sluice as a child under `ulimit -n STARVED_FDS` with two 16 KiB buffers in all.
 fn spawn_starved(backend: SocketAddr) -> (SluiceChild, TempFile, SocketAddr, SocketAddr) {
-    let (port, admin) = (free_port(Transport::Tcp), free_port(Transport::Tcp));
-    let conf = TempFile::new(
-        "chaos-starved.conf",
-        &format!(
-            "workers 1;\nbuffer_size 16k;\nbuffer_memory 32k;\nadmin 127.0.0.1:{admin};\n\
-             allow 127.0.0.1;\ndeny all;\n\
-             listen 127.0.0.1:{port} {{\n  proxy {backend};\n  idle_timeout 3s;\n  \
-             half_close_timeout 2s;\n}}\n"
-        ),
-    );
-    let mut command = std::process::Command::new("sh");
-    command
-        .arg("-c")
-        .arg(format!("ulimit -n {STARVED_FDS} && exec \"$0\" \"$@\""))
-        .arg(sluice_bin())
-        .args(["-c", conf.path_str()])
-        .env_remove("RUST_LOG");
-    let mut child = SluiceChild::spawn(command);
-    assert!(
-        wait_listening(&mut child, port),
-        "sluice did not come up under ulimit -n {STARVED_FDS}: {}",
-        head(&child.stderr(), 30)
-    );
-    let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    (child, conf, at(port), at(admin))
+    // The ports are free when picked and may be taken before sluice binds them: try again.
+    for _ in 0..5 {
+        let (port, admin) = (free_port(Transport::Tcp), free_port(Transport::Tcp));
+        let conf = TempFile::new(
+            "chaos-starved.conf",
+            &format!(
+                "workers 1;\nbuffer_size 16k;\nbuffer_memory 32k;\nadmin 127.0.0.1:{admin};\n\
+                 allow 127.0.0.1;\ndeny all;\n\
+                 listen 127.0.0.1:{port} {{\n  proxy {backend};\n  idle_timeout 3s;\n  \
+                 half_close_timeout 2s;\n}}\n"
+            ),
+        );
+        let mut command = std::process::Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -n {STARVED_FDS} && exec \"$0\" \"$@\""))
+            .arg(sluice_bin())
+            .args(["-c", conf.path_str()])
+            .env_remove("RUST_LOG");
+        let mut child = SluiceChild::spawn(command);
+        if wait_listening(&mut child, port) {
+            let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+            return (child, conf, at(port), at(admin));
+        }
+        eprintln!("sluice did not come up: {}", head(&child.stderr(), 30));
+    }
+    panic!("sluice did not come up under ulimit -n {STARVED_FDS} in 5 tries");
 }
 
 /// Issue 16, item 4: the chaos load against a sluice starved of descriptors and buffers. It

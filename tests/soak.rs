@@ -1,9 +1,11 @@
 //! The soak (issue 16): as many long-lived connections as the descriptor limit allows, each
 //! exchanging a small message every second, through the `sluice` binary (a child process, so
 //! that its resident memory and CPU time are its own), for a bounded time, with reloads and
-//! health flips on the way. One backend goes away now and then (its listener closes, so the
-//! active health check marks it down) and comes back; clients keep reconnecting a few at a
-//! time, so new connections meet both states.
+//! health flips on the way. One backend fails its health check now and then (it answers the
+//! check's PING with DOWN, so the active check marks it down, while the connections it has
+//! go on) and passes it again; clients keep reconnecting a few at a time, so new connections
+//! meet both states. (Closing its listener instead would reset connections caught in its
+//! accept queue: the test's own fault, not sluice's.)
 //!
 //! Checked: every message comes back whole and in order on its own connection within 5 s,
 //! no connection fails, every reload is applied, the flipping server is seen down and up
@@ -53,7 +55,8 @@ const ECHO_WITHIN: Duration = Duration::from_secs(5);
 // ---- the backend -------------------------------------------------------------------------
 
 /// An echo server on a mio reactor of its own, for thousands of connections on one thread.
-/// `up` false closes its listener (its connections go on); true binds the same port again.
+/// `up` false makes it answer a health check's `PING` with `DOWN` (every other byte is
+/// echoed as ever).
 struct EchoServer {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
@@ -79,7 +82,7 @@ impl EchoServer {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let (u, s, a) = (Arc::clone(&up), Arc::clone(&stop), Arc::clone(&accepted));
-        let thread = thread::spawn(move || echo_loop(listener, addr, &u, &s, &a));
+        let thread = thread::spawn(move || echo_loop(listener, &u, &s, &a));
         EchoServer {
             addr,
             up,
@@ -101,39 +104,20 @@ impl Drop for EchoServer {
 
 const LISTENER: Token = Token(usize::MAX);
 
-fn echo_loop(
-    listener: TcpListener,
-    addr: SocketAddr,
-    up: &AtomicBool,
-    stop: &AtomicBool,
-    accepted: &AtomicU64,
-) {
+fn echo_loop(mut listener: TcpListener, up: &AtomicBool, stop: &AtomicBool, accepted: &AtomicU64) {
     let mut poll = Poll::new().expect("poll");
     let mut events = Events::with_capacity(1024);
-    let mut listener = Some(listener);
-    if let Some(l) = listener.as_mut() {
-        poll.registry()
-            .register(l, LISTENER, Interest::READABLE)
-            .expect("register");
-    }
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+        .expect("register");
     let mut conns: Slab<TcpStream> = Slab::new();
     let mut buf = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::Relaxed) {
-        // The listener follows `up`; a short poll timeout notices a change.
-        match (up.load(Ordering::Relaxed), listener.is_some()) {
-            (false, true) => listener = None,
-            (true, false) => {
-                listener = bind(addr).ok();
-                if let Some(l) = listener.as_mut() {
-                    let _ = poll.registry().register(l, LISTENER, Interest::READABLE);
-                }
-            }
-            _ => {}
-        }
+        // A short timeout notices `stop`.
         let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
         for event in events.iter() {
             if event.token() == LISTENER {
-                while let Some(Ok((mut s, _))) = listener.as_ref().map(|l| l.accept()) {
+                while let Ok((mut s, _)) = listener.accept() {
                     let entry = conns.vacant_entry();
                     let token = Token(entry.key());
                     if poll
@@ -151,7 +135,7 @@ fn echo_loop(
             let Some(s) = conns.get_mut(key) else {
                 continue;
             };
-            if !echo(s, &mut buf) {
+            if !echo(s, &mut buf, up.load(Ordering::Relaxed)) {
                 let mut s = conns.remove(key);
                 let _ = poll.registry().deregister(&mut s);
             }
@@ -159,16 +143,28 @@ fn echo_loop(
     }
 }
 
-/// Echoes what is readable; false when the connection is done. Messages are small and the
-/// clients wait for each echo, so a write that does not take everything is a failure here.
-fn echo(s: &mut TcpStream, buf: &mut [u8]) -> bool {
+/// The health check's probe, and the answer of a server that fails it. No client message
+/// starts with it: their first bytes are an index below 9,000.
+const PROBE: &[u8] = b"PING\r\n";
+const FAILING: &[u8] = b"DOWN\r\n";
+
+/// Echoes what is readable (a probe gets `DOWN` unless `up`); false when the connection is
+/// done. Messages are small and the clients wait for each echo, so a write that does not take
+/// everything is a failure here.
+fn echo(s: &mut TcpStream, buf: &mut [u8], up: bool) -> bool {
     loop {
         match s.read(buf) {
             Ok(0) => return false,
-            Ok(n) => match s.write(&buf[..n]) {
-                Ok(w) if w == n => {}
-                _ => return false,
-            },
+            Ok(n) => {
+                let answer = match &buf[..n] {
+                    probe if probe == PROBE && !up => FAILING,
+                    bytes => bytes,
+                };
+                match s.write(answer) {
+                    Ok(w) if w == answer.len() => {}
+                    _ => return false,
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return false,
@@ -445,7 +441,7 @@ fn config_text(
     format!(
         "workers 1;\nmax_connections 20000;\nadmin {admin};\naccess_log off;\n\
          upstream soak {{\n  balance least_conn;\n  server {} fail_timeout=2s;\n  server {} fail_timeout=2s;\n  \
-         health_check interval=1s timeout=1s rise=2 fall=2;\n}}\n\
+         health_check interval=1s timeout=1s rise=2 fall=2 send=\"PING\\r\\n\" expect=\"PING\";\n}}\n\
          listen {listen} {{\n  proxy soak;\n  idle_timeout {}s;\n}}\n",
         servers[0],
         servers[1],
@@ -488,28 +484,36 @@ fn server_up(admin: SocketAddr, server: SocketAddr) -> Option<bool> {
 #[derive(Clone, Copy)]
 enum Flip {
     Steady,
-    /// Its listener is closed until then.
+    /// It fails its health check until then.
     Down(Instant),
-    /// Listening again; the health check has yet to see it (`rise=2` at 1 s).
+    /// Passing its check again; the health check has yet to see it (`rise=2` at 1 s).
     Rising,
 }
 
 /// Time allowed for the health check to see a server back.
 const RISE: Duration = Duration::from_secs(4);
 
+/// sluice on a config of free loopback ports (picked again, at most 5 times, when one was
+/// taken before sluice could bind it); returns it with its config file and two addresses.
+fn spawn_sluice(servers: [SocketAddr; 2]) -> (SluiceChild, TempFile, SocketAddr, SocketAddr) {
+    for _ in 0..5 {
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Tcp)));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Tcp)));
+        let conf = TempFile::new("soak.conf", &config_text(listen, admin, servers, 0));
+        let mut child = SluiceChild::spawn(sluice_command(&["-c", conf.path_str()]));
+        if wait_listening(&mut child, listen.port()) {
+            return (child, conf, listen, admin);
+        }
+        eprintln!("sluice did not come up: {}", head(&child.stderr(), 30));
+    }
+    panic!("sluice did not come up in 5 tries");
+}
+
 fn soak(shape: Soak) {
     raise_fd_limit();
     let backends = [EchoServer::start(), EchoServer::start()];
     let servers = [backends[0].addr, backends[1].addr];
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Tcp)));
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Tcp)));
-    let conf = TempFile::new("soak.conf", &config_text(listen, admin, servers, 0));
-    let mut child = SluiceChild::spawn(sluice_command(&["-c", conf.path_str()]));
-    assert!(
-        wait_listening(&mut child, listen.port()),
-        "sluice did not come up: {}",
-        head(&child.stderr(), 30)
-    );
+    let (child, conf, listen, admin) = spawn_sluice(servers);
     let pid = child.pid();
     let tally = Tally::default();
     let started = Instant::now();
