@@ -840,12 +840,7 @@ fn run(first: u64, connections: u64, mode: Mode, reload_every: u64) {
     drop(proxy);
     drop(backend);
     // The backend's threads and sockets end a moment after their connections do.
-    assert!(
-        wait_until(EVENTUALLY, || open_fds() <= fds_before),
-        "descriptors leaked: {} open, {} before",
-        open_fds(),
-        fds_before
-    );
+    assert_descriptors_back(fds_before);
 }
 
 const COPY: Mode = Mode {

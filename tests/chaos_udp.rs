@@ -873,12 +873,7 @@ fn run(first: u64, sessions: u64, proxy_protocol: bool, reload_every: u64) {
     drop(proxy);
     drop(backend);
     // The backend's thread and socket are gone once it is dropped; the proxy's with it.
-    assert!(
-        wait_until(EVENTUALLY, || open_fds() <= fds_before),
-        "descriptors leaked: {} open, {} before",
-        open_fds(),
-        fds_before
-    );
+    assert_descriptors_back(fds_before);
 }
 
 /// One test, so the two runs do not share the process's descriptor count.

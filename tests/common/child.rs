@@ -266,6 +266,17 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
+/// Waits (up to `EVENTUALLY`) until this process holds no more descriptors than `before`:
+/// threads and sockets of a finished run close a moment after their connections end.
+pub fn assert_descriptors_back(before: usize) {
+    assert!(
+        wait_until(EVENTUALLY, || open_fds() <= before),
+        "descriptors leaked: {} open, {} before",
+        open_fds(),
+        before
+    );
+}
+
 /// Descriptors the process has open with a number below `below` (the ones that count
 /// against an `RLIMIT_NOFILE` of `below`: new descriptors take the lowest free number).
 pub fn open_fds_below(pid: u32, below: usize) -> usize {
