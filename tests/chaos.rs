@@ -858,14 +858,17 @@ const PROXY_PROTOCOL: Mode = Mode {
 
 /// The descriptor limit of the starved run: with its baseline (listener, admin, reactor,
 /// standard streams) sluice has room for about ten pairs, and the chaos load runs 16 at a time.
+/// The run is made at this limit and one above: whether the descriptors left are even or odd
+/// decides if the last one fails an accept or, accepted, leaves no room for the server socket,
+/// and both paths must keep the invariant.
 const STARVED_FDS: usize = 32;
 
 /// Descriptors `pid` holds under the starved limit, once two reads agree.
-fn settled_fds(pid: u32) -> usize {
-    let mut last = open_fds_below(pid, STARVED_FDS);
+fn settled_fds(pid: u32, limit: usize) -> usize {
+    let mut last = open_fds_below(pid, limit);
     wait_until(EVENTUALLY, || {
         thread::sleep(Duration::from_millis(20));
-        let now = open_fds_below(pid, STARVED_FDS);
+        let now = open_fds_below(pid, limit);
         std::mem::replace(&mut last, now) == now
     });
     last
@@ -878,8 +881,11 @@ fn ticks_over_a_second(pid: u32) -> u64 {
     cpu_ticks(pid) - before
 }
 
-/// sluice as a child under `ulimit -n STARVED_FDS` with two 16 KiB buffers in all.
-fn spawn_starved(backend: SocketAddr) -> (SluiceChild, TempFile, SocketAddr, SocketAddr) {
+/// sluice as a child under `ulimit -n limit` with two 16 KiB buffers in all.
+fn spawn_starved(
+    backend: SocketAddr,
+    limit: usize,
+) -> (SluiceChild, TempFile, SocketAddr, SocketAddr) {
     // The ports are free when picked and may be taken before sluice binds them: try again.
     for _ in 0..5 {
         let (port, admin) = (free_port(Transport::Tcp), free_port(Transport::Tcp));
@@ -895,7 +901,7 @@ fn spawn_starved(backend: SocketAddr) -> (SluiceChild, TempFile, SocketAddr, Soc
         let mut command = std::process::Command::new("sh");
         command
             .arg("-c")
-            .arg(format!("ulimit -n {STARVED_FDS} && exec \"$0\" \"$@\""))
+            .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
             .arg(sluice_bin())
             .args(["-c", conf.path_str()])
             .env_remove("RUST_LOG");
@@ -906,7 +912,7 @@ fn spawn_starved(backend: SocketAddr) -> (SluiceChild, TempFile, SocketAddr, Soc
         }
         eprintln!("sluice did not come up: {}", head(&child.stderr(), 30));
     }
-    panic!("sluice did not come up under ulimit -n {STARVED_FDS} in 5 tries");
+    panic!("sluice did not come up under ulimit -n {limit} in 5 tries");
 }
 
 /// Issue 16, item 4: the chaos load against a sluice starved of descriptors and buffers. It
@@ -916,14 +922,36 @@ fn spawn_starved(backend: SocketAddr) -> (SluiceChild, TempFile, SocketAddr, Soc
 fn chaos_starved() {
     let _alone = ALONE.lock();
     raise_fd_limit();
+    let mut shortages = (0, 0);
+    let halves = [
+        (STARVED_FDS, 300_001..300_151),
+        (STARVED_FDS + 1, 300_151..300_301),
+    ];
+    for (limit, seeds) in halves {
+        let (accepts, connects) = starved_run(limit, seeds);
+        shortages = (shortages.0 + accepts, shortages.1 + connects);
+    }
+    // Between the two limits both paths ran: a client whose server socket could not be opened
+    // was accepted and must end in a reset, never a FIN that reads as an empty answer.
+    assert!(
+        shortages.0 > 0 && shortages.1 > 0,
+        "descriptor shortages: {} at accept, {} at connect; both paths must run",
+        shortages.0,
+        shortages.1
+    );
+}
+
+/// One starved sluice under `ulimit -n limit` serving `seeds`; its shortages at accept and at
+/// connect.
+fn starved_run(limit: usize, seeds: std::ops::Range<u64>) -> (u64, u64) {
     let tally = Arc::new(Tally::new(false));
     let backend = ChaosBackend::start(Arc::clone(&tally), false);
-    let (child, _conf, addr, admin) = spawn_starved(backend.addr);
+    let (child, _conf, addr, admin) = spawn_starved(backend.addr, limit);
     let pid = child.pid();
-    let fds_idle = settled_fds(pid);
+    let fds_idle = settled_fds(pid, limit);
 
     // More idle clients than descriptors: the rest wait in the backlog, and sluice sleeps.
-    let idle: Vec<TcpStream> = (0..STARVED_FDS).map(|_| connect(addr)).collect();
+    let idle: Vec<TcpStream> = (0..limit).map(|_| connect(addr)).collect();
     assert!(
         child
             // Which comes first depends on whether the descriptors left are even or odd: the
@@ -945,12 +973,11 @@ fn chaos_starved() {
     drop(idle);
 
     let started = Instant::now();
-    let seeds = 300_001..300_301;
     drive(addr, seeds.clone(), false, &tally, &|_| {});
     assert!(
-        wait_until(EVENTUALLY, || open_fds_below(pid, STARVED_FDS) <= fds_idle),
+        wait_until(EVENTUALLY, || open_fds_below(pid, limit) <= fds_idle),
         "sluice holds {} descriptors after the load, {fds_idle} before",
-        open_fds_below(pid, STARVED_FDS)
+        open_fds_below(pid, limit)
     );
     let ticks = ticks_over_a_second(pid);
     assert!(
@@ -972,8 +999,8 @@ fn chaos_starved() {
     assert!(waits > 0, "no pair ever waited for a buffer:\n{metrics}");
     let ms = |ticks: u64| ticks * 1000 / TICKS_PER_SECOND;
     let extra = format!(
-        "descriptor shortages: {accepts} at accept, {connects} at connect; {waits} buffer \
-         waits; CPU {} ms in 1 s while starved, {} ms in 1 s idle after",
+        "ulimit -n {limit}; descriptor shortages: {accepts} at accept, {connects} at connect; \
+         {waits} buffer waits; CPU {} ms in 1 s while starved, {} ms in 1 s idle after",
         ms(starved_ticks),
         ms(ticks)
     );
@@ -987,6 +1014,7 @@ fn chaos_starved() {
         out.stderr
     );
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    (accepts, connects)
 }
 
 /// Taken by each test of this file: the runs count the process's descriptors, and the

@@ -105,8 +105,8 @@ fn refused_first_server_falls_through_to_the_next() {
 fn all_servers_refusing_closes_the_client_at_once() {
     let (r1, r2) = (refused_tcp(), refused_tcp());
     let proxy = start(forward(&[r1.addr, r2.addr]));
-    let mut c = connect(proxy.local_addr(0).expect("listener"));
-    let took = closed_within(&mut c, EVENTUALLY).expect("the client is closed");
+    let listener = proxy.local_addr(0).expect("listener");
+    let took = refused_within(listener, EVENTUALLY).expect("the client is closed");
     assert!(
         took < Duration::from_secs(1),
         "the client was closed only after {:?}",

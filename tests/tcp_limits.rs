@@ -203,6 +203,9 @@ struct Limited {
     limit: usize,
 }
 
+/// The limited sluice's `connect_timeout`: how long a client waits for a descriptor.
+const LIMITED_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+
 fn spawn_limited(limit: usize, upstream: SocketAddr) -> Limited {
     for _ in 0..5 {
         let port = free_port(Transport::Tcp);
@@ -210,7 +213,11 @@ fn spawn_limited(limit: usize, upstream: SocketAddr) -> Limited {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Tcp)));
         let conf = TempFile::new(
             "limited.conf",
-            &format!("admin {admin};\nlisten {addr} {{\n  proxy {upstream};\n}}\n"),
+            &format!(
+                "admin {admin};\nlisten {addr} {{\n  proxy {upstream};\n  \
+                 connect_timeout {}ms;\n}}\n",
+                LIMITED_CONNECT_TIMEOUT.as_millis()
+            ),
         );
         let mut command = Command::new("sh");
         command
@@ -417,6 +424,58 @@ fn out_of_descriptors_on_server_connect_recovers() {
         shortages(&sluice, "connect") > 0.0,
         "the clients closed for want of a server connection are counted"
     );
+}
+
+/// A client accepted with the last descriptor, whose server connection then cannot be opened,
+/// is not dropped: it waits (accepting paused) and is served when a served client leaves. One
+/// that no descriptor reaches within `connect_timeout` is reset, never closed with a FIN that
+/// would read as an empty answer.
+#[test]
+fn a_client_with_no_descriptor_for_its_server_waits_for_one() {
+    let echo = Backend::echo();
+    let mut sluice = spawn_with_parity(echo.addr(), true);
+    let pairs = (sluice.limit - sluice.baseline) / 2;
+    let mut served: Vec<TcpStream> = (0..pairs).map(|_| connect(sluice.addr)).collect();
+    let answered = pings_answered(&mut served, pairs, EVENTUALLY);
+    assert!(answered.iter().all(|&a| a), "{answered:?}");
+
+    let mut waiter = connect(sluice.addr);
+    waiter.write_all(b"ping").expect("write");
+    let waits = |l: &str| l.contains("wait for a descriptor");
+    let line = sluice.child.wait_for_stderr_line(EVENTUALLY, waits);
+    assert!(line.is_some(), "{}", head(&sluice.child.stderr(), 30));
+    assert!(
+        silent_for(&mut waiter, Duration::from_millis(200)),
+        "the client with no server connection is neither answered nor closed"
+    );
+    drop(served.pop());
+    let mut echo_back = [0u8; 4];
+    waiter
+        .read_exact(&mut echo_back)
+        .expect("the waiting client is served once a descriptor is free");
+    assert_eq!(&echo_back, b"ping");
+
+    // Nobody leaves now: the next such client is reset at its connect_timeout.
+    let mut late = connect(sluice.addr);
+    late.write_all(b"ping").expect("write");
+    let began = Instant::now();
+    late.set_read_timeout(Some(EVENTUALLY)).expect("timeout");
+    assert_eq!(how_it_ends(&mut late), Err(io::ErrorKind::ConnectionReset));
+    assert!(
+        began.elapsed() + Duration::from_millis(200) >= LIMITED_CONNECT_TIMEOUT,
+        "reset after {:?}, before connect_timeout",
+        began.elapsed()
+    );
+    // Its descriptor is free again: the admin endpoint can take it.
+    assert_eq!(
+        shortages(&sluice, "connect"),
+        2.0,
+        "one count per waiting client"
+    );
+    drop(served);
+    drop(waiter);
+    assert!(served_again(sluice.addr, EVENTUALLY), "served again");
+    assert!(sluice.child.exited().is_none(), "sluice exited");
 }
 
 /// Issue 17, item 1: a pool of one buffer and an echo server whose sockets push back after about

@@ -664,6 +664,9 @@ pub enum PairState {
     Peeking,
     /// Accepted, or between two connect attempts: no server socket.
     Unassigned,
+    /// Its server socket could not be opened for want of a descriptor: it waits in line for one
+    /// that a closing pair frees, until `connect_timeout` after `since`.
+    WaitingForDescriptor { since: Instant },
     /// A non-blocking connect to `server` is under way, started at `since`.
     Connecting { server: ServerId, since: Instant },
     /// Connected; the PROXY header goes to `server` before any client byte.
@@ -878,15 +881,49 @@ impl Pair {
         self.down.release(pool, pipes);
     }
 
+    /// A connect attempt to `server` begins, or a spare of it is taken: it counts against
+    /// `next_upstream_tries`, and the balancer does not offer `server` to this pair again.
+    pub fn count_try(&mut self, server: ServerId) {
+        self.tried.insert(server);
+        self.tries += 1;
+        self.last_server = Some(server);
+    }
+
     /// Before the pair closes for `end`: makes closing send a reset (`SO_LINGER 0`) to each peer
     /// whose incoming stream sluice cuts short, so it never takes a cut stream for a complete
     /// one. A peer whose direction already finished keeps its FIN and everything before it (a
-    /// complete reply stays complete even if the other direction then failed). A pair that never
-    /// reached a server closes with a FIN, as on `connect_failed`: no stream was started to cut.
+    /// complete reply stays complete even if the other direction then failed).
+    ///
+    /// A pair that sluice gives up on before any server has its stream (no server, connects
+    /// failed, out of descriptors, shutdown) resets the client: a FIN would read as "the server
+    /// answered nothing", and the client that already sent its request would take it as served.
+    /// A pair refused for its own PROXY header or ClientHello keeps the FIN, as a refusal does.
     pub fn reset_cut_peers(&self, end: End) {
-        if !matches!(self.state, PairState::Streaming { .. }) {
-            return;
+        match self.state {
+            PairState::Streaming { .. } => self.reset_cut_streams(end),
+            PairState::Unassigned
+            | PairState::WaitingForDescriptor { .. }
+            | PairState::Connecting { .. }
+            | PairState::SendingProxyHeader { .. } => {
+                if matches!(
+                    end,
+                    End::ConnectFailed | End::NoServer | End::Shutdown | End::Error
+                ) {
+                    let zero = Some(std::time::Duration::ZERO);
+                    let _ = socket2::SockRef::from(&self.client).set_linger(zero);
+                    // A server that got part of a PROXY header must not take it as a stream.
+                    if let (Some(server), PairState::SendingProxyHeader { .. }) =
+                        (&self.server, self.state)
+                    {
+                        let _ = socket2::SockRef::from(server).set_linger(zero);
+                    }
+                }
+            }
+            PairState::ReadingProxyHeader | PairState::Peeking => {}
         }
+    }
+
+    fn reset_cut_streams(&self, end: End) {
         let cuts = match end {
             End::Shutdown | End::Error => true,
             // Nothing was in flight on an idle pair: closing it cuts nothing.
@@ -1517,10 +1554,39 @@ mod tests {
         let (pair, _c, _s) = pair_of_sockets();
         pair.reset_cut_peers(End::ClientClosed);
         assert_eq!(resets(&pair), (false, false));
-        // A pair that never streamed closes with a FIN.
+        // A pair given up on before a server had its stream resets the client; the server
+        // socket of a connect in flight carries no stream, so it closes as it is.
+        for end in [End::Shutdown, End::ConnectFailed, End::NoServer, End::Error] {
+            let (mut pair, _c, _s) = pair_of_sockets();
+            pair.state = PairState::Unassigned;
+            pair.reset_cut_peers(end);
+            assert_eq!(resets(&pair), (true, false), "{end:?}");
+        }
         let (mut pair, _c, _s) = pair_of_sockets();
-        pair.state = PairState::Unassigned;
-        pair.reset_cut_peers(End::Shutdown);
+        pair.state = PairState::Connecting {
+            server: ServerId(0),
+            since: Instant::now(),
+        };
+        pair.reset_cut_peers(End::ConnectFailed);
+        assert_eq!(resets(&pair), (true, false));
+        // Part of a PROXY header reached the server: both are cut.
+        let (mut pair, _c, _s) = pair_of_sockets();
+        pair.state = PairState::SendingProxyHeader {
+            server: ServerId(0),
+        };
+        pair.reset_cut_peers(End::Error);
+        assert_eq!(resets(&pair), (true, true));
+        // A client that closed first, or was refused for its own PROXY header, gets a FIN.
+        let (mut pair, _c, _s) = pair_of_sockets();
+        pair.state = PairState::Connecting {
+            server: ServerId(0),
+            since: Instant::now(),
+        };
+        pair.reset_cut_peers(End::ClientClosed);
+        assert_eq!(resets(&pair), (false, false));
+        let (mut pair, _c, _s) = pair_of_sockets();
+        pair.state = PairState::ReadingProxyHeader;
+        pair.reset_cut_peers(End::Error);
         assert_eq!(resets(&pair), (false, false));
     }
 }

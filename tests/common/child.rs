@@ -216,6 +216,13 @@ pub fn run_sluice(args: &[&str]) -> Outcome {
 /// one picked was taken in between. Returns the child, its listening address and the first
 /// connection it accepted, which a test may use as a client.
 pub fn spawn_forward(upstreams: &[SocketAddr]) -> (SluiceChild, SocketAddr, TcpStream) {
+    let (child, listen) = spawn_forward_listening(upstreams);
+    let first = connect(listen);
+    (child, listen, first)
+}
+
+/// [`spawn_forward`] without the first connection: the child and its listening address.
+pub fn spawn_forward_listening(upstreams: &[SocketAddr]) -> (SluiceChild, SocketAddr) {
     let ups: Vec<String> = upstreams.iter().map(|a| a.to_string()).collect();
     for _ in 0..5 {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port(Transport::Tcp)));
@@ -227,8 +234,7 @@ pub fn spawn_forward(upstreams: &[SocketAddr]) -> (SluiceChild, SocketAddr, TcpS
         }
         let mut child = SluiceChild::spawn(sluice_command(&args));
         if wait_listening(&mut child, listen.port()) {
-            let first = connect(listen);
-            return (child, listen, first);
+            return (child, listen);
         }
         // The port was taken by someone else in between: try another one.
         let out = child.finish(Duration::from_secs(2));

@@ -71,6 +71,19 @@ pub fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
     }
 }
 
+/// Connects to a listener that may refuse the client at once, and reads until it is closed;
+/// how long that took. A refusal is a reset, and the reset can beat the client's own connect
+/// to its end (the kernel completed the handshake before sluice accepted): that counts as
+/// closed at once. `None` if it was not closed within `within`.
+pub fn refused_within(addr: SocketAddr, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    match TcpStream::connect_timeout(&addr, within) {
+        Ok(mut s) => closed_within(&mut s, within).map(|_| start.elapsed()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Some(start.elapsed()),
+        Err(e) => panic!("connect to the proxy: {e}"),
+    }
+}
+
 /// Reads (discarding) until the stream ends: `Ok(())` for an EOF, else the error's kind, so a
 /// test can tell a reset from a clean close.
 pub fn how_it_ends(s: &mut TcpStream) -> Result<(), io::ErrorKind> {

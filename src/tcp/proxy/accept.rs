@@ -1,6 +1,12 @@
 //! Taking clients: accepting from the TCP listeners within a per-turn budget, the
 //! `max_connections` cap (clients wait in the kernel backlog), and the back-off when
 //! descriptors run out (a timer, never a busy loop).
+//!
+//! A client accepted with the last descriptor, whose server socket then cannot be opened, is
+//! not dropped: it waits in `WaitingForDescriptor`, first come first served, for a descriptor
+//! a closing pair frees (or the back-off timer finds), until its `connect_timeout`. Accepting
+//! stays paused while any client waits so, or new clients would take every descriptor freed
+//! and none of the waiting would reach a server.
 
 use std::io;
 use std::net::SocketAddr;
@@ -59,10 +65,74 @@ impl TcpProxy {
         }
     }
 
-    /// The wait for descriptors or for a free slot ran out: try accepting again.
+    /// The wait for descriptors or for a free slot ran out: try accepting again, or, while
+    /// clients wait for a descriptor, let the first of them try its connect again.
     pub fn accept_resume(&mut self) {
         self.resume_timer = None;
+        self.fd_wakes = self.fd_wakes.max(1);
         self.reopen_accepting();
+    }
+
+    /// The server socket of `key` could not be opened for want of a descriptor: it waits for
+    /// one (see the module's note). A pair that tried again and failed keeps its place in line
+    /// and its deadline.
+    pub(super) fn wait_for_descriptor(&mut self, key: Key, error: &io::Error, ctx: &mut Ctx<'_>) {
+        let Some(pair) = super::live(&mut self.pairs, key) else {
+            return;
+        };
+        let since = match pair.state {
+            PairState::WaitingForDescriptor { since } => {
+                self.fd_waiters.push_front(key);
+                since
+            }
+            _ => {
+                ctx.metrics
+                    .connect_fd_shortages
+                    .fetch_add(1, Ordering::Relaxed);
+                self.fd_waiters.push_back(key);
+                ctx.now
+            }
+        };
+        pair.state = PairState::WaitingForDescriptor { since };
+        let deadline = super::connect_deadline(&pair.origin.conf, pair.budget_from, since);
+        self.arm(key, deadline, ctx);
+        self.accept = AcceptState::BackingOff;
+        self.resume_at(ctx.now + ACCEPT_BACKOFF, ctx);
+        if let Some(held_back) = self.fd_warnings.pass(ctx.now) {
+            log::warn!(
+                "cannot open a server connection: {}; {} clients wait for a descriptor, \
+                 accepting paused{}",
+                crate::sys::io_reason(error),
+                self.fd_waiters.len(),
+                Suppressed(held_back)
+            );
+        }
+    }
+
+    /// Lets as many clients waiting for a descriptor try their connect again as descriptors
+    /// were freed, first in line first; stops at the first that finds none.
+    pub(super) fn wake_descriptor_waiters(&mut self, ctx: &mut Ctx<'_>) {
+        let had_waiters = !self.fd_waiters.is_empty();
+        while self.fd_wakes > 0 {
+            let Some(key) = self.fd_waiters.pop_front() else {
+                break;
+            };
+            self.fd_wakes -= 1;
+            let waiting = |p: &mut Pair| matches!(p.state, PairState::WaitingForDescriptor { .. });
+            if !super::live(&mut self.pairs, key).is_some_and(waiting) {
+                continue;
+            }
+            self.connect_next(key, ctx);
+            if super::live(&mut self.pairs, key).is_some_and(waiting) {
+                break;
+            }
+        }
+        self.fd_wakes = 0;
+        // The last one got its descriptor: take clients again (an accept that finds none
+        // backs off again by its own timer).
+        if had_waiters && self.fd_waiters.is_empty() && self.accept == AcceptState::BackingOff {
+            self.accept = AcceptState::Open;
+        }
     }
 
     /// Looks again at `at`; one such timer at a time, however often the cap or a shortage of
@@ -149,7 +219,10 @@ impl TcpProxy {
 
     /// A pair ended or a wait ran out: take clients again (the next accept checks the caps).
     pub(super) fn reopen_accepting(&mut self) {
-        self.accept = AcceptState::Open;
+        self.accept = match self.fd_waiters.is_empty() {
+            true => AcceptState::Open,
+            false => AcceptState::BackingOff,
+        };
         // Only the listeners that hit their own cap, not every listener (port ranges).
         for slot in self.full_slots.drain(..) {
             if let Some(Some(l)) = self.listeners.get_mut(slot) {

@@ -77,6 +77,10 @@ pub struct TcpProxy {
     ready: Vec<Key>,
     /// Pairs waiting for the pool to lend a buffer again.
     starved: Vec<Key>,
+    /// Pairs in `WaitingForDescriptor`, first in line first.
+    fd_waiters: std::collections::VecDeque<Key>,
+    /// How many of them to let try again: descriptors freed since they last tried.
+    fd_wakes: usize,
     /// Slots of listeners that stopped with clients still in their backlog (budget, a cap).
     waiting: Vec<usize>,
     /// Slots of listeners at their own `max_connections` (`full`), cleared when a pair ends.
@@ -119,6 +123,8 @@ impl TcpProxy {
             resume_timer: None,
             ready: Vec::new(),
             starved: Vec::new(),
+            fd_waiters: std::collections::VecDeque::new(),
+            fd_wakes: 0,
             waiting: Vec::new(),
             full_slots: Vec::new(),
             free_from: 0,
@@ -195,6 +201,9 @@ impl TcpProxy {
                 PairState::ReadingProxyHeader => PairState::ReadingProxyHeader,
                 PairState::Peeking => PairState::Peeking,
                 PairState::Unassigned => PairState::Unassigned,
+                PairState::WaitingForDescriptor { since } => {
+                    PairState::WaitingForDescriptor { since }
+                }
                 PairState::SendingProxyHeader { server } => PairState::SendingProxyHeader {
                     server: remap.held(upstream, server),
                 },
@@ -253,6 +262,7 @@ impl TcpProxy {
     pub fn has_pending_work(&self) -> bool {
         !self.ready.is_empty()
             || (!self.starved.is_empty() && self.pool.can_lend())
+            || (self.fd_wakes > 0 && !self.fd_waiters.is_empty())
             || (self.accept == AcceptState::Open
                 && self.waiting.iter().any(|&slot| self.may_accept(slot)))
     }
@@ -295,6 +305,13 @@ impl TcpProxy {
             PairState::ReadingProxyHeader => self.header_timeout(key, ctx),
             PairState::Peeking => self.peek_timeout(key, ctx),
             PairState::Unassigned => {}
+            PairState::WaitingForDescriptor { .. } => {
+                log::debug!(
+                    "client {}: no descriptor for its server connection within connect_timeout",
+                    pair.client_addr
+                );
+                self.close(key, End::ConnectFailed, ctx);
+            }
             PairState::Connecting { server, since } => {
                 if ctx.now >= after(since, conf.connect_timeout) {
                     let error = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
@@ -345,6 +362,7 @@ impl TcpProxy {
 
     /// Drives pairs that yielded or waited for buffers, and listeners with clients waiting.
     pub fn run_pending(&mut self, ctx: &mut Ctx<'_>) {
+        self.wake_descriptor_waiters(ctx);
         if !self.starved.is_empty() && self.pool.can_lend() {
             for key in self.starved.drain(..) {
                 if let Some(pair) = live(&mut self.pairs, key) {
@@ -461,9 +479,6 @@ impl TcpProxy {
                 self.close(key, End::Error, ctx);
                 return;
             };
-            pair.tried.insert(server);
-            pair.tries += 1;
-            pair.last_server = Some(server);
             let upstream = pair.upstream;
             let spare = match group.pool {
                 Some(_) => self.take_spare(key, upstream, server, ctx),
@@ -473,6 +488,7 @@ impl TcpProxy {
                 // Connected already: the pair's next drive finds it so and starts streaming,
                 // and the server's connect-time histogram gets the time the spare's connect took.
                 if let Some(pair) = live(&mut self.pairs, key) {
+                    pair.count_try(server);
                     let since = now.checked_sub(took).unwrap_or(now);
                     pair.state = PairState::Connecting { server, since };
                 }
@@ -491,6 +507,7 @@ impl TcpProxy {
                     if let Some(k) = &conf.so_keepalive {
                         connect::keepalive(&stream, k);
                     }
+                    pair.count_try(server);
                     group.acquire(server);
                     pair.server = Some(stream);
                     pair.server_ready = Readiness::default();
@@ -500,21 +517,14 @@ impl TcpProxy {
                     return;
                 }
                 Err(error) if listener::is_fd_exhaustion(&error) => {
-                    // Our shortage, not the server's fault: no passive-health mark.
-                    ctx.metrics
-                        .connect_fd_shortages
-                        .fetch_add(1, Ordering::Relaxed);
-                    if let Some(held_back) = self.fd_warnings.pass(now) {
-                        log::warn!(
-                            "cannot open a server connection: {}{}",
-                            crate::sys::io_reason(&error),
-                            Suppressed(held_back)
-                        );
-                    }
-                    self.close(key, End::Error, ctx);
+                    // Our shortage, not the server's fault: no try used, no passive-health mark.
+                    self.wait_for_descriptor(key, &error, ctx);
                     return;
                 }
-                Err(error) => self.report_connect_failure(key, server, &error, ctx),
+                Err(error) => {
+                    pair.count_try(server);
+                    self.report_connect_failure(key, server, &error, ctx);
+                }
             }
         }
     }
@@ -630,6 +640,11 @@ impl TcpProxy {
                 }
             }
             PairState::Unassigned => {}
+            PairState::WaitingForDescriptor { .. } if pair.client_ready.error => {
+                self.close(key, End::ClientClosed, ctx);
+            }
+            // Its turn comes from `run_pending` when descriptors are freed, not from its events.
+            PairState::WaitingForDescriptor { .. } => {}
             PairState::Connecting { .. } if pair.client_ready.error => {
                 // The client reset while we were connecting for it: nothing to blame the
                 // server for, and nobody left to wait for.
@@ -719,8 +734,15 @@ impl TcpProxy {
             return;
         }
         let mut pair = self.pairs.remove(key.index);
+        // Its client socket, and its server socket if it had one, free descriptors for those
+        // waiting.
+        self.fd_wakes = self.fd_wakes.saturating_add(2);
         let held = match pair.state {
             PairState::ReadingProxyHeader | PairState::Peeking | PairState::Unassigned => None,
+            PairState::WaitingForDescriptor { .. } => {
+                self.fd_waiters.retain(|&k| k != key);
+                None
+            }
             PairState::Connecting { server, .. }
             | PairState::SendingProxyHeader { server }
             | PairState::Streaming { server } => Some(server),
