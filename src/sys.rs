@@ -102,6 +102,18 @@ pub fn set_pipe_size(pipe: &impl AsRawFd, size: usize) -> io::Result<usize> {
     Ok(got as usize)
 }
 
+/// The size of a pipe's buffer (`F_GETPIPE_SZ`).
+#[cfg(target_os = "linux")]
+pub fn pipe_size(pipe: &impl AsRawFd) -> io::Result<usize> {
+    // SAFETY: F_GETPIPE_SZ takes no argument and touches no memory of ours; a bad fd is an
+    // error.
+    let got = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(got as usize)
+}
+
 /// Moves up to `len` bytes from `from` to `to` inside the kernel (one of them a pipe) with
 /// `SPLICE_F_MOVE | SPLICE_F_NONBLOCK`. `Ok(0)` from a socket is its end of stream.
 #[cfg(target_os = "linux")]
@@ -133,6 +145,11 @@ pub fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
 
 #[cfg(not(target_os = "linux"))]
 pub fn set_pipe_size(_pipe: &impl AsRawFd, _size: usize) -> io::Result<usize> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn pipe_size(_pipe: &impl AsRawFd) -> io::Result<usize> {
     Err(io::ErrorKind::Unsupported.into())
 }
 

@@ -146,8 +146,11 @@ impl PipePool {
 
     fn make(&self) -> io::Result<Pipe> {
         let (read, write) = crate::sys::pipe()?;
-        // A kernel that refuses the size (over pipe-max-size) keeps its default of 64 KiB.
-        let capacity = crate::sys::set_pipe_size(&write, self.size).unwrap_or(64 * 1024);
+        // A kernel that refuses the size (over pipe-max-size, or an unprivileged user past
+        // pipe-user-pages-soft, whose new pipes it also makes smaller) keeps the size it made.
+        let capacity = crate::sys::set_pipe_size(&write, self.size)
+            .or_else(|_| crate::sys::pipe_size(&write))
+            .unwrap_or(4096);
         let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
         Ok(Pipe {
             read,
