@@ -47,8 +47,10 @@ pub enum Kind {
     SluiceScraped,
     /// sluice with 100 access rules and per-client limits that let the bench through.
     SluiceAcl,
-    /// sluice with `splice on` (every direction through kernel pipes), pipes of 64 KiB.
+    /// sluice with `splice on` (every direction through kernel pipes), pipes of the default size.
     SluiceSplice,
+    /// `splice on` with `splice_pipe_size 64k` (the kernel's own size).
+    SluiceSpliceSmall,
     /// `splice on` with `splice_pipe_size 1m`.
     SluiceSpliceBig,
     /// sluice with `splice off`: the copy path only (plain `sluice` is `splice auto`).
@@ -64,7 +66,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Direct,
         Kind::Sluice,
         Kind::SluiceBase,
@@ -73,6 +75,7 @@ impl Kind {
         Kind::SluiceScraped,
         Kind::SluiceAcl,
         Kind::SluiceSplice,
+        Kind::SluiceSpliceSmall,
         Kind::SluiceSpliceBig,
         Kind::SluiceCopy,
         Kind::SluicePool,
@@ -93,6 +96,7 @@ impl Kind {
             Kind::SluiceScraped => "sluice-scrape",
             Kind::SluiceAcl => "sluice-acl",
             Kind::SluiceSplice => "sluice-splice",
+            Kind::SluiceSpliceSmall => "sluice-splice-64k",
             Kind::SluiceSpliceBig => "sluice-splice-1m",
             Kind::SluiceCopy => "sluice-copy",
             Kind::SluicePool => "sluice-pool",
@@ -119,6 +123,7 @@ impl Kind {
                 | Kind::SluiceScraped
                 | Kind::SluiceAcl
                 | Kind::SluiceSplice
+                | Kind::SluiceSpliceSmall
                 | Kind::SluiceSpliceBig
                 | Kind::SluiceCopy
                 | Kind::SluicePool
@@ -136,6 +141,7 @@ impl Kind {
     fn splice(self) -> (&'static str, &'static str) {
         match self {
             Kind::SluiceSplice => ("", "    splice on;\n"),
+            Kind::SluiceSpliceSmall => ("splice_pipe_size 64k;\n", "    splice on;\n"),
             Kind::SluiceSpliceBig => ("splice_pipe_size 1m;\n", "    splice on;\n"),
             Kind::SluiceCopy => ("", "    splice off;\n"),
             _ => ("", ""),

@@ -34,9 +34,11 @@ pub struct UpstreamId(pub usize);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServerId(pub usize);
 
-/// The kernel's own pipe size. 1 MiB pipes cost 10-25% less CPU on bulk streams in the
-/// `throughput` bench scenario, but pin up to 1 MiB of kernel memory each (bench/RESULTS.md).
-pub const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+/// Four times the kernel's own pipe size: in the `throughput` bench scenario one bulk stream
+/// spliced through 256 KiB pipes cost 0.44-0.58x the copy path's CPU per GB, through 64 KiB
+/// pipes 0.58-0.89x; 1 MiB pipes saved a little more but pin four times the kernel memory each
+/// when full (bench/RESULTS.md, 2026-12-02).
+pub const DEFAULT_PIPE_SIZE: usize = 256 * 1024;
 
 /// Default path of the config file when `-c` is not given.
 pub const DEFAULT_PATH: &str = "/etc/sluice/sluice.conf";

@@ -97,6 +97,9 @@ impl Pipe {
     }
 }
 
+/// The size of a pipe the kernel makes unless told otherwise.
+const KERNEL_PIPE_SIZE: usize = 64 * 1024;
+
 /// A worker's pipes: lent at most `max` at once, `size` bytes each.
 pub struct PipePool {
     size: usize,
@@ -130,7 +133,12 @@ impl PipePool {
         let pipe = match self.free.pop() {
             Some(pipe) => pipe,
             None => match self.make() {
-                Ok(pipe) => pipe,
+                Ok(pipe) if pipe.capacity() >= self.size.min(KERNEL_PIPE_SIZE) => pipe,
+                Ok(small) => {
+                    self.stop_growing(small.capacity());
+                    self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    return Err(NoPipe::AtCap);
+                }
                 Err(e) => {
                     log::debug!("cannot make a pipe: {}", crate::sys::io_reason(&e));
                     self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +150,18 @@ impl PipePool {
         let now = self.stats.in_use.fetch_add(1, Ordering::Relaxed) + 1;
         self.stats.peak.fetch_max(now, Ordering::Relaxed);
         Ok(pipe)
+    }
+
+    /// The kernel made a pipe of `got` bytes, smaller than its own default: it does so for a
+    /// user past `fs.pipe-user-pages-soft` (pipes of 8 KiB, which would cost more than copying).
+    /// The pool keeps the pipes it has and lends no more; beyond them directions copy.
+    fn stop_growing(&mut self, got: usize) {
+        self.max = self.lent + self.free.len();
+        log::warn!(
+            "the kernel makes this user's new pipes {got} bytes (fs.pipe-user-pages-soft or \
+             fs.pipe-max-size): splicing keeps the {} pipes it has, beyond them connections copy",
+            self.max
+        );
     }
 
     fn make(&self) -> io::Result<Pipe> {

@@ -571,7 +571,7 @@ fn splice_and_its_pipes() {
     assert_eq!(modes, [Splice::On, Splice::Off, Splice::Auto]);
     assert_eq!((c.splice_pipe_size, c.max_pipes), (256 * 1024, Some(100)));
     let d = ok("");
-    assert_eq!((d.splice_pipe_size, d.max_pipes), (64 * 1024, None));
+    assert_eq!((d.splice_pipe_size, d.max_pipes), (256 * 1024, None));
     assert_eq!(ok("max_pipes 0;").max_pipes, Some(0), "0 splices nothing");
     assert_err(
         "listen 127.0.0.1:1 { proxy 127.0.0.1:2; splice yes; }",
