@@ -905,9 +905,15 @@ impl Pair {
             | PairState::WaitingForDescriptor { .. }
             | PairState::Connecting { .. }
             | PairState::SendingProxyHeader { .. } => {
+                // A server that never took the PROXY header ends in a timeout: as much a cut.
                 if matches!(
                     end,
-                    End::ConnectFailed | End::NoServer | End::Shutdown | End::Error
+                    End::ConnectFailed
+                        | End::NoServer
+                        | End::Shutdown
+                        | End::Error
+                        | End::IdleTimeout
+                        | End::HalfCloseTimeout
                 ) {
                     let zero = Some(std::time::Duration::ZERO);
                     let _ = socket2::SockRef::from(&self.client).set_linger(zero);
@@ -1575,6 +1581,13 @@ mod tests {
             server: ServerId(0),
         };
         pair.reset_cut_peers(End::Error);
+        assert_eq!(resets(&pair), (true, true));
+        // The server never took the header: the idle timeout cuts both as well.
+        let (mut pair, _c, _s) = pair_of_sockets();
+        pair.state = PairState::SendingProxyHeader {
+            server: ServerId(0),
+        };
+        pair.reset_cut_peers(End::IdleTimeout);
         assert_eq!(resets(&pair), (true, true));
         // A client that closed first, or was refused for its own PROXY header, gets a FIN.
         let (mut pair, _c, _s) = pair_of_sockets();

@@ -6,7 +6,9 @@
 //! not dropped: it waits in `WaitingForDescriptor`, first come first served, for a descriptor
 //! a closing pair frees (or the back-off timer finds), until its `connect_timeout`. Accepting
 //! stays paused while any client waits so, or new clients would take every descriptor freed
-//! and none of the waiting would reach a server.
+//! and none of the waiting would reach a server; spares are not refilled meanwhile either.
+//! The pause is the worker's: with `workers` above 1 the other workers go on accepting, and a
+//! waiting client may then see its `connect_timeout` run out and be reset.
 
 use std::io;
 use std::net::SocketAddr;
@@ -66,10 +68,12 @@ impl TcpProxy {
     }
 
     /// The wait for descriptors or for a free slot ran out: try accepting again, or, while
-    /// clients wait for a descriptor, let the first of them try its connect again.
+    /// clients wait for a descriptor, let them try their connects again, first in line first,
+    /// until one finds none (descriptors may have been freed by what is not a pair: a spare,
+    /// a UDP session, an admin connection, another worker).
     pub fn accept_resume(&mut self) {
         self.resume_timer = None;
-        self.fd_wakes = self.fd_wakes.max(1);
+        self.fd_wakes = usize::MAX;
         self.reopen_accepting();
     }
 
@@ -128,6 +132,10 @@ impl TcpProxy {
             }
         }
         self.fd_wakes = 0;
+        if !self.fd_waiters.is_empty() {
+            // Those left try again at the back-off timer if no pair closes first.
+            self.resume_at(ctx.now + ACCEPT_BACKOFF, ctx);
+        }
         // The last one got its descriptor: take clients again (an accept that finds none
         // backs off again by its own timer).
         if had_waiters && self.fd_waiters.is_empty() && self.accept == AcceptState::BackingOff {

@@ -153,13 +153,13 @@ impl TcpProxy {
                 }
             }
         }
-        let mut pooled = false;
-        if !self.spares.off {
+        let pooled = !self.spares.off && ctx.upstreams.iter().any(|g| g.pool.is_some());
+        // A client waiting for a descriptor gets one before a spare does.
+        if !self.spares.off && self.fd_waiters.is_empty() {
             for u in 0..ctx.upstreams.len() {
                 let Some(pool) = ctx.upstreams.get(u).and_then(|g| g.pool) else {
                     continue;
                 };
-                pooled = true;
                 let servers = ctx.upstreams.get(u).map_or(0, |g| g.servers().len());
                 for id in (0..servers).map(ServerId) {
                     self.fill_server(UpstreamId(u), id, pool.size, ctx);
